@@ -72,10 +72,10 @@ case "$cmd" in
     install_test_packages
     ensure_venv "$here/tests/requirements.txt"
     cd "$here"
-    "$venv/bin/ruff" check --quiet addon tests
-    "$venv/bin/ruff" format --check --quiet addon tests
-    "$venv/bin/mypy" --strict --python-version 3.12 --no-error-summary \
-      --explicit-package-bases addon tests
+    "$venv/bin/ruff" check --quiet --line-length 120 addon tests
+    "$venv/bin/ruff" format --check --quiet --line-length 120 addon tests
+    MYPYPATH="$here/addon:$here/tests" "$venv/bin/mypy" --strict --python-version 3.12 --no-error-summary \
+      --untyped-calls-exclude mitmproxy --explicit-package-bases addon tests
     exec "$venv/bin/python" -m pytest -c "$here/tests/pytest.ini" --rootdir "$here" "$@" tests
     ;;
   web)

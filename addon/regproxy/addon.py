@@ -1,0 +1,587 @@
+"""The mitmproxy addon: hooks only, over the pure modules beside it.
+
+Request path (see README "How a pull flows through the proxy"):
+- `requestheaders`: recognise the route; answer locally what the proxy owns (ping,
+  catalog, challenges, errors) or check the client's PASETO, and rewrite the request
+  to the upstream (URL, allowed headers, upstream credentials).
+- `request`: the token endpoint (it needs the request body and awaits upstream).
+- `responseheaders`: rewrite what the upstream says about itself (challenges, Location,
+  Link, error bodies, identity headers) and turn on streaming.
+- `response` / `error`: finish the body rewrites that need the body; one log line.
+
+Every hook fails closed: an exception never lets a flow go on unmodified.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import json
+import logging
+import os
+import re
+import time
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar, cast
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
+
+from mitmproxy import ctx, exceptions, http
+from mitmproxy.addonmanager import Loader
+
+from . import failures
+from .challenge import bearer_challenge
+from .config import Config, ConfigError, load_file
+from .errors import RegistryError, for_upstream_status
+from .mapping import Match, Matcher, redact_name
+from .names import TAG_RE, Route, RouteKind, is_valid_name, parse_route
+from .scopes import repository_scope
+from .tokens import AccessToken, TokenCodec, TokenError
+from .tokenservice import TokenService, parse_token_request, public_base
+from .upstream import RegistryClient
+
+logger = logging.getLogger("registryproxy")
+
+CONFIG_ENV = "REGISTRYPROXY_CONFIG"
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "config.yaml"
+TOKEN_PATH = "/token"
+API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
+MAX_TOKEN_BODY = 64 * 1024
+MAX_TAGS_BODY = 16 * 1024 * 1024
+
+# Request headers a client may send upstream; everything else (Authorization, cookies,
+# X-Forwarded-*, hop-by-hop headers) is dropped. Order and repeated lines are kept.
+FORWARD_REQUEST_HEADERS = frozenset(
+    {"host", "accept", "range", "if-range", "if-none-match", "if-modified-since", "user-agent"}
+)
+# Response headers the upstream may send a client; identity and quota headers are dropped.
+FORWARD_RESPONSE_HEADERS = frozenset(
+    {
+        "content-type",
+        "content-length",
+        "content-range",
+        "accept-ranges",
+        "transfer-encoding",
+        "content-encoding",
+        "docker-content-digest",
+        "docker-distribution-api-version",
+        "etag",
+        "last-modified",
+        "cache-control",
+        "expires",
+        "date",
+        "location",
+        "link",
+        "oci-subject",
+        "oci-filters-applied",
+    }
+)
+_HOST_RE = re.compile(r"(?:[a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
+_LINK_RE = re.compile(r"\s*<([^>]*)>\s*(;.*)?")
+
+
+@dataclass
+class FlowState:
+    """What the addon decided about one flow (kept out of the flow so it is never stored)."""
+
+    started: float = field(default_factory=time.monotonic)
+    kind: str = "local"  # local | token | upstream
+    route: Route | None = None
+    match: Match | None = None
+    log_path: str = "-"
+    token: str = "-"
+    upstream_status: int | None = None
+    error_body: bytes | None = None
+
+
+@dataclass(frozen=True)
+class State:
+    """Everything derived from one loaded configuration; replaced as a whole on reload."""
+
+    config: Config
+    matcher: Matcher
+    codec: TokenCodec
+    tokens: TokenService
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def fail_closed(hook: F) -> F:
+    """Run a hook; on any exception answer the client with an error, or kill the flow."""
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def async_wrapper(self: RegistryProxy, flow: http.HTTPFlow) -> None:
+            try:
+                await cast(Callable[..., Awaitable[None]], hook)(self, flow)
+            except Exception as e:  # noqa: BLE001 - every failure must fail closed
+                self._internal_error(flow, hook.__name__, e)
+
+        return cast(F, async_wrapper)
+
+    @functools.wraps(hook)
+    def wrapper(self: RegistryProxy, flow: http.HTTPFlow) -> None:
+        try:
+            hook(self, flow)
+        except Exception as e:  # noqa: BLE001 - every failure must fail closed
+            self._internal_error(flow, hook.__name__, e)
+
+    return cast(F, wrapper)
+
+
+class RegistryProxy:
+    def __init__(self) -> None:
+        self.state: State | None = None
+        self.client: RegistryClient | None = None
+        self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def load(self, loader: Loader) -> None:
+        loader.add_option(
+            "registryproxy_config",
+            str,
+            "",
+            f"Path of the registryproxy YAML configuration (default: ${CONFIG_ENV}, else config.yaml "
+            "at the repository root).",
+        )
+        loader.add_option(
+            "registryproxy_connection_logs",
+            bool,
+            False,
+            "Also log mitmproxy's per-connection lines (client/server connect) at info level.",
+        )
+        failures.install()
+
+    def configure(self, updated: set[str]) -> None:
+        if "registryproxy_connection_logs" in updated:
+            # One line per request is the addon's; mitmproxy's connection chatter only on request.
+            quiet = logging.NOTSET if ctx.options.registryproxy_connection_logs else logging.WARNING
+            for name in ("mitmproxy.proxy", "httpx", "httpcore"):
+                logging.getLogger(name).setLevel(quiet)
+        if "registryproxy_config" not in updated and self.state is not None:
+            return
+        path = ctx.options.registryproxy_config or os.environ.get(CONFIG_ENV) or str(DEFAULT_CONFIG)
+        try:
+            config = load_file(path)
+        except ConfigError as e:
+            raise exceptions.OptionsError(str(e)) from None
+        if config.generated_key:
+            logger.warning(
+                "no secret key configured: using a random one for this process; tokens will survive "
+                "neither a restart nor a second replica (set secretkey or $REGISTRYPROXY_SECRETKEY)"
+            )
+        old_client = self.client
+        self.client = RegistryClient(config.upstream_timeout)
+        matcher = Matcher(config.mappings)
+        codec = TokenCodec(config.secretkeys)
+        self.state = State(config, matcher, codec, TokenService(config, matcher, codec, self.client))
+        if old_client is not None:
+            _ = old_client  # closed when garbage-collected; in-flight token fetches may still use it
+        logger.info(
+            "registryproxy: %d mappings loaded from %s: %s",
+            len(config.mappings),
+            Path(path).name,
+            ", ".join(m.label for m in config.mappings),
+        )
+
+    def running(self) -> None:
+        # The proxy routes per request and needs the client's Host: never dial the default
+        # reverse target eagerly, and keep the Host header mitmproxy would otherwise replace.
+        updates: dict[str, Any] = {}
+        if ctx.options.connection_strategy != "lazy":
+            updates["connection_strategy"] = "lazy"
+        if not ctx.options.keep_host_header:
+            updates["keep_host_header"] = True
+        if updates:
+            ctx.options.update(**updates)
+
+    async def done(self) -> None:
+        if self.client is not None:
+            await self.client.aclose()
+
+    # --- hooks -----------------------------------------------------------------------
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if flow.response or flow.error or not flow.live or self.state is None:
+            return
+        st = FlowState()
+        self._flows[flow] = st
+        state = self.state
+        req = flow.request
+        path, _, query = req.path.partition("?")
+        host = _client_host(req)
+        base = public_base(state.config, host, _client_tls(flow))
+
+        if path == TOKEN_PATH:
+            st.kind, st.log_path = "token", TOKEN_PATH
+            if req.method not in ("GET", "POST"):
+                self._reply_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
+            elif _content_length(req) > MAX_TOKEN_BODY:
+                self._reply_error(flow, RegistryError(413, "SIZE_INVALID", "token request too large"))
+            return  # answered in `request`, which has the body
+
+        try:
+            route = parse_route(path)
+        except RegistryError as e:
+            st.log_path = _safe_path(path)
+            self._reply_error(flow, e)
+            return
+        st.route = route
+        st.log_path = redact_name(route.name) + route.suffix if route.name else path
+
+        token, token_error = self._read_token(req, base)
+        if route.kind is RouteKind.PING or route.kind is RouteKind.CATALOG:
+            if token is None:
+                st.token = token_error or "none"
+                scope = "registry:catalog:*" if route.kind is RouteKind.CATALOG else None
+                self._challenge(flow, base, scope, token_error)
+            elif route.kind is RouteKind.PING:
+                st.token = "ok"
+                self._reply(flow, 200, b"{}")
+            else:
+                # Capability keys and upstream names are never listed.
+                st.token = "ok"
+                self._reply(flow, 200, b'{"repositories":[]}')
+            return
+
+        scope = repository_scope(route.name)
+        if token is None:
+            st.token = token_error or "none"
+            self._challenge(flow, base, scope, token_error)
+            return
+        grant = token.grant_for(route.name)
+        if grant is None:
+            st.token = "insufficient scope"
+            self._challenge(flow, base, scope, "insufficient_scope")
+            return
+        match = state.matcher.match(route.name, host)
+        if match is not None and not is_valid_name(match.upstream_name):
+            match = None
+        if match is None:
+            st.token = "ok"
+            self._reply_error(flow, RegistryError(404, "NAME_UNKNOWN"))
+            return
+        st.match = match
+        st.log_path = match.log_name + route.suffix
+        if grant.mapping != match.mapping.key:
+            st.token = "stale (mapping changed)"
+            self._challenge(flow, base, scope, "invalid_token")
+            return
+        st.token = "ok"
+        if req.method not in ("GET", "HEAD") or route.kind is RouteKind.UPLOAD:
+            self._reply_error(flow, RegistryError(405, "UNSUPPORTED", "this registry is pull-only"))
+            return
+
+        # Rewrite to the upstream.
+        upstream = match.mapping.upstream
+        if match.mapping.auth and (match.mapping.auth.startswith("Basic ") or match.mapping.auth.startswith("Bearer ")):
+            upstream_auth: str | None = match.mapping.auth
+        else:
+            upstream_auth = None
+        if grant.upstream_token:
+            upstream_auth = f"Bearer {grant.upstream_token}"
+        fields = [(k, v) for k, v in req.headers.fields if k.lower().decode("latin-1") in FORWARD_REQUEST_HEADERS]
+        req.headers = http.Headers(fields)
+        if upstream_auth:
+            req.headers["Authorization"] = upstream_auth
+        req.url = f"{upstream.origin}/v2/{match.upstream_name}{route.suffix}{_upstream_query(route, query)}"
+        req.host_header = upstream.netloc
+        st.kind = "upstream"
+        flow.comment = (
+            f"registryproxy: {st.log_path} via {match.mapping.label} -> {upstream.netloc}/{match.upstream_name}"
+        )
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = self._flows.get(flow)
+        if st is None or st.kind != "token" or flow.response or self.state is None:
+            return
+        state = self.state
+        req = flow.request
+        host = _client_host(req)
+        base = public_base(state.config, host, _client_tls(flow))
+        try:
+            form = None
+            if req.method == "POST":
+                form = list(req.urlencoded_form.fields)
+            parsed = parse_token_request(req.method, list(req.query.fields), form)
+            answer = await state.tokens.answer(parsed, base, host)
+        except RegistryError as e:
+            st.token = f"refused: {e.message or e.code}"
+            self._reply_error(flow, e)
+            return
+        st.token = answer.outcome
+        flow.response = http.Response.make(
+            200,
+            json.dumps(answer.body).encode(),
+            {"Content-Type": "application/json", "Cache-Control": "no-store", **API_VERSION},
+        )
+
+    @fail_closed
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        st = self._flows.get(flow)
+        if st is None or st.kind != "upstream" or flow.response is None or st.match is None or st.route is None:
+            return
+        resp = flow.response
+        match, route = st.match, st.route
+        st.upstream_status = resp.status_code
+        # The outgoing credential has been sent: keep it out of stored and displayed flows.
+        if "authorization" in flow.request.headers:
+            flow.request.headers["Authorization"] = "[redacted]"
+
+        upstream_challenge = resp.headers.get("www-authenticate")
+        if resp.status_code == 401 and upstream_challenge and self.client is not None:
+            self.client.learn(match.mapping.upstream, upstream_challenge)
+
+        fields = [(k, v) for k, v in resp.headers.fields if k.lower().decode("latin-1") in FORWARD_RESPONSE_HEADERS]
+        resp.headers = http.Headers(fields)
+
+        if resp.status_code >= 400:
+            err = for_upstream_status(resp.status_code, route.kind.value)
+            resp.status_code = err.status
+            resp.reason = ""
+            body = err.body()
+            resp.headers = http.Headers(
+                Content_Type="application/json; charset=utf-8",
+                Content_Length=str(len(body)),
+                Docker_Distribution_Api_Version="registry/2.0",
+            )
+            if err.status == 401:
+                assert self.state is not None
+                base = public_base(self.state.config, _client_host(flow.request), _client_tls(flow))
+                resp.headers["WWW-Authenticate"] = bearer_challenge(
+                    base + TOKEN_PATH, _service(base), repository_scope(match.local_name), "invalid_token"
+                )
+            st.error_body = body
+            resp.stream = _replace_body(body)
+            return
+
+        location = resp.headers.get("location")
+        if location is not None:
+            new_location = _rewrite_location(location, flow.request.url, st)
+            if new_location is None:
+                del resp.headers["location"]
+            else:
+                resp.headers["Location"] = new_location
+        links = resp.headers.get_all("link")
+        if links:
+            rewritten = [x for x in (_rewrite_link(v, st) for v in links) if x is not None]
+            resp.headers.set_all("link", rewritten)
+        resp.headers.setdefault("Docker-Distribution-Api-Version", "registry/2.0")
+
+        if route.kind is RouteKind.TAGS and resp.status_code == 200 and flow.request.method == "GET":
+            if _content_length(resp) > MAX_TAGS_BODY:
+                flow.kill()
+            return  # buffered: the body's `name` is rewritten in `response`
+        resp.stream = True
+
+    @fail_closed
+    def response(self, flow: http.HTTPFlow) -> None:
+        st = self._flows.get(flow)
+        if st is None or flow.response is None:
+            return
+        resp = flow.response
+        if st.kind == "upstream" and st.match is not None:
+            if st.error_body is not None:
+                if resp.raw_content is not None and flow.request.method != "HEAD":
+                    resp.content = st.error_body
+            elif st.route is not None and st.route.kind is RouteKind.TAGS and resp.status_code == 200:
+                self._rewrite_tags_body(flow, st.match)
+        self._log(flow, st)
+
+    @fail_closed
+    def error(self, flow: http.HTTPFlow) -> None:
+        st = self._flows.get(flow)
+        if st is None:
+            return
+        self._log(flow, st)
+
+    # --- helpers ---------------------------------------------------------------------
+
+    def _read_token(self, req: http.Request, audience: str) -> tuple[AccessToken | None, str | None]:
+        """The client's valid access token, or None with the challenge error to answer."""
+        assert self.state is not None
+        value = req.headers.get("authorization")
+        if not value:
+            return None, None
+        scheme, _, credential = value.strip().partition(" ")
+        if scheme.lower() != "bearer" or not credential.strip():
+            return None, "invalid_token"
+        try:
+            return self.state.codec.read_access(credential.strip(), audience), None
+        except TokenError as e:
+            logger.debug("token refused: %s", e.reason)
+            return None, "invalid_token"
+
+    def _challenge(self, flow: http.HTTPFlow, base: str, scope: str | None, error: str | None) -> None:
+        challenge = bearer_challenge(base + TOKEN_PATH, _service(base), scope, error)
+        self._reply_error(flow, RegistryError(401, "UNAUTHORIZED"), {"WWW-Authenticate": challenge})
+
+    def _reply_error(self, flow: http.HTTPFlow, err: RegistryError, headers: dict[str, str] | None = None) -> None:
+        self._reply(flow, err.status, err.body(), headers)
+
+    def _reply(self, flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        all_headers = {"Content-Type": "application/json; charset=utf-8", **API_VERSION, **(headers or {})}
+        if flow.request.method == "HEAD":
+            flow.response = http.Response.make(status, b"", all_headers)
+            flow.response.headers["Content-Length"] = str(len(body))
+        else:
+            flow.response = http.Response.make(status, body, all_headers)
+
+    def _rewrite_tags_body(self, flow: http.HTTPFlow, match: Match) -> None:
+        assert flow.response is not None
+        try:
+            data = json.loads(flow.response.content or b"")
+        except ValueError:
+            data = None
+        if not isinstance(data, dict) or not isinstance(data.get("tags", []), list | None):
+            err = RegistryError(502, "UNAVAILABLE", "upstream answered a malformed tags list")
+            flow.response = http.Response.make(
+                err.status, err.body(), {"Content-Type": "application/json; charset=utf-8", **API_VERSION}
+            )
+            return
+        data["name"] = match.local_name
+        flow.response.content = json.dumps(data, separators=(",", ":")).encode()
+
+    def _internal_error(self, flow: http.HTTPFlow, hook: str, exc: Exception) -> None:
+        logger.error("internal error in %s hook (%s); the request was refused", hook, type(exc).__name__)
+        logger.debug("internal error details", exc_info=exc)
+        try:
+            if flow.response is None and flow.live:
+                err = RegistryError(500, "UNKNOWN", "internal proxy error")
+                flow.response = http.Response.make(
+                    err.status, err.body(), {"Content-Type": "application/json; charset=utf-8", **API_VERSION}
+                )
+            elif flow.live:
+                flow.kill()
+        except Exception:  # noqa: BLE001 - last resort
+            if flow.killable:
+                flow.kill()
+
+    def _log(self, flow: http.HTTPFlow, st: FlowState) -> None:
+        status = flow.response.status_code if flow.response else "error"
+        size = "-"
+        if flow.response is not None:
+            size = flow.response.headers.get("content-length", "-")
+        mapping = st.match.mapping.label if st.match else "-"
+        upstream = st.upstream_status if st.upstream_status is not None else "-"
+        if flow.error is not None:
+            upstream = "failed"
+        elapsed = (time.monotonic() - st.started) * 1000
+        logger.info(
+            "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",
+            flow.request.method,
+            st.log_path,
+            mapping,
+            status,
+            upstream,
+            size,
+            elapsed,
+            st.token,
+        )
+        if st.kind == "upstream":
+            flow.comment = f"{flow.comment}; token {st.token}; upstream {upstream}"
+        else:
+            flow.comment = f"registryproxy: {st.log_path} answered locally ({status}); token {st.token}"
+        # Keep secrets out of stored and displayed flows: the client's credential, and for
+        # locally answered requests the local path and query (which can hold a capability key).
+        if "authorization" in flow.request.headers:
+            flow.request.headers["Authorization"] = "[redacted]"
+        if st.kind != "upstream":
+            flow.request.path = st.log_path
+
+
+def _client_host(req: http.Request) -> str | None:
+    host = (req.host_header or "").strip().lower()
+    return host if host and _HOST_RE.fullmatch(host) else None
+
+
+def _client_tls(flow: http.HTTPFlow) -> bool:
+    return bool(flow.client_conn.tls_established)
+
+
+def _service(base: str) -> str:
+    return urlsplit(base).netloc
+
+
+def _content_length(msg: http.Message) -> int:
+    value = msg.headers.get("content-length")
+    if value is None:
+        return 0 if "transfer-encoding" not in msg.headers else 1 << 62
+    try:
+        return int(value)
+    except ValueError:
+        return 1 << 62
+
+
+def _upstream_query(route: Route, query: str) -> str:
+    """The query string sent upstream: only the parameters a pull route defines, validated."""
+    if not query or route.kind not in (RouteKind.TAGS, RouteKind.REFERRERS):
+        return ""
+    keep = []
+    for k, v in parse_qsl(query, keep_blank_values=False)[:8]:
+        if route.kind is RouteKind.TAGS:
+            ok = (k == "n" and v.isdigit() and len(v) <= 6) or (k == "last" and TAG_RE.fullmatch(v) is not None)
+        else:
+            ok = k == "artifactType" and re.fullmatch(r"[\w.+/-]{1,255}", v) is not None
+        if ok:
+            keep.append((k, v))
+    return "?" + urlencode(keep) if keep else ""
+
+
+def _local_path(path: str, st: FlowState) -> str | None:
+    """An upstream API path for this flow's repository, as the local path; None if it is not one."""
+    assert st.match is not None
+    prefix = f"/v2/{st.match.upstream_name}/"
+    if not path.startswith(prefix):
+        return None
+    return f"/v2/{st.match.local_name}/{path[len(prefix) :]}"
+
+
+def _rewrite_location(location: str, request_url: str, st: FlowState) -> str | None:
+    """Make a redirect target absolute; one back into the upstream API becomes the local path."""
+    assert st.match is not None
+    absolute = urljoin(request_url, location.strip())
+    parts = urlsplit(absolute)
+    if parts.scheme not in ("http", "https"):
+        return None
+    upstream = st.match.mapping.upstream
+    if f"{parts.scheme}://{parts.netloc}" == upstream.origin and parts.path.startswith("/v2/"):
+        local = _local_path(parts.path, st)
+        if local is None:
+            return None
+        return local + (f"?{parts.query}" if parts.query else "")
+    return absolute
+
+
+def _rewrite_link(value: str, st: FlowState) -> str | None:
+    """`<…/v2/upstream/name/tags/list?…>; rel="next"` with the local name; None to drop it."""
+    m = _LINK_RE.fullmatch(value)
+    if m is None:
+        return None
+    parts = urlsplit(m[1])
+    local = _local_path(parts.path, st)
+    if local is None:
+        return None
+    target = local + (f"?{parts.query}" if parts.query else "")
+    return f"<{target}>{m[2] or ''}"
+
+
+def _replace_body(body: bytes) -> Callable[[bytes], bytes]:
+    """A stream function that discards the upstream body and sends `body` instead."""
+
+    def stream(data: bytes) -> bytes:
+        return b"" if data else body
+
+    return stream
+
+
+def _safe_path(path: str) -> str:
+    """A request path for logs: bounded, printable, capability-like segments hidden."""
+    printable = "".join(c if 0x20 < ord(c) < 0x7F else "?" for c in path[:200])
+    return redact_name(printable)

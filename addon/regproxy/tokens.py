@@ -1,0 +1,156 @@
+"""The proxy's own tokens: PASETO v4.local (pyseto), encrypted and authenticated.
+
+An access token wraps the upstream token(s) it was issued with, so a client never
+sees an upstream token. It is bound to this proxy (its secret key and an implicit
+assertion that also separates access from refresh tokens), to the domain it was issued
+for (`aud`), and to the mappings and local repositories it grants pull on. It never
+outlives the upstream token inside it.
+
+The footer carries the id of the key that encrypted it (`kid`), a one-way hash that
+reveals nothing about the key; every configured key is tried on decryption so keys can
+rotate.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import pyseto
+from pyseto import DecryptError, Key, VerifyError
+
+ACCESS_ASSERTION = b"registryproxy:access:v1"
+REFRESH_ASSERTION = b"registryproxy:refresh:v1"
+MAX_TOKEN_LENGTH = 64 * 1024
+
+
+class TokenError(Exception):
+    """A token that must not be honoured. `reason` is safe to log."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class Grant:
+    """Pull access to local repositories through one mapping (None: names no mapping serves)."""
+
+    mapping: str | None
+    names: tuple[str, ...]
+    upstream_token: str | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class AccessToken:
+    audience: str
+    grants: tuple[Grant, ...]
+    issued_at: int
+    expires_at: int
+
+    def grant_for(self, name: str) -> Grant | None:
+        for g in self.grants:
+            if name in g.names:
+                return g
+        return None
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(b"registryproxy key id\0" + key).hexdigest()[:16]
+
+
+class TokenCodec:
+    """Issues and reads tokens with a list of keys: the first encrypts, all decrypt."""
+
+    def __init__(self, keys: tuple[bytes, ...]) -> None:
+        if not keys:
+            raise ValueError("at least one key is needed")
+        self._keys = [Key.new(version=4, purpose="local", key=k) for k in keys]
+        self._kid = key_id(keys[0])
+
+    def issue_access(self, audience: str, grants: tuple[Grant, ...], lifetime: int) -> str:
+        payload = {
+            "aud": audience,
+            "iat": int(time.time()),
+            "g": [
+                {"m": g.mapping, "r": list(g.names), **({"u": g.upstream_token} if g.upstream_token else {})}
+                for g in grants
+            ],
+        }
+        return self._encode(payload, ACCESS_ASSERTION, lifetime)
+
+    def read_access(self, token: str, audience: str) -> AccessToken:
+        payload = self._decode(token, ACCESS_ASSERTION, audience)
+        try:
+            grants = tuple(
+                Grant(
+                    mapping=_opt_str(g["m"]),
+                    names=tuple(_str(n) for n in g["r"]),
+                    upstream_token=_opt_str(g.get("u")),
+                )
+                for g in payload["g"]
+            )
+            return AccessToken(audience, grants, int(payload["iat"]), int(payload["_exp"]))
+        except (KeyError, TypeError, ValueError):
+            raise TokenError("malformed claims") from None
+
+    def issue_refresh(self, audience: str, subject: str, lifetime: int) -> str:
+        payload = {"aud": audience, "iat": int(time.time()), "sub": subject}
+        return self._encode(payload, REFRESH_ASSERTION, lifetime)
+
+    def read_refresh(self, token: str, audience: str) -> str:
+        payload = self._decode(token, REFRESH_ASSERTION, audience)
+        sub = payload.get("sub")
+        if not isinstance(sub, str):
+            raise TokenError("malformed claims")
+        return sub
+
+    def _encode(self, payload: dict[str, Any], assertion: bytes, lifetime: int) -> str:
+        token = pyseto.encode(
+            self._keys[0],
+            payload,
+            footer={"kid": self._kid},
+            implicit_assertion=assertion,
+            serializer=json,
+            exp=max(1, int(lifetime)),
+        )
+        return token.decode("ascii")
+
+    def _decode(self, token: str, assertion: bytes, audience: str) -> dict[str, Any]:
+        if not token.startswith("v4.local.") or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
+            raise TokenError("not a v4.local token")
+        try:
+            decoded = pyseto.decode(self._keys, token, implicit_assertion=assertion, deserializer=json)
+        except VerifyError as e:
+            raise TokenError("expired" if "expired" in str(e).lower() else "invalid") from None
+        except (DecryptError, ValueError):
+            raise TokenError("invalid") from None
+        payload = decoded.payload
+        if not isinstance(payload, dict):
+            raise TokenError("malformed claims")
+        exp = payload.get("exp")
+        if not isinstance(exp, str):
+            raise TokenError("malformed claims")
+        try:
+            payload["_exp"] = int(datetime.fromisoformat(exp).timestamp())
+        except ValueError:
+            raise TokenError("malformed claims") from None
+        if payload["_exp"] <= time.time():
+            raise TokenError("expired")
+        if payload.get("aud") != audience:
+            raise TokenError("issued for another domain")
+        return payload
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError("expected a string")
+    return value
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else _str(value)

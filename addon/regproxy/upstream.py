@@ -1,0 +1,209 @@
+"""What the proxy needs to know about an upstream registry, and asks it.
+
+How an upstream authenticates is learned from its own challenge on `GET /v2/` (lazily,
+on the first token request, and cached, so an unreachable upstream never stops
+start-up), and refreshed from any later 401 it answers. Upstream tokens are fetched
+from the upstream's realm with the mapping's credentials, but only from a realm the
+configuration allows: credentials never follow a challenge to another place.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+from urllib.parse import urlsplit
+
+import httpx
+
+from .challenge import UpstreamChallenge, parse_challenge
+from .config import Mapping, Upstream
+
+logger = logging.getLogger(__name__)
+
+AUTH_CACHE_SECONDS = 600.0
+MAX_TOKEN_RESPONSE = 256 * 1024
+MAX_UPSTREAM_TOKEN = 32 * 1024
+DEFAULT_EXPIRES_IN = 60
+
+
+class UpstreamError(Exception):
+    """An upstream failure; the message is safe for logs (no credentials, no tokens)."""
+
+    def __init__(self, message: str, *, timeout: bool = False) -> None:
+        super().__init__(message)
+        self.timeout = timeout
+
+
+@dataclass(frozen=True)
+class AuthMethod:
+    kind: Literal["none", "basic", "bearer"]
+    realm: str | None = None
+    service: str | None = None
+
+
+@dataclass(frozen=True)
+class UpstreamToken:
+    token: str = field(repr=False)
+    expires_at: float
+
+
+def realm_allowed(realm: str, upstream: Upstream) -> bool:
+    """Whether the proxy may send a mapping's credentials to this token realm.
+
+    Allowed: https realms on public hosts, and any realm on the upstream's own host name
+    (which covers a plain-http upstream the operator configured explicitly). Refused:
+    other schemes, credentials or fragments in the URL, plain http to another host, and
+    https to loopback, private or link-local addresses other than the upstream's own.
+    """
+    try:
+        parts = urlsplit(realm)
+        _ = parts.port
+    except ValueError:
+        return False
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password or parts.fragment:
+        return False
+    if host == upstream.host:
+        return parts.scheme == "https" or upstream.scheme == "http"
+    if parts.scheme != "https":
+        return False
+    try:
+        addr = ipaddress.ip_address(host)
+    except ValueError:
+        return host != "localhost" and not host.endswith(".localhost")
+    return addr.is_global
+
+
+class RegistryClient:
+    """Talks to upstream registries and their token services (async, bounded in time and size)."""
+
+    def __init__(self, timeout: float) -> None:
+        self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
+        self._http: httpx.AsyncClient | None = None
+        self._auth: dict[str, tuple[float, AuthMethod]] = {}
+        self._locks: dict[str, asyncio.Lock] = {}
+
+    def _client(self) -> httpx.AsyncClient:
+        if self._http is None:
+            self._http = httpx.AsyncClient(
+                follow_redirects=False,
+                timeout=self._timeout,
+                headers={"User-Agent": "registryproxy"},
+                trust_env=False,
+            )
+        return self._http
+
+    async def aclose(self) -> None:
+        if self._http is not None:
+            await self._http.aclose()
+            self._http = None
+
+    def learn(self, upstream: Upstream, www_authenticate: str) -> None:
+        """Update what is known from a challenge the upstream answered on a live request."""
+        method = _method_from(parse_challenge(www_authenticate))
+        if method is not None:
+            self._auth[upstream.origin] = (time.monotonic(), method)
+
+    def forget(self, upstream: Upstream) -> None:
+        self._auth.pop(upstream.origin, None)
+
+    async def auth_method(self, upstream: Upstream) -> AuthMethod:
+        cached = self._auth.get(upstream.origin)
+        if cached and time.monotonic() - cached[0] < AUTH_CACHE_SECONDS:
+            return cached[1]
+        lock = self._locks.setdefault(upstream.origin, asyncio.Lock())
+        async with lock:
+            cached = self._auth.get(upstream.origin)
+            if cached and time.monotonic() - cached[0] < AUTH_CACHE_SECONDS:
+                return cached[1]
+            method = await self._discover(upstream)
+            self._auth[upstream.origin] = (time.monotonic(), method)
+            return method
+
+    async def _discover(self, upstream: Upstream) -> AuthMethod:
+        try:
+            resp = await self._client().get(f"{upstream.origin}/v2/")
+            await resp.aclose()
+        except httpx.TimeoutException:
+            raise UpstreamError("upstream registry timed out", timeout=True) from None
+        except httpx.HTTPError as e:
+            raise UpstreamError(f"upstream registry unreachable ({type(e).__name__})") from None
+        if resp.status_code == 200:
+            return AuthMethod("none")
+        if resp.status_code in (401, 403):
+            method = _method_from(parse_challenge(resp.headers.get("www-authenticate", "")))
+            if method is not None:
+                return method
+            raise UpstreamError(f"upstream registry answered {resp.status_code} without a usable challenge")
+        raise UpstreamError(f"upstream registry answered {resp.status_code} to /v2/")
+
+    async def fetch_token(self, mapping: Mapping, upstream_names: list[str]) -> UpstreamToken | None:
+        """An upstream token for pulling these upstream repositories, or None if not needed."""
+        if mapping.auth and mapping.auth.startswith("Bearer "):
+            return None
+        method = await self.auth_method(mapping.upstream)
+        if method.kind != "bearer" or method.realm is None:
+            return None
+        if not realm_allowed(method.realm, mapping.upstream):
+            raise UpstreamError("upstream token realm is not allowed by the configuration")
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("scope", f"repository:{n}:pull") for n in upstream_names
+        ]
+        if method.service:
+            params.insert(0, ("service", method.service))
+        headers = {"Authorization": mapping.auth} if mapping.auth else {}
+        started = time.time()
+        try:
+            async with self._client().stream("GET", method.realm, params=params, headers=headers) as resp:
+                if resp.status_code != 200:
+                    if resp.status_code in (401, 403):
+                        raise UpstreamError(
+                            f"upstream token service refused the mapping's credentials ({resp.status_code})"
+                        )
+                    raise UpstreamError(f"upstream token service answered {resp.status_code}")
+                body = bytearray()
+                async for chunk in resp.aiter_bytes():
+                    body += chunk
+                    if len(body) > MAX_TOKEN_RESPONSE:
+                        raise UpstreamError("upstream token response too large")
+        except httpx.TimeoutException:
+            raise UpstreamError("upstream token service timed out", timeout=True) from None
+        except httpx.HTTPError as e:
+            raise UpstreamError(f"upstream token service unreachable ({type(e).__name__})") from None
+        return parse_token_response(bytes(body), started)
+
+
+def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
+    """Read a token server's JSON answer (`token` or `access_token`, `expires_in`, `issued_at`)."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        raise UpstreamError("upstream token response is not JSON") from None
+    if not isinstance(data, dict):
+        raise UpstreamError("upstream token response is not a JSON object")
+    token = data.get("token") or data.get("access_token")
+    if not isinstance(token, str) or not token or len(token) > MAX_UPSTREAM_TOKEN or not token.isascii():
+        raise UpstreamError("upstream token response has no usable token")
+    if any(c in token for c in " \r\n\t\0,\"'"):
+        raise UpstreamError("upstream token response has no usable token")
+    expires_in = data.get("expires_in", DEFAULT_EXPIRES_IN)
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
+        expires_in = DEFAULT_EXPIRES_IN
+    # Expiry counts from when the request was sent, on this clock: the upstream's
+    # `issued_at` is not trusted, so clock skew can only shorten a token, never extend it.
+    return UpstreamToken(token, requested_at + expires_in)
+
+
+def _method_from(ch: UpstreamChallenge | None) -> AuthMethod | None:
+    if ch is None:
+        return None
+    if ch.scheme == "bearer" and ch.realm:
+        return AuthMethod("bearer", ch.realm, ch.service)
+    if ch.scheme == "basic":
+        return AuthMethod("basic")
+    return None

@@ -1,0 +1,1 @@
+"""End-to-end test rig: real registries, a token issuer, a blob server, skopeo and mitmdump."""

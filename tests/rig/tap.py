@@ -1,0 +1,235 @@
+"""A transparent TCP forwarder in front of a registry that records each HTTP request's head.
+
+distribution 2.8 logs method and URI of every request, but not whether the request carried an
+`Authorization` header (and it logs no "response completed" line at all for a 401). Tests need
+exactly that, so each rig registry listens on an internal port and this tap listens on the public
+one: bytes go through unchanged in both directions (keep-alive, chunked uploads and all), and
+request heads are parsed on the way to record (method, path, had_authorization).
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from typing import NamedTuple
+
+from .procs import LOOPBACK
+
+_MAX_HEAD = 1 << 20
+
+
+class AccessLogEntry(NamedTuple):
+    method: str
+    path: str  # the request target as sent (path and query)
+    had_authorization: bool
+
+
+class _Closed(Exception):
+    pass
+
+
+class RequestTap:
+    def __init__(self, target_port: int, host: str = LOOPBACK, target_host: str = LOOPBACK) -> None:
+        self.host = host
+        self.target = (target_host, target_port)
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind((host, 0))
+        self._listener.listen(128)
+        self.port: int = self._listener.getsockname()[1]
+        self._lock = threading.Lock()
+        self._entries: list[AccessLogEntry] = []
+        self._socks: set[socket.socket] = set()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._accept_loop, name=f"tap-{self.port}", daemon=True)
+        self._thread.start()
+
+    def entries(self) -> list[AccessLogEntry]:
+        with self._lock:
+            return list(self._entries)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._entries.clear()
+
+    def stop(self) -> None:
+        self._stopping = True
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._listener.close()
+        self._thread.join(timeout=5)
+        with self._lock:
+            socks = list(self._socks)
+        for s in socks:
+            _close(s)
+
+    # -- plumbing -----------------------------------------------------------------------------
+    def _accept_loop(self) -> None:
+        while not self._stopping:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=10)
+                upstream.settimeout(None)
+            except OSError:
+                _close(client)
+                continue
+            for s in (client, upstream):
+                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            with self._lock:
+                self._socks.update((client, upstream))
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._responses, args=(client, upstream), daemon=True).start()
+
+    def _finish(self, a: socket.socket, b: socket.socket) -> None:
+        with self._lock:
+            self._socks.discard(a)
+            self._socks.discard(b)
+        _close(a)
+        _close(b)
+
+    def _responses(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while True:
+                data = upstream.recv(65536)
+                if not data:
+                    break
+                client.sendall(data)
+        except OSError:
+            pass
+        self._finish(client, upstream)
+
+    def _requests(self, client: socket.socket, upstream: socket.socket) -> None:
+        reader = _Reader(client)
+        try:
+            while True:
+                if not reader.looks_like_http():
+                    # Not HTTP (e.g. a TLS ClientHello from a client probing https first): pass it
+                    # through untouched so the registry answers it as it would directly.
+                    reader.pipe(upstream)
+                    break
+                head = reader.read_head()
+                if head is None:
+                    break
+                try:
+                    method, target, headers = _parse_head(head)
+                except ValueError:
+                    upstream.sendall(head)
+                    reader.pipe(upstream)
+                    break
+                with self._lock:
+                    self._entries.append(AccessLogEntry(method, target, "authorization" in headers))
+                upstream.sendall(head)
+                if "chunked" in headers.get("transfer-encoding", "").lower():
+                    self._forward_chunked(reader, upstream)
+                else:
+                    length = int(headers.get("content-length", "0") or "0")
+                    reader.forward(length, upstream)
+            upstream.shutdown(socket.SHUT_WR)
+        except (_Closed, OSError, ValueError):
+            self._finish(client, upstream)
+
+    @staticmethod
+    def _forward_chunked(reader: _Reader, upstream: socket.socket) -> None:
+        while True:
+            line = reader.read_line()
+            upstream.sendall(line)
+            size = int(line.split(b";", 1)[0].strip() or b"0", 16)
+            if size == 0:
+                while True:  # trailers, up to the empty line
+                    trailer = reader.read_line()
+                    upstream.sendall(trailer)
+                    if trailer in (b"\r\n", b"\n"):
+                        return
+            reader.forward(size + 2, upstream)
+
+
+class _Reader:
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(65536)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def read_head(self) -> bytes | None:
+        """The next request head including its final blank line; None at a clean EOF."""
+        while True:
+            self.buf = self.buf.lstrip(b"\r\n")
+            end = self.buf.find(b"\r\n\r\n")
+            if end >= 0:
+                head, self.buf = self.buf[: end + 4], self.buf[end + 4 :]
+                return head
+            if len(self.buf) > _MAX_HEAD:
+                raise _Closed("request head too large")
+            if not self._fill():
+                if self.buf:
+                    raise _Closed("EOF inside a request head")
+                return None
+
+    def looks_like_http(self) -> bool:
+        """False when the next bytes cannot start a request line; True at EOF too."""
+        while True:
+            self.buf = self.buf.lstrip(b"\r\n")
+            if self.buf:
+                return self.buf[:1].isupper()
+            if not self._fill():
+                return True
+
+    def pipe(self, dest: socket.socket) -> None:
+        """Forward what is buffered, then everything until EOF."""
+        if self.buf:
+            dest.sendall(self.buf)
+            self.buf = b""
+        while self._fill():
+            dest.sendall(self.buf)
+            self.buf = b""
+
+    def read_line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line, self.buf = self.buf[: end + 1], self.buf[end + 1 :]
+                return line
+            if not self._fill():
+                raise _Closed("EOF inside a chunked body")
+
+    def forward(self, n: int, dest: socket.socket) -> None:
+        while n > 0:
+            if not self.buf and not self._fill():
+                raise _Closed("EOF inside a request body")
+            part, self.buf = self.buf[:n], self.buf[n:]
+            dest.sendall(part)
+            n -= len(part)
+
+
+def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+    lines = head.decode("latin-1").split("\r\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3:
+        raise ValueError(f"bad request line {lines[0]!r}")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if not line:
+            continue
+        name, sep, value = line.partition(":")
+        if sep:
+            key = name.strip().lower()
+            headers[key] = (headers[key] + ", " if key in headers else "") + value.strip()
+    return parts[0], parts[1], headers
+
+
+def _close(s: socket.socket) -> None:
+    try:
+        s.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    s.close()
