@@ -14,6 +14,7 @@ Every hook fails closed: an exception never lets a flow go on unmodified.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import json
@@ -94,6 +95,14 @@ class FlowState:
     token: str = "-"
     upstream_status: int | None = None
     error_body: bytes | None = None
+    watchdog: asyncio.TimerHandle | None = None
+    timed_out: bool = False
+
+    def settle(self) -> None:
+        """The upstream answered (or failed): stop waiting for it."""
+        if self.watchdog is not None:
+            self.watchdog.cancel()
+            self.watchdog = None
 
 
 @dataclass(frozen=True)
@@ -292,6 +301,9 @@ class RegistryProxy:
         req.url = f"{upstream.origin}/v2/{match.upstream_name}{route.suffix}{_upstream_query(route, query)}"
         req.host_header = upstream.netloc
         st.kind = "upstream"
+        st.watchdog = asyncio.get_running_loop().call_later(
+            state.config.upstream_timeout, self._upstream_stalled, weakref.ref(flow)
+        )
         flow.comment = (
             f"registryproxy: {st.log_path} via {match.mapping.label} -> {upstream.netloc}/{match.upstream_name}"
         )
@@ -327,6 +339,7 @@ class RegistryProxy:
         st = self._flows.get(flow)
         if st is None or st.kind != "upstream" or flow.response is None or st.match is None or st.route is None:
             return
+        st.settle()
         resp = flow.response
         match, route = st.match, st.route
         st.upstream_status = resp.status_code
@@ -399,6 +412,7 @@ class RegistryProxy:
         st = self._flows.get(flow)
         if st is None:
             return
+        st.settle()
         self._log(flow, st)
 
     # --- helpers ---------------------------------------------------------------------
@@ -448,6 +462,28 @@ class RegistryProxy:
         data["name"] = match.local_name
         flow.response.content = json.dumps(data, separators=(",", ":")).encode()
 
+    def _upstream_stalled(self, ref: weakref.ref[http.HTTPFlow]) -> None:
+        """No response headers within `upstream_timeout`: close the upstream connection.
+
+        mitmproxy has no response timeout of its own and cannot kill a flow in transit
+        (mitmproxy#4711); closing the server connection makes it answer the client with
+        its "server closed connection" error, which `failures` renders as a registry 502.
+        """
+        flow = ref()
+        st = self._flows.get(flow) if flow is not None else None
+        if flow is None or st is None or flow.response is not None or not flow.live:
+            return
+        st.watchdog = None
+        st.timed_out = True
+        logger.warning("%s %s: upstream sent no answer within %ss", flow.request.method, st.log_path, self._timeout())
+        proxyserver = ctx.master.addons.get("proxyserver")
+        handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+        if handler is not None and flow.server_conn in getattr(handler, "transports", {}):
+            handler.close_connection(flow.server_conn)
+
+    def _timeout(self) -> float:
+        return self.state.config.upstream_timeout if self.state else 0.0
+
     def _internal_error(self, flow: http.HTTPFlow, hook: str, exc: Exception) -> None:
         logger.error("internal error in %s hook (%s); the request was refused", hook, type(exc).__name__)
         logger.debug("internal error details", exc_info=exc)
@@ -471,7 +507,7 @@ class RegistryProxy:
         mapping = st.match.mapping.label if st.match else "-"
         upstream = st.upstream_status if st.upstream_status is not None else "-"
         if flow.error is not None:
-            upstream = "failed"
+            upstream = "timeout" if st.timed_out else "failed"
         elapsed = (time.monotonic() - st.started) * 1000
         logger.info(
             "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",

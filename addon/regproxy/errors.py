@@ -91,5 +91,5 @@ def for_proxy_failure(status: int) -> RegistryError:
     if status == 504:
         return RegistryError(504, "UNAVAILABLE", "upstream registry timed out")
     if status >= 500:
-        return RegistryError(502, "UNAVAILABLE", "upstream registry unreachable")
+        return RegistryError(502, "UNAVAILABLE", "upstream registry unreachable or failed to answer")
     return RegistryError(status, "UNKNOWN")

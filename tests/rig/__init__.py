@@ -1,1 +1,45 @@
-"""End-to-end test rig: real registries, a token issuer, a blob server, skopeo and mitmdump."""
+"""End-to-end test rig: real registries, a token issuer, a blob server, skopeo and mitmdump.
+
+Import the submodules (`from rig import registry, images, clients, proxy`) or the names below.
+"""
+
+from . import blobserver, clients, images, procs, proxy, registry, tap, token_issuer
+from .blobserver import BlobRequest, BlobServer
+from .clients import CopyResult, skopeo_copy, skopeo_inspect
+from .images import add_tags, build_image, build_index, manifest_digest, push
+from .procs import Proc, RigError, free_port
+from .proxy import ProxyProc, start_proxy
+from .registry import KINDS, Upstream, start_upstream
+from .tap import AccessLogEntry
+from .token_issuer import TokenIssuer
+
+__all__ = [
+    "KINDS",
+    "AccessLogEntry",
+    "BlobRequest",
+    "BlobServer",
+    "CopyResult",
+    "Proc",
+    "ProxyProc",
+    "RigError",
+    "TokenIssuer",
+    "Upstream",
+    "add_tags",
+    "blobserver",
+    "build_image",
+    "build_index",
+    "clients",
+    "free_port",
+    "images",
+    "manifest_digest",
+    "procs",
+    "proxy",
+    "push",
+    "registry",
+    "skopeo_copy",
+    "skopeo_inspect",
+    "start_proxy",
+    "start_upstream",
+    "tap",
+    "token_issuer",
+]

@@ -8,7 +8,6 @@ recorded as (method, path, had_authorization).
 
 from __future__ import annotations
 
-
 import re
 import threading
 import urllib.parse

@@ -1,17 +1,17 @@
 """Real clients: skopeo (1.9.3) over plain HTTP on loopback.
 
 What skopeo does with digests when copying docker://… to an `oci:` layout (seen with 1.9.3):
-- The `oci:` destination stores only OCI manifests and indexes. A source manifest that is
-  already OCI (single-arch image, or an index copied with --all) is kept byte for byte, so the
-  digest in the destination index.json equals the source digest. `--preserve-digests` makes that a
-  guarantee: skopeo then fails instead of silently rewriting the manifest. `skopeo_copy` passes it
-  by default.
-- A Docker v2 schema 2 source must be converted to OCI for this destination, which changes its
-  digest; with --preserve-digests skopeo refuses ("cannot preserve digests …"). Copy such images
-  with `preserve_digests=False`: the recorded digest is then that of the converted OCI manifest,
-  not the source's (compare config/layer digests instead, or use skopeo_inspect --raw).
-- Without --all a multi-arch index resolves to the instance for the host platform
-  (linux/amd64 here) and the recorded digest is that instance's manifest digest.
+- A source manifest that is already OCI (a single-arch image, or an index copied with --all) is
+  kept byte for byte, with or without --preserve-digests: the digest recorded in the destination
+  index.json equals the source digest.
+- A Docker v2 schema 2 source is CONVERTED to an OCI manifest by default (new digest). With
+  `--preserve-digests` skopeo instead stores the Docker manifest unchanged in the OCI layout, so
+  the recorded digest equals the source's. `skopeo_copy` passes --preserve-digests by default,
+  so for every image here the recorded digest is the upstream's `Docker-Content-Digest`.
+- Without --all, a multi-arch index resolves to the instance for the host platform
+  (linux/amd64 here) and the recorded digest is that instance's manifest digest, not the index's.
+- skopeo tries https first even with --src-tls-verify=false and falls back to http on an
+  HTTP answer to its TLS ClientHello.
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ class CopyResult:
         return self.returncode == 0
 
     def describe(self) -> str:
-        return RunResult(self.argv, self.returncode, self.stdout, self.stderr).describe()
+        return RunResult(
+            self.argv, self.returncode, self.stdout, self.stderr
+        ).describe()
 
     def check(self) -> CopyResult:
         """self, or RigError with skopeo's output when the copy failed."""
@@ -72,7 +74,12 @@ def skopeo_copy(
     `src_ref` may be "HOST/NAME:TAG" or "docker://HOST/NAME:TAG"; `creds` is "user:pass".
     """
     ref = src_ref if "://" in src_ref else f"docker://{src_ref}"
-    argv = ["skopeo", "copy", "--quiet", f"--src-tls-verify={'true' if tls_verify else 'false'}"]
+    argv = [
+        "skopeo",
+        "copy",
+        "--quiet",
+        f"--src-tls-verify={'true' if tls_verify else 'false'}",
+    ]
     if creds is not None:
         argv += ["--src-creds", creds]
     if all:
@@ -83,7 +90,9 @@ def skopeo_copy(
     with tempfile.TemporaryDirectory(prefix="rig-skopeo-") as tmp:
         res = run(argv, timeout=timeout, env_extra=_auth_env(tmp))
     digest = layout_digest(dest_dir, tag) if res.returncode == 0 else None
-    return CopyResult(res.returncode, res.stdout, res.stderr, digest, dest_dir, tag, tuple(argv))
+    return CopyResult(
+        res.returncode, res.stdout, res.stderr, digest, dest_dir, tag, tuple(argv)
+    )
 
 
 def skopeo_inspect(

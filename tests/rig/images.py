@@ -32,7 +32,14 @@ DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
 DOCKER_V1_SIGNED = "application/vnd.docker.distribution.manifest.v1+prettyjws"
 DOCKER_V1 = "application/vnd.docker.distribution.manifest.v1+json"
 # The Accept types skopeo/podman/dockerd send, one header line each.
-MANIFEST_TYPES = (OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST, DOCKER_V1_SIGNED, DOCKER_V1)
+MANIFEST_TYPES = (
+    OCI_MANIFEST,
+    OCI_INDEX,
+    DOCKER_MANIFEST,
+    DOCKER_LIST,
+    DOCKER_V1_SIGNED,
+    DOCKER_V1,
+)
 REF_NAME = "org.opencontainers.image.ref.name"
 
 
@@ -91,7 +98,11 @@ def _init_layout(layout: Path) -> None:
 def _tag_in_layout(layout: Path, tag: str, blob: Blob) -> None:
     index_path = layout / "index.json"
     index = json.loads(index_path.read_text())
-    manifests = [m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != tag]
+    manifests = [
+        m
+        for m in index.get("manifests", [])
+        if m.get("annotations", {}).get(REF_NAME) != tag
+    ]
     manifests.append({**blob.descriptor(), "annotations": {REF_NAME: tag}})
     index["manifests"] = manifests
     index_path.write_text(json.dumps(index, indent=2))
@@ -114,7 +125,9 @@ def layer_tar(size: int, seed: str) -> bytes:
     data = random.Random(seed).randbytes(size)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(f"rig/{hashlib.sha256(seed.encode()).hexdigest()[:16]}.bin")
+        info = tarfile.TarInfo(
+            f"rig/{hashlib.sha256(seed.encode()).hexdigest()[:16]}.bin"
+        )
         info.size = size
         info.mtime = 0
         info.mode = 0o644
@@ -124,20 +137,29 @@ def layer_tar(size: int, seed: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_image(layout: Path, layers: Sequence[int], arch: str, os_name: str, seed: str) -> ImageInfo:
+def _write_image(
+    layout: Path, layers: Sequence[int], arch: str, os_name: str, seed: str
+) -> ImageInfo:
     blobs: list[Blob] = []
     diff_ids: list[str] = []
     for i, size in enumerate(layers):
         tar = layer_tar(size, f"{seed}/{arch}/{i}")
         diff_ids.append(sha256_digest(tar))
-        blobs.append(_write_blob(layout, gzip.compress(tar, compresslevel=6, mtime=0), OCI_LAYER_GZIP))
+        blobs.append(
+            _write_blob(
+                layout, gzip.compress(tar, compresslevel=6, mtime=0), OCI_LAYER_GZIP
+            )
+        )
     config = {
         "created": "2024-01-01T00:00:00Z",
         "architecture": arch,
         "os": os_name,
         "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": {"rig.seed": seed}},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": f"rig layer {i}"} for i in range(len(layers))],
+        "history": [
+            {"created": "2024-01-01T00:00:00Z", "created_by": f"rig layer {i}"}
+            for i in range(len(layers))
+        ],
     }
     config_blob = _write_blob(layout, json.dumps(config).encode(), OCI_CONFIG)
     manifest = {
@@ -148,7 +170,9 @@ def _write_image(layout: Path, layers: Sequence[int], arch: str, os_name: str, s
     }
     raw = json.dumps(manifest, indent=2).encode()
     m_blob = _write_blob(layout, raw, OCI_MANIFEST)
-    return ImageInfo(m_blob.digest, raw, config_blob, tuple(blobs), tuple(diff_ids), arch, os_name)
+    return ImageInfo(
+        m_blob.digest, raw, config_blob, tuple(blobs), tuple(diff_ids), arch, os_name
+    )
 
 
 def build_image(
@@ -175,7 +199,10 @@ def build_index(
 ) -> IndexInfo:
     """Write a multi-arch OCI index (one image per (os, arch), distinct layers) as `tag`."""
     _init_layout(layout_dir)
-    images = [_write_image(layout_dir, layers, arch, os_name, f"{seed}/index") for os_name, arch in platforms]
+    images = [
+        _write_image(layout_dir, layers, arch, os_name, f"{seed}/index")
+        for os_name, arch in platforms
+    ]
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
@@ -211,15 +238,27 @@ def push(
         digestfile = Path(tmp) / "digest"
         auth_file = Path(tmp) / "auth.json"
         auth_file.write_text("{}")
-        argv = ["skopeo", "copy", "--quiet", "--dest-tls-verify=false", "--digestfile", str(digestfile)]
+        argv = [
+            "skopeo",
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--digestfile",
+            str(digestfile),
+        ]
         if upstream.push_creds is not None:
             argv += ["--dest-creds", upstream.push_creds]
         if all:
             argv.append("--all")
         if format is not None:
             argv += ["--format", format]
-        argv += [f"oci:{layout_dir}:{src_tag}", f"docker://{upstream.host}/{name}:{tag or src_tag}"]
-        run_checked(argv, timeout=timeout, env_extra={"REGISTRY_AUTH_FILE": str(auth_file)})
+        argv += [
+            f"oci:{layout_dir}:{src_tag}",
+            f"docker://{upstream.host}/{name}:{tag or src_tag}",
+        ]
+        run_checked(
+            argv, timeout=timeout, env_extra={"REGISTRY_AUTH_FILE": str(auth_file)}
+        )
         return digestfile.read_text().strip()
 
 
@@ -235,32 +274,57 @@ def get_manifest(
     upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES
 ) -> tuple[bytes, str, str]:
     """(body, content type, Docker-Content-Digest) of a manifest, read directly from upstream."""
-    headers = _accept_headers(accept) + list(upstream.auth_headers([f"repository:{name}:pull"]).items())
+    headers = _accept_headers(accept) + list(
+        upstream.auth_headers([f"repository:{name}:pull"]).items()
+    )
     with _client() as c:
         r = c.get(f"{upstream.url}/v2/{name}/manifests/{ref}", headers=headers)
     if r.status_code != 200:
-        raise RigError(f"GET manifest {name}:{ref} on {upstream.kind}: {r.status_code} {r.text}")
-    return r.content, r.headers.get("content-type", ""), r.headers.get("docker-content-digest", "")
+        raise RigError(
+            f"GET manifest {name}:{ref} on {upstream.kind}: {r.status_code} {r.text}"
+        )
+    return (
+        r.content,
+        r.headers.get("content-type", ""),
+        r.headers.get("docker-content-digest", ""),
+    )
 
 
-def add_tags(upstream: Upstream, name: str, source_tag: str, tags: Collection[str]) -> str:
+def add_tags(
+    upstream: Upstream, name: str, source_tag: str, tags: Collection[str]
+) -> str:
     """PUT the manifest of `source_tag` under every tag in `tags`; returns its digest."""
     body, content_type, digest = get_manifest(upstream, name, source_tag)
-    headers = {"Content-Type": content_type, **upstream.auth_headers([f"repository:{name}:pull,push"])}
+    headers = {
+        "Content-Type": content_type,
+        **upstream.auth_headers([f"repository:{name}:pull,push"]),
+    }
     with _client() as c:
         for tag in tags:
-            r = c.put(f"{upstream.url}/v2/{name}/manifests/{tag}", content=body, headers=headers)
+            r = c.put(
+                f"{upstream.url}/v2/{name}/manifests/{tag}",
+                content=body,
+                headers=headers,
+            )
             if r.status_code != 201:
-                raise RigError(f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}")
+                raise RigError(
+                    f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}"
+                )
     return digest
 
 
-def manifest_digest(upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES) -> str:
+def manifest_digest(
+    upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES
+) -> str:
     """The Docker-Content-Digest upstream answers to HEAD on the manifest (credentials as needed)."""
-    headers = _accept_headers(accept) + list(upstream.auth_headers([f"repository:{name}:pull"]).items())
+    headers = _accept_headers(accept) + list(
+        upstream.auth_headers([f"repository:{name}:pull"]).items()
+    )
     with _client() as c:
         r = c.head(f"{upstream.url}/v2/{name}/manifests/{ref}", headers=headers)
-    digest = r.headers.get("docker-content-digest")
+    digest: str | None = r.headers.get("docker-content-digest")
     if r.status_code != 200 or not digest:
-        raise RigError(f"HEAD manifest {name}:{ref} on {upstream.kind}: {r.status_code} {dict(r.headers)}")
+        raise RigError(
+            f"HEAD manifest {name}:{ref} on {upstream.kind}: {r.status_code} {dict(r.headers)}"
+        )
     return digest

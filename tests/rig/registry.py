@@ -82,7 +82,7 @@ class Upstream:
 
     @property
     def push_creds(self) -> str | None:
-        """"user:pass" for `skopeo --dest-creds`/`--src-creds`, or None."""
+        """ "user:pass" for `skopeo --dest-creds`/`--src-creds`, or None."""
         if self.username is None or self.password is None:
             return None
         return f"{self.username}:{self.password}"
@@ -101,8 +101,17 @@ class Upstream:
         basic = self.basic_auth_header()
         if basic is not None and not anonymous:
             headers["Authorization"] = basic
-        params = [("service", self.token_issuer.service)] + [("scope", s) for s in scopes]
-        r = httpx.get(self.token_issuer.realm, params=params, headers=headers, timeout=10, trust_env=False)
+        params: list[tuple[str, str | int | float | bool | None]] = [
+            ("service", self.token_issuer.service)
+        ]
+        params += [("scope", s) for s in scopes]
+        r = httpx.get(
+            self.token_issuer.realm,
+            params=params,
+            headers=headers,
+            timeout=10,
+            trust_env=False,
+        )
         r.raise_for_status()
         tok: str = r.json()["token"]
         return tok
@@ -127,7 +136,9 @@ class Upstream:
         """(method, path, status) parsed from the registry's own output (written once answered)."""
         return parse_registry_log(self.proc.output())
 
-    def wait_registry_log(self, count: int, timeout: float = 5.0) -> list[RegistryLogEntry]:
+    def wait_registry_log(
+        self, count: int, timeout: float = 5.0
+    ) -> list[RegistryLogEntry]:
         """registry_log() once it holds at least `count` entries (lines are written after the answer)."""
         wait_until(
             lambda: len(self.registry_log()) >= count,
@@ -163,7 +174,13 @@ def registry_binary() -> str:
 def make_htpasswd(path: Path, users: Mapping[str, str]) -> None:
     lines = []
     for user, password in users.items():
-        r = subprocess.run(["htpasswd", "-Bbn", user, password], capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["htpasswd", "-Bbn", user, password],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         if r.returncode != 0:
             raise RigError(f"htpasswd failed ({r.returncode}): {r.stderr}")
         lines.append(r.stdout.strip())
@@ -205,7 +222,9 @@ def registry_config(
     if kind == "redirect":
         assert blob_server is not None
         cfg["storage"]["redirect"] = {"disable": False}
-        cfg["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": blob_server.url}}]}
+        cfg["middleware"] = {
+            "storage": [{"name": "redirect", "options": {"baseurl": blob_server.url}}]
+        }
     return cfg
 
 
@@ -253,12 +272,23 @@ def start_upstream(
     try:
         for attempt in range(3):
             port = free_port()
-            cfg = registry_config(kind, port, storage_root, htpasswd=htpasswd, issuer=issuer, blob_server=blobs)
+            cfg = registry_config(
+                kind,
+                port,
+                storage_root,
+                htpasswd=htpasswd,
+                issuer=issuer,
+                blob_server=blobs,
+            )
             config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             proc = Proc(f"registry-{kind}")
-            proc.start([registry_binary(), "serve", str(config_path)], env=env, cwd=workdir)
+            proc.start(
+                [registry_binary(), "serve", str(config_path)], env=env, cwd=workdir
+            )
             try:
-                proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
+                proc.wait_for_output(
+                    rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout
+                )
                 proc.wait_for_port(LOOPBACK, port, timeout)
                 break
             except RigError:

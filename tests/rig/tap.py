@@ -29,7 +29,9 @@ class _Closed(Exception):
 
 
 class RequestTap:
-    def __init__(self, target_port: int, host: str = LOOPBACK, target_host: str = LOOPBACK) -> None:
+    def __init__(
+        self, target_port: int, host: str = LOOPBACK, target_host: str = LOOPBACK
+    ) -> None:
         self.host = host
         self.target = (target_host, target_port)
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -41,7 +43,9 @@ class RequestTap:
         self._entries: list[AccessLogEntry] = []
         self._socks: set[socket.socket] = set()
         self._stopping = False
-        self._thread = threading.Thread(target=self._accept_loop, name=f"tap-{self.port}", daemon=True)
+        self._thread = threading.Thread(
+            target=self._accept_loop, name=f"tap-{self.port}", daemon=True
+        )
         self._thread.start()
 
     def entries(self) -> list[AccessLogEntry]:
@@ -82,8 +86,12 @@ class RequestTap:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._socks.update((client, upstream))
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._responses, args=(client, upstream), daemon=True).start()
+            threading.Thread(
+                target=self._requests, args=(client, upstream), daemon=True
+            ).start()
+            threading.Thread(
+                target=self._responses, args=(client, upstream), daemon=True
+            ).start()
 
     def _finish(self, a: socket.socket, b: socket.socket) -> None:
         with self._lock:
@@ -122,7 +130,9 @@ class RequestTap:
                     reader.pipe(upstream)
                     break
                 with self._lock:
-                    self._entries.append(AccessLogEntry(method, target, "authorization" in headers))
+                    self._entries.append(
+                        AccessLogEntry(method, target, "authorization" in headers)
+                    )
                 upstream.sendall(head)
                 if "chunked" in headers.get("transfer-encoding", "").lower():
                     self._forward_chunked(reader, upstream)
@@ -223,7 +233,9 @@ def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
         name, sep, value = line.partition(":")
         if sep:
             key = name.strip().lower()
-            headers[key] = (headers[key] + ", " if key in headers else "") + value.strip()
+            headers[key] = (
+                headers[key] + ", " if key in headers else ""
+            ) + value.strip()
     return parts[0], parts[1], headers
 
 

@@ -1,0 +1,106 @@
+"""The project's addon under a real `mitmdump`, on a free port picked by the kernel.
+
+mitmdump 12.3.1 prints, once listening (reverse mode, default target 127.0.0.1:9):
+    [08:17:44.078] reverse proxy to http://127.0.0.1:9 listening at 127.0.0.1:60107.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .procs import LOOPBACK, Proc, clean_env
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ADDON_SCRIPT = REPO_ROOT / "addon" / "registryproxy.py"
+DEAD_TARGET = "http://127.0.0.1:9"
+LISTENING = re.compile(
+    r"listening at (?P<host>127\.0\.0\.1|\[?[0-9a-f:.]+\]?):(?P<port>\d+)"
+)
+
+
+def mitmdump_binary() -> Path:
+    """`mitmdump` next to the running interpreter (the project's venv)."""
+    return Path(sys.executable).parent / "mitmdump"
+
+
+@dataclass
+class ProxyProc:
+    proc: Proc
+    port: int
+    config_path: Path
+
+    @property
+    def host(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def output(self) -> str:
+        return self.proc.output()
+
+    def wait_for_output(
+        self, regex: str | re.Pattern[str], timeout: float = 10.0
+    ) -> re.Match[str]:
+        return self.proc.wait_for_output(regex, timeout)
+
+    def running(self) -> bool:
+        return self.proc.running()
+
+    def stop(self) -> int | None:
+        return self.proc.stop()
+
+
+def start_proxy(
+    config: Mapping[str, Any],
+    tmp_dir: Path,
+    extra_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    *,
+    script: Path = ADDON_SCRIPT,
+    confdir: Path | None = None,
+    timeout: float = 30.0,
+) -> ProxyProc:
+    """Write `config` as YAML under `tmp_dir` and run mitmdump with the addon `script` on it.
+
+    `env` adds to (and overrides) the environment, which otherwise is this process's without
+    *_proxy variables. mitmproxy's confdir (its CA) goes under `tmp_dir` unless `confdir` is given.
+    """
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    config_path = tmp_dir / "registryproxy.yaml"
+    config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
+    conf = confdir if confdir is not None else tmp_dir / "mitmproxy-conf"
+    conf.mkdir(parents=True, exist_ok=True)
+    argv = [
+        str(mitmdump_binary()),
+        "-s",
+        str(script),
+        "--mode",
+        f"reverse:{DEAD_TARGET}@{LOOPBACK}:0",
+        "--set",
+        "connection_strategy=lazy",
+        "--set",
+        f"registryproxy_config={config_path}",
+        "--set",
+        "flow_detail=0",
+        "--set",
+        "termlog_verbosity=info",
+        "--set",
+        f"confdir={conf}",
+        *extra_args,
+    ]
+    proc = Proc("mitmdump").start(argv, env=clean_env(env), cwd=tmp_dir)
+    try:
+        m = proc.wait_for_output(LISTENING, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+    return ProxyProc(proc, int(m.group("port")), config_path)
