@@ -92,6 +92,7 @@ class FlowState:
     route: Route | None = None
     match: Match | None = None
     log_path: str = "-"
+    base: str = ""  # the public base URL the client used: realm and token audience
     token: str = "-"
     upstream_status: int | None = None
     error_body: bytes | None = None
@@ -224,7 +225,7 @@ class RegistryProxy:
         req = flow.request
         path, _, query = req.path.partition("?")
         host = _client_host(req)
-        base = public_base(state.config, host, _client_tls(flow))
+        base = st.base = public_base(state.config, host, _client_tls(flow))
 
         if path == TOKEN_PATH:
             st.kind, st.log_path = "token", TOKEN_PATH
@@ -315,14 +316,12 @@ class RegistryProxy:
             return
         state = self.state
         req = flow.request
-        host = _client_host(req)
-        base = public_base(state.config, host, _client_tls(flow))
         try:
             form = None
             if req.method == "POST":
                 form = list(req.urlencoded_form.fields)
             parsed = parse_token_request(req.method, list(req.query.fields), form)
-            answer = await state.tokens.answer(parsed, base, host)
+            answer = await state.tokens.answer(parsed, st.base, _client_host(req))
         except RegistryError as e:
             st.token = f"refused: {e.message or e.code}"
             self._reply_error(flow, e)
@@ -365,10 +364,8 @@ class RegistryProxy:
                 Docker_Distribution_Api_Version="registry/2.0",
             )
             if err.status == 401:
-                assert self.state is not None
-                base = public_base(self.state.config, _client_host(flow.request), _client_tls(flow))
                 resp.headers["WWW-Authenticate"] = bearer_challenge(
-                    base + TOKEN_PATH, _service(base), repository_scope(match.local_name), "invalid_token"
+                    st.base + TOKEN_PATH, _service(st.base), repository_scope(match.local_name), "invalid_token"
                 )
             st.error_body = body
             resp.stream = _replace_body(body)

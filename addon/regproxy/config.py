@@ -231,6 +231,8 @@ def _int(data: dict[str, Any], key: str, default: int, low: int, high: int) -> i
 
 def parse_secret_key(value: object, key: str) -> bytes:
     """A secret key: 32 bytes as 64 hex digits. The message never shows the value."""
+    if isinstance(value, int | float):
+        raise ConfigError(f"{key}: YAML read it as a number; quote it (64 hex digits as a string)")
     if not isinstance(value, str):
         raise ConfigError(f"{key}: must be 64 hex digits (32 bytes); generate one with ./run.sh keygen")
     text = value.strip()

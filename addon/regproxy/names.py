@@ -95,7 +95,7 @@ def parse_route(path: str) -> Route:
         m = pattern.fullmatch(path)
         if m is None:
             continue
-        name, ref = m["name"], m["ref"] or ""
+        name, ref = m["name"], m.groupdict().get("ref") or ""
         if not is_valid_name(name):
             raise RegistryError(400, "NAME_INVALID")
         if kind is RouteKind.MANIFEST and not is_valid_reference(ref):

@@ -27,59 +27,17 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 if TYPE_CHECKING:
-    from tests.rig import images, proxy, registry
+    from tests.rig import proxy, registry, standard
 else:
-    from rig import images, proxy, registry
+    from rig import proxy, registry, standard
 
-APP = "platform/app"
-MANY = "platform/many"
-SOLO = "library/solo"
-MANY_TAGS = tuple(f"t{i:03d}" for i in range(120))
-
-Digests = dict[tuple[str, str], str]
-
-
-@dataclass(frozen=True)
-class TestImages:
-    """The OCI layout every upstream gets its images from, and what was built into it."""
-
-    __test__ = False  # not a test class, despite the name
-
-    layout: Path
-    v1: images.ImageInfo
-    multi: images.IndexInfo
-    v2s2: images.ImageInfo
-    solo: images.ImageInfo
+Digests = standard.Digests
+TestImages = standard.TestImages
 
 
 @pytest.fixture(scope="session")
 def test_images(tmp_path_factory: pytest.TempPathFactory) -> TestImages:
-    layout = tmp_path_factory.mktemp("rig-images") / "layout"
-    return TestImages(
-        layout=layout,
-        v1=images.build_image(layout, "v1", layers=(1024, 4096), seed="app-v1"),
-        multi=images.build_index(layout, "multi", layers=(2048, 1024), seed="app-multi"),
-        v2s2=images.build_image(layout, "v2s2", layers=(3000, 500), seed="app-v2s2"),
-        solo=images.build_image(layout, "solo", layers=(1500,), seed="solo"),
-    )
-
-
-def _populate(upstream: registry.Upstream, imgs: TestImages) -> Digests:
-    """Push the standard test content into `upstream`; returns (name, tag) -> upstream digest."""
-    images.push(imgs.layout, "v1", upstream, APP, "v1")
-    images.push(imgs.layout, "multi", upstream, APP, "multi", all=True)
-    images.push(imgs.layout, "v2s2", upstream, APP, "v2s2", format="v2s2")
-    images.push(imgs.layout, "solo", upstream, SOLO, "latest")
-    images.push(imgs.layout, "v1", upstream, MANY, MANY_TAGS[0])
-    many = images.add_tags(upstream, MANY, MANY_TAGS[0], MANY_TAGS[1:])
-    digests: Digests = {
-        (APP, "v1"): images.manifest_digest(upstream, APP, "v1"),
-        (APP, "multi"): images.manifest_digest(upstream, APP, "multi"),
-        (APP, "v2s2"): images.manifest_digest(upstream, APP, "v2s2"),
-        (SOLO, "latest"): images.manifest_digest(upstream, SOLO, "latest"),
-    }
-    digests.update({(MANY, t): many for t in MANY_TAGS})
-    return digests
+    return standard.build_test_images(tmp_path_factory.mktemp("rig-images") / "layout")
 
 
 @dataclass
@@ -89,14 +47,19 @@ class _Rig:
 
 
 @pytest.fixture(scope="session")
-def _rig(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) -> Iterator[_Rig]:
+def _rig(
+    tmp_path_factory: pytest.TempPathFactory, test_images: TestImages
+) -> Iterator[_Rig]:
     base = tmp_path_factory.mktemp("rig-upstreams")
     started: dict[str, registry.Upstream] = {}
     try:
         for kind in registry.KINDS:
             started[kind] = registry.start_upstream(kind, base / kind)
         with ThreadPoolExecutor(max_workers=len(started)) as pool:
-            futures = {k: pool.submit(_populate, u, test_images) for k, u in started.items()}
+            futures = {
+                k: pool.submit(standard.populate, u, test_images)
+                for k, u in started.items()
+            }
             digests = {k: f.result(timeout=120) for k, f in futures.items()}
         for u in started.values():
             u.clear_access_log()
@@ -146,7 +109,9 @@ def make_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
         env: Mapping[str, str] | None = None,
         **kw: Any,
     ) -> proxy.ProxyProc:
-        p = proxy.start_proxy(config, tmp_path / f"proxy{len(started)}", extra_args, env, **kw)
+        p = proxy.start_proxy(
+            config, tmp_path / f"proxy{len(started)}", extra_args, env, **kw
+        )
         started.append(p)
         return p
 

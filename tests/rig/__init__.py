@@ -3,7 +3,17 @@
 Import the submodules (`from rig import registry, images, clients, proxy`) or the names below.
 """
 
-from . import blobserver, clients, images, procs, proxy, registry, tap, token_issuer
+from . import (
+    blobserver,
+    clients,
+    images,
+    procs,
+    proxy,
+    registry,
+    standard,
+    tap,
+    token_issuer,
+)
 from .blobserver import BlobRequest, BlobServer
 from .clients import CopyResult, skopeo_copy, skopeo_inspect
 from .images import add_tags, build_image, build_index, manifest_digest, push
@@ -38,6 +48,7 @@ __all__ = [
     "registry",
     "skopeo_copy",
     "skopeo_inspect",
+    "standard",
     "start_proxy",
     "start_upstream",
     "tap",

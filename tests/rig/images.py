@@ -328,3 +328,50 @@ def manifest_digest(
             f"HEAD manifest {name}:{ref} on {upstream.kind}: {r.status_code} {dict(r.headers)}"
         )
     return digest
+
+
+def add_repos(
+    upstream: Upstream,
+    source_name: str,
+    source_tag: str,
+    names: Collection[str],
+    tag: str = "latest",
+) -> str:
+    """Copy `source_name:source_tag` (a single-arch manifest) into each repository in `names`.
+
+    Blobs are cross-repository mounted (`POST …/blobs/uploads/?mount=D&from=SOURCE`), then the
+    manifest is PUT as `tag`. Returns the manifest digest. Cheap way to fill `_catalog`.
+    """
+    body, content_type, digest = get_manifest(upstream, source_name, source_tag)
+    manifest = json.loads(body)
+    if "layers" not in manifest:
+        raise RigError(
+            f"{source_name}:{source_tag} is not a single-arch image manifest"
+        )
+    blob_digests = [manifest["config"]["digest"]] + [
+        layer["digest"] for layer in manifest["layers"]
+    ]
+    with _client() as c:
+        for name in names:
+            scopes = [f"repository:{name}:pull,push", f"repository:{source_name}:pull"]
+            auth = upstream.auth_headers(scopes)
+            for d in blob_digests:
+                r = c.post(
+                    f"{upstream.url}/v2/{name}/blobs/uploads/",
+                    params={"mount": d, "from": source_name},
+                    headers=auth,
+                )
+                if r.status_code != 201:
+                    raise RigError(
+                        f"mount {d} into {name} on {upstream.kind}: {r.status_code} {r.text}"
+                    )
+            r = c.put(
+                f"{upstream.url}/v2/{name}/manifests/{tag}",
+                content=body,
+                headers={**auth, "Content-Type": content_type},
+            )
+            if r.status_code != 201:
+                raise RigError(
+                    f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}"
+                )
+    return digest

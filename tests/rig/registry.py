@@ -30,7 +30,7 @@ import yaml
 
 from .blobserver import BlobServer
 from .procs import LOOPBACK, Proc, RigError, free_port, wait_until
-from .tap import AccessLogEntry, RequestTap
+from .tap import AccessLogEntry, AccessRecord, RequestTap
 from .token_issuer import TokenIssuer
 
 KINDS = ("anonymous", "basic", "token", "redirect")
@@ -128,6 +128,10 @@ class Upstream:
     def access_log(self) -> list[AccessLogEntry]:
         """Every request that reached the registry: (method, path with query, had_authorization)."""
         return self.tap.entries()
+
+    def access_records(self) -> list[AccessRecord]:
+        """Like access_log(), with every request header (e.g. `.authorization`, `.header("accept")`)."""
+        return self.tap.records()
 
     def clear_access_log(self) -> None:
         self.tap.clear()

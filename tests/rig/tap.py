@@ -24,6 +24,26 @@ class AccessLogEntry(NamedTuple):
     had_authorization: bool
 
 
+class AccessRecord(NamedTuple):
+    """A request head as the registry received it (header names lower-cased, in order)."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+
+    def header(self, name: str) -> str | None:
+        """The first value of header `name` (case-insensitive), or None."""
+        key = name.lower()
+        return next((v for k, v in self.headers if k == key), None)
+
+    @property
+    def authorization(self) -> str | None:
+        return self.header("authorization")
+
+    def entry(self) -> AccessLogEntry:
+        return AccessLogEntry(self.method, self.path, self.authorization is not None)
+
+
 class _Closed(Exception):
     pass
 
@@ -40,7 +60,7 @@ class RequestTap:
         self._listener.listen(128)
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
-        self._entries: list[AccessLogEntry] = []
+        self._records: list[AccessRecord] = []
         self._socks: set[socket.socket] = set()
         self._stopping = False
         self._thread = threading.Thread(
@@ -50,11 +70,15 @@ class RequestTap:
 
     def entries(self) -> list[AccessLogEntry]:
         with self._lock:
-            return list(self._entries)
+            return [r.entry() for r in self._records]
+
+    def records(self) -> list[AccessRecord]:
+        with self._lock:
+            return list(self._records)
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self._records.clear()
 
     def stop(self) -> None:
         self._stopping = True
@@ -124,15 +148,16 @@ class RequestTap:
                 if head is None:
                     break
                 try:
-                    method, target, headers = _parse_head(head)
+                    method, target, header_list = _parse_head(head)
                 except ValueError:
                     upstream.sendall(head)
                     reader.pipe(upstream)
                     break
+                headers: dict[str, str] = {}
+                for k, v in header_list:
+                    headers[k] = f"{headers[k]}, {v}" if k in headers else v
                 with self._lock:
-                    self._entries.append(
-                        AccessLogEntry(method, target, "authorization" in headers)
-                    )
+                    self._records.append(AccessRecord(method, target, header_list))
                 upstream.sendall(head)
                 if "chunked" in headers.get("transfer-encoding", "").lower():
                     self._forward_chunked(reader, upstream)
@@ -221,22 +246,17 @@ class _Reader:
             n -= len(part)
 
 
-def _parse_head(head: bytes) -> tuple[str, str, dict[str, str]]:
+def _parse_head(head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
     lines = head.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3:
         raise ValueError(f"bad request line {lines[0]!r}")
-    headers: dict[str, str] = {}
+    headers: list[tuple[str, str]] = []
     for line in lines[1:]:
-        if not line:
-            continue
         name, sep, value = line.partition(":")
         if sep:
-            key = name.strip().lower()
-            headers[key] = (
-                headers[key] + ", " if key in headers else ""
-            ) + value.strip()
-    return parts[0], parts[1], headers
+            headers.append((name.strip().lower(), value.strip()))
+    return parts[0], parts[1], tuple(headers)
 
 
 def _close(s: socket.socket) -> None:

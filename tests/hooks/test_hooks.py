@@ -1,0 +1,430 @@
+"""The addon's hooks, run in-process through mitmproxy's own test helpers (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from mitmproxy import http
+from mitmproxy.proxy.layers.http import _http1
+from mitmproxy.test import taddons, tflow
+from regproxy import failures
+from regproxy.addon import RegistryProxy
+from regproxy.tokens import Grant
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "ab" * 32
+CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
+CONFIG = f"""
+secretkey: {KEY}
+proxies:
+  "bp/":
+    registry: http://127.0.0.1:5001
+    remote: backplane
+  "bp/special/":
+    registry: http://127.0.0.1:5002
+    remote: other
+  "{CAP}/nginx":
+    registry: http://127.0.0.1:5003
+    remote: private/nginx
+    username: robot
+    password: s3cret-password
+  "hub/":
+    registry: docker.io
+  "only/":
+    registry: http://127.0.0.1:5004
+    remote: x
+    hosts: [images.example.org]
+"""
+HOST = "reg.test"
+BASE = f"http://{HOST}"
+
+
+@pytest.fixture
+def proxy(tmp_path: Path) -> Iterator[tuple[RegistryProxy, taddons.context]]:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    addon = RegistryProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registryproxy_config=str(cfg))
+        yield addon, tctx
+
+
+def flow(
+    path: str, method: str = "GET", headers: list[tuple[str, str]] | None = None, host: str = HOST
+) -> http.HTTPFlow:
+    fields = [(b"Host", host.encode())] + [(k.encode(), v.encode()) for k, v in headers or []]
+    req = http.Request(
+        "127.0.0.1", 9, method.encode(), b"http", b"", path.encode(), b"HTTP/1.1", http.Headers(fields), b"", None, 0, 0
+    )
+    f = tflow.tflow(req=req)
+    f.client_conn.timestamp_tls_setup = None  # a plain-HTTP client
+    return f
+
+
+def token(addon: RegistryProxy, *grants: Grant, audience: str = BASE, lifetime: int = 60) -> str:
+    assert addon.state is not None
+    return addon.state.codec.issue_access(audience, grants, lifetime)
+
+
+def run(hook: Callable[[http.HTTPFlow], Any], f: http.HTTPFlow) -> None:
+    async def go() -> None:
+        result = hook(f)
+        if asyncio.iscoroutine(result):
+            await result
+
+    asyncio.run(go())
+
+
+def errors(f: http.HTTPFlow) -> list[str]:
+    assert f.response is not None
+    return [e["code"] for e in json.loads(f.response.content or b"{}")["errors"]]
+
+
+def test_entry_script_loads_through_mitmproxys_loader(tmp_path: Path) -> None:
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(CONFIG)
+    with taddons.context() as tctx:
+        script = tctx.script(str(REPO / "addon" / "registryproxy.py"))
+        addon = script.addons[0]
+        tctx.configure(addon, registryproxy_config=str(cfg))
+        assert isinstance(addon, RegistryProxy) or type(addon).__name__ == "RegistryProxy"
+
+
+def test_shipped_config_is_valid() -> None:
+    from regproxy.config import load_file
+
+    config = load_file(REPO / "config.yaml", environ={})
+    assert config.mappings
+
+
+def test_ping_without_token_is_challenged(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = flow("/v2/")
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert f.response.headers["www-authenticate"] == f'Bearer realm="{BASE}/token",service="{HOST}"'
+    assert f.response.headers["docker-distribution-api-version"] == "registry/2.0"
+    assert errors(f) == ["UNAUTHORIZED"]
+
+
+def test_ping_with_valid_token_is_200(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = flow("/v2/", headers=[("Authorization", f"Bearer {token(addon)}")])
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 200
+
+
+def test_realm_comes_from_public_url_not_a_spoofed_host(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(CONFIG.replace("proxies:", "public_url: https://reg.example.com\nproxies:"))
+    addon = RegistryProxy()
+    with taddons.context(addon) as tctx:
+        tctx.configure(addon, registryproxy_config=str(cfg))
+        f = flow("/v2/", host="evil.example.net", headers=[("X-Forwarded-Host", "evil.example.net")])
+        run(addon.requestheaders, f)
+        assert f.response is not None
+        assert 'realm="https://reg.example.com/token"' in f.response.headers["www-authenticate"]
+
+
+def test_repository_without_token_is_challenged_with_its_scope(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = flow("/v2/bp/true/manifests/latest", method="HEAD")
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert 'scope="repository:bp/true:pull"' in f.response.headers["www-authenticate"]
+    assert f.response.content == b""
+    assert int(f.response.headers["content-length"]) > 0
+
+
+def test_unknown_name_and_almost_right_capability_answer_the_same_bytes(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    answers = []
+    for name in ("nope/app", f"{CAP[:-1]}e/nginx", f"{CAP}/other"):
+        f = flow(
+            f"/v2/{name}/manifests/v1", headers=[("Authorization", f"Bearer {token(addon, Grant(None, (name,)))}")]
+        )
+        run(addon.requestheaders, f)
+        assert f.response is not None and f.response.status_code == 404
+        answers.append((f.response.content, sorted(f.response.headers.items())))
+    assert errors(f) == ["NAME_UNKNOWN"]
+    assert answers[0] == answers[1] == answers[2]
+
+
+@pytest.mark.parametrize("mutate", ["tamper", "foreign", "domain", "garbage", "basic"])
+def test_bad_tokens_get_401_with_fresh_challenge(proxy: tuple[RegistryProxy, Any], mutate: str) -> None:
+    addon, _ = proxy
+    good = token(addon, Grant("bp/", ("bp/true",), "UPSTREAM"))
+    value = {
+        "tamper": f"Bearer {good[:-6]}AAAAAA",
+        "foreign": "Bearer "
+        + __import__("regproxy.tokens", fromlist=["TokenCodec"])
+        .TokenCodec((b"\x22" * 32,))
+        .issue_access(BASE, (Grant("bp/", ("bp/true",), "UPSTREAM"),), 60),
+        "domain": f"Bearer {token(addon, Grant('bp/', ('bp/true',), 'UPSTREAM'), audience='http://other.test')}",
+        "garbage": "Bearer eyJhbGciOiJub25lIn0.e30.",
+        "basic": "Basic dXNlcjpwYXNz",
+    }[mutate]
+    f = flow("/v2/bp/true/manifests/v1", headers=[("Authorization", value)])
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert 'error="invalid_token"' in f.response.headers["www-authenticate"]
+    assert f.request.host == "127.0.0.1" and f.request.port == 9  # never routed upstream
+
+
+def test_token_for_another_repository_is_insufficient_scope(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    t = token(addon, Grant("bp/", ("bp/true",), "UPSTREAM"))
+    f = flow("/v2/bp/other/manifests/v1", headers=[("Authorization", f"Bearer {t}")])
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 401
+    assert 'error="insufficient_scope"' in f.response.headers["www-authenticate"]
+
+
+def test_token_from_another_mapping_for_the_same_name_is_refused(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    # bp/special/x belongs to "bp/special/", not to "bp/": a grant through bp/ must not serve it.
+    t = token(addon, Grant("bp/", ("bp/special/x",), "UPSTREAM"))
+    f = flow("/v2/bp/special/x/manifests/v1", headers=[("Authorization", f"Bearer {t}")])
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 401
+
+
+def test_forwarded_request_is_rewritten_with_only_pull_headers(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    t = token(addon, Grant("bp/", ("bp/true",), "UPSTREAM-TOKEN"))
+    accepts = [
+        "application/vnd.oci.image.index.v1+json",
+        "application/vnd.docker.distribution.manifest.list.v2+json",
+        "application/vnd.oci.image.manifest.v1+json",
+    ]
+    f = flow(
+        "/v2/bp/true/manifests/v1?ns=docker.io&x=1",
+        method="HEAD",
+        headers=[("Authorization", f"Bearer {t}"), ("Cookie", "a=b"), ("X-Forwarded-For", "1.2.3.4")]
+        + [("Accept", a) for a in accepts]
+        + [("Range", "bytes=0-10"), ("Connection", "keep-alive, X-Secret"), ("X-Secret", "1")],
+    )
+    asyncio.run(_requestheaders(addon, f))
+    assert f.response is None
+    assert f.request.url == "http://127.0.0.1:5001/v2/backplane/true/manifests/v1"
+    assert f.request.method == "HEAD"
+    assert f.request.headers["host"] == "127.0.0.1:5001"
+    assert f.request.headers.get_all("accept") == accepts
+    assert f.request.headers["range"] == "bytes=0-10"
+    assert f.request.headers["authorization"] == "Bearer UPSTREAM-TOKEN"
+    for dropped in ("cookie", "x-forwarded-for", "connection", "x-secret"):
+        assert dropped not in f.request.headers
+
+
+async def _requestheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
+    addon.requestheaders(f)
+    st = addon._flows.get(f)
+    if st is not None:
+        st.settle()
+
+
+def test_basic_only_mapping_gets_configured_credentials(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    name = f"{CAP}/nginx"
+    t = token(addon, Grant(f"{CAP}/nginx", (name,), None))
+    f = flow(f"/v2/{name}/blobs/sha256:{'a' * 64}", headers=[("Authorization", f"Bearer {t}")])
+    asyncio.run(_requestheaders(addon, f))
+    assert f.request.url == f"http://127.0.0.1:5003/v2/private/nginx/blobs/sha256:{'a' * 64}"
+    assert f.request.headers["authorization"].startswith("Basic ")
+    assert CAP not in (f.comment or "")
+
+
+def test_docker_hub_one_component_names_get_library(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    t = token(addon, Grant("hub/", ("hub/alpine",), "T"))
+    f = flow("/v2/hub/alpine/tags/list?n=10&last=3.1&evil=1", headers=[("Authorization", f"Bearer {t}")])
+    asyncio.run(_requestheaders(addon, f))
+    assert f.request.url == "https://registry-1.docker.io/v2/library/alpine/tags/list?n=10&last=3.1"
+
+
+def test_hosts_restricted_mapping_serves_only_its_domain(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    for host, routed in (("images.example.org", True), ("reg.test", False)):
+        t = token(addon, Grant("only/" if routed else None, ("only/app",), None), audience=f"http://{host}")
+        f = flow("/v2/only/app/manifests/v1", host=host, headers=[("Authorization", f"Bearer {t}")])
+        asyncio.run(_requestheaders(addon, f))
+        if routed:
+            assert f.response is None and f.request.host == "127.0.0.1" and f.request.port == 5004
+        else:
+            assert f.response is not None and f.response.status_code == 404
+
+
+@pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
+def test_pull_only(proxy: tuple[RegistryProxy, Any], method: str) -> None:
+    addon, _ = proxy
+    t = token(addon, Grant("bp/", ("bp/true",), "T"))
+    for path in ("/v2/bp/true/manifests/v1", "/v2/bp/true/blobs/uploads/"):
+        f = flow(path, method=method, headers=[("Authorization", f"Bearer {t}")])
+        run(addon.requestheaders, f)
+        assert f.response is not None and f.response.status_code == 405, path
+        assert errors(f) == ["UNSUPPORTED"]
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/v2/bp/../etc/manifests/v1",
+        "/v2/bp/%2e%2e/x/manifests/v1",
+        "/v2/bp/%2E%2e/x/manifests/v1",
+        "/v2/bp%2fx/manifests/v1",
+        "/v2/bp/x%5c..%5cy/manifests/v1",
+        "/v2/bp\\..\\x/manifests/v1",
+        "/v2/bp//x/manifests/v1",
+        "/v2/bp/./x/manifests/v1",
+        "/v2/bp/X/manifests/v1",
+        "/v2/bp/x/manifests/../../../y",
+        "/v2/bp/x\x00/manifests/v1",
+        "/v2/" + "a/" * 200 + "manifests/v1",
+        "/etc/passwd",
+    ],
+)
+def test_path_tricks_never_leave_the_proxy(proxy: tuple[RegistryProxy, Any], path: str) -> None:
+    addon, _ = proxy
+    t = token(addon, Grant("bp/", ("bp/true", "bp/x", "bp/etc"), "T"))
+    f = flow(path, headers=[("Authorization", f"Bearer {t}")])
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code in (400, 401, 404)
+    assert f.request.host == "127.0.0.1" and f.request.port == 9
+
+
+def _forwarded(addon: RegistryProxy, path: str, name: str = "bp/true", method: str = "GET") -> http.HTTPFlow:
+    t = token(addon, Grant("bp/", (name,), "T"))
+    f = flow(path, method=method, headers=[("Authorization", f"Bearer {t}")])
+    asyncio.run(_requestheaders(addon, f))
+    assert f.response is None
+    return f
+
+
+def test_upstream_401_becomes_the_proxys_challenge_and_body(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = _forwarded(addon, "/v2/bp/true/manifests/v1")
+    upstream_body = b'{"errors":[{"code":"UNAUTHORIZED","detail":[{"Name":"backplane/true"}]}]}'
+    f.response = http.Response.make(
+        401,
+        upstream_body,
+        {
+            "WWW-Authenticate": 'Bearer realm="https://auth.up/token",service="up",scope="repository:backplane/true:pull"'
+        },
+    )
+    addon.responseheaders(f)
+    resp = f.response
+    assert resp.status_code == 401
+    assert resp.headers["www-authenticate"] == (
+        f'Bearer realm="{BASE}/token",service="{HOST}",scope="repository:bp/true:pull",error="invalid_token"'
+    )
+    assert callable(resp.stream)
+    chunks = [resp.stream(upstream_body), resp.stream(b"")]
+    sent = b"".join(c if isinstance(c, bytes) else b"".join(c) for c in chunks)
+    assert b"backplane" not in sent and json.loads(sent)["errors"][0]["code"] == "UNAUTHORIZED"
+    assert int(resp.headers["content-length"]) == len(sent)
+    assert f.request.headers["authorization"] == "[redacted]"
+
+
+def test_upstream_404_body_is_replaced_even_when_not_streamed(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = _forwarded(addon, "/v2/bp/true/manifests/v9")
+    f.response = http.Response.make(404, b"", {})
+    addon.responseheaders(f)
+    addon.response(f)
+    assert errors(f) == ["MANIFEST_UNKNOWN"]
+
+
+def test_success_headers_are_filtered_and_stream(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = _forwarded(addon, f"/v2/bp/true/blobs/sha256:{'b' * 64}")
+    f.response = http.Response.make(
+        206,
+        b"",
+        {
+            "Content-Range": "bytes 0-9/100",
+            "Docker-Content-Digest": "sha256:" + "b" * 64,
+            "Docker-Ratelimit-Source": "1.2.3.4",
+            "Set-Cookie": "s=1",
+            "Server": "upstream/1",
+        },
+    )
+    addon.responseheaders(f)
+    h = f.response.headers
+    assert f.response.stream is True
+    assert h["content-range"] == "bytes 0-9/100" and "docker-content-digest" in h
+    for dropped in ("docker-ratelimit-source", "set-cookie", "server"):
+        assert dropped not in h
+
+
+@pytest.mark.parametrize(
+    ("location", "expected"),
+    [
+        ("/v2/backplane/true/blobs/sha256:" + "c" * 64, "/v2/bp/true/blobs/sha256:" + "c" * 64),
+        ("http://127.0.0.1:5001/v2/backplane/true/blobs/x?y=1", "/v2/bp/true/blobs/x?y=1"),
+        ("https://cdn.example.net/data?sig=1", "https://cdn.example.net/data?sig=1"),
+        ("/docker/registry/v2/blobs/data", "http://127.0.0.1:5001/docker/registry/v2/blobs/data"),
+        ("javascript:alert(1)", None),
+        ("/v2/backplane/other/blobs/x", None),
+    ],
+)
+def test_location_is_absolute_or_local(proxy: tuple[RegistryProxy, Any], location: str, expected: str | None) -> None:
+    addon, _ = proxy
+    f = _forwarded(addon, f"/v2/bp/true/blobs/sha256:{'c' * 64}")
+    f.response = http.Response.make(307, b"", {"Location": location})
+    addon.responseheaders(f)
+    assert f.response.headers.get("location") == expected
+
+
+def test_link_and_tags_name_are_rewritten(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    f = _forwarded(addon, "/v2/bp/true/tags/list?n=2")
+    f.response = http.Response.make(
+        200,
+        json.dumps({"name": "backplane/true", "tags": ["a", "b"]}).encode(),
+        {"Link": '</v2/backplane/true/tags/list?last=b&n=2>; rel="next"', "Content-Type": "application/json"},
+    )
+    addon.responseheaders(f)
+    assert not f.response.stream
+    addon.response(f)
+    assert f.response.headers["link"] == '</v2/bp/true/tags/list?last=b&n=2>; rel="next"'
+    assert json.loads(f.response.content or b"") == {"name": "bp/true", "tags": ["a", "b"]}
+
+
+def test_exception_in_a_hook_fails_closed(proxy: tuple[RegistryProxy, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    addon, _ = proxy
+    assert addon.state is not None
+
+    def boom(*args: object) -> None:
+        raise RuntimeError("secret-looking detail")
+
+    monkeypatch.setattr(addon.state.matcher, "match", boom)
+    t = token(addon, Grant("bp/", ("bp/true",), "T"))
+    f = flow("/v2/bp/true/manifests/v1", headers=[("Authorization", f"Bearer {t}")])
+    run(addon.requestheaders, f)
+    assert f.response is not None and f.response.status_code == 500
+    assert f.request.host == "127.0.0.1" and f.request.port == 9
+    assert b"secret-looking" not in (f.response.content or b"")
+
+
+def test_locally_answered_flow_keeps_no_capability_key_or_token(proxy: tuple[RegistryProxy, Any]) -> None:
+    addon, _ = proxy
+    t = token(addon, Grant(None, (f"{CAP}/nginx",)))
+    f = flow(f"/v2/{CAP}/nginx/manifests/v1", method="PUT", headers=[("Authorization", f"Bearer {t}")])
+    run(addon.requestheaders, f)
+    addon.response(f)
+    assert CAP not in f.request.path
+    assert t not in str(f.request.headers)
+
+
+def test_mitmproxy_error_pages_become_registry_errors() -> None:
+    failures.install()
+    raw = _http1.make_error_response(502, "Connect call failed ('10.1.2.3', 5000)")
+    assert b"10.1.2.3" not in raw
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"application/json" in head
+    assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
