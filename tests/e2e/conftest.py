@@ -1,13 +1,7 @@
 """Session fixtures for the end-to-end tests: real upstream registries with test images.
 
 `import rig` works in the test files because this conftest puts the `tests` directory on
-sys.path. For mypy (run on `tests` with --explicit-package-bases, no MYPYPATH) the same package
-is `tests.rig`, so import it like this:
-
-    if TYPE_CHECKING:
-        from tests.rig import images, registry
-    else:
-        from rig import images, registry
+sys.path (pytest) and run.sh gives mypy MYPYPATH=addon:tests.
 """
 
 from __future__ import annotations
@@ -18,7 +12,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
@@ -26,10 +20,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-if TYPE_CHECKING:
-    from tests.rig import proxy, registry, standard
-else:
-    from rig import proxy, registry, standard
+from rig import proxy, registry, standard
 
 Digests = standard.Digests
 TestImages = standard.TestImages
@@ -47,19 +38,14 @@ class _Rig:
 
 
 @pytest.fixture(scope="session")
-def _rig(
-    tmp_path_factory: pytest.TempPathFactory, test_images: TestImages
-) -> Iterator[_Rig]:
+def _rig(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) -> Iterator[_Rig]:
     base = tmp_path_factory.mktemp("rig-upstreams")
     started: dict[str, registry.Upstream] = {}
     try:
         for kind in registry.KINDS:
             started[kind] = registry.start_upstream(kind, base / kind)
         with ThreadPoolExecutor(max_workers=len(started)) as pool:
-            futures = {
-                k: pool.submit(standard.populate, u, test_images)
-                for k, u in started.items()
-            }
+            futures = {k: pool.submit(standard.populate, u, test_images) for k, u in started.items()}
             digests = {k: f.result(timeout=120) for k, f in futures.items()}
         for u in started.values():
             u.clear_access_log()
@@ -109,9 +95,7 @@ def make_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
         env: Mapping[str, str] | None = None,
         **kw: Any,
     ) -> proxy.ProxyProc:
-        p = proxy.start_proxy(
-            config, tmp_path / f"proxy{len(started)}", extra_args, env, **kw
-        )
+        p = proxy.start_proxy(config, tmp_path / f"proxy{len(started)}", extra_args, env, **kw)
         started.append(p)
         return p
 

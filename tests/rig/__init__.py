@@ -20,12 +20,13 @@ from .images import add_tags, build_image, build_index, manifest_digest, push
 from .procs import Proc, RigError, free_port
 from .proxy import ProxyProc, start_proxy
 from .registry import KINDS, Upstream, start_upstream
-from .tap import AccessLogEntry
+from .tap import AccessLogEntry, AccessRecord
 from .token_issuer import TokenIssuer
 
 __all__ = [
     "KINDS",
     "AccessLogEntry",
+    "AccessRecord",
     "BlobRequest",
     "BlobServer",
     "CopyResult",

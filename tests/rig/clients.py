@@ -40,9 +40,7 @@ class CopyResult:
         return self.returncode == 0
 
     def describe(self) -> str:
-        return RunResult(
-            self.argv, self.returncode, self.stdout, self.stderr
-        ).describe()
+        return RunResult(self.argv, self.returncode, self.stdout, self.stderr).describe()
 
     def check(self) -> CopyResult:
         """self, or RigError with skopeo's output when the copy failed."""
@@ -90,9 +88,7 @@ def skopeo_copy(
     with tempfile.TemporaryDirectory(prefix="rig-skopeo-") as tmp:
         res = run(argv, timeout=timeout, env_extra=_auth_env(tmp))
     digest = layout_digest(dest_dir, tag) if res.returncode == 0 else None
-    return CopyResult(
-        res.returncode, res.stdout, res.stderr, digest, dest_dir, tag, tuple(argv)
-    )
+    return CopyResult(res.returncode, res.stdout, res.stderr, digest, dest_dir, tag, tuple(argv))
 
 
 def skopeo_inspect(

@@ -98,11 +98,7 @@ def _init_layout(layout: Path) -> None:
 def _tag_in_layout(layout: Path, tag: str, blob: Blob) -> None:
     index_path = layout / "index.json"
     index = json.loads(index_path.read_text())
-    manifests = [
-        m
-        for m in index.get("manifests", [])
-        if m.get("annotations", {}).get(REF_NAME) != tag
-    ]
+    manifests = [m for m in index.get("manifests", []) if m.get("annotations", {}).get(REF_NAME) != tag]
     manifests.append({**blob.descriptor(), "annotations": {REF_NAME: tag}})
     index["manifests"] = manifests
     index_path.write_text(json.dumps(index, indent=2))
@@ -125,9 +121,7 @@ def layer_tar(size: int, seed: str) -> bytes:
     data = random.Random(seed).randbytes(size)
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
-        info = tarfile.TarInfo(
-            f"rig/{hashlib.sha256(seed.encode()).hexdigest()[:16]}.bin"
-        )
+        info = tarfile.TarInfo(f"rig/{hashlib.sha256(seed.encode()).hexdigest()[:16]}.bin")
         info.size = size
         info.mtime = 0
         info.mode = 0o644
@@ -137,29 +131,20 @@ def layer_tar(size: int, seed: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_image(
-    layout: Path, layers: Sequence[int], arch: str, os_name: str, seed: str
-) -> ImageInfo:
+def _write_image(layout: Path, layers: Sequence[int], arch: str, os_name: str, seed: str) -> ImageInfo:
     blobs: list[Blob] = []
     diff_ids: list[str] = []
     for i, size in enumerate(layers):
         tar = layer_tar(size, f"{seed}/{arch}/{i}")
         diff_ids.append(sha256_digest(tar))
-        blobs.append(
-            _write_blob(
-                layout, gzip.compress(tar, compresslevel=6, mtime=0), OCI_LAYER_GZIP
-            )
-        )
+        blobs.append(_write_blob(layout, gzip.compress(tar, compresslevel=6, mtime=0), OCI_LAYER_GZIP))
     config = {
         "created": "2024-01-01T00:00:00Z",
         "architecture": arch,
         "os": os_name,
         "config": {"Env": ["PATH=/usr/bin:/bin"], "Labels": {"rig.seed": seed}},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
-        "history": [
-            {"created": "2024-01-01T00:00:00Z", "created_by": f"rig layer {i}"}
-            for i in range(len(layers))
-        ],
+        "history": [{"created": "2024-01-01T00:00:00Z", "created_by": f"rig layer {i}"} for i in range(len(layers))],
     }
     config_blob = _write_blob(layout, json.dumps(config).encode(), OCI_CONFIG)
     manifest = {
@@ -170,9 +155,7 @@ def _write_image(
     }
     raw = json.dumps(manifest, indent=2).encode()
     m_blob = _write_blob(layout, raw, OCI_MANIFEST)
-    return ImageInfo(
-        m_blob.digest, raw, config_blob, tuple(blobs), tuple(diff_ids), arch, os_name
-    )
+    return ImageInfo(m_blob.digest, raw, config_blob, tuple(blobs), tuple(diff_ids), arch, os_name)
 
 
 def build_image(
@@ -199,10 +182,7 @@ def build_index(
 ) -> IndexInfo:
     """Write a multi-arch OCI index (one image per (os, arch), distinct layers) as `tag`."""
     _init_layout(layout_dir)
-    images = [
-        _write_image(layout_dir, layers, arch, os_name, f"{seed}/index")
-        for os_name, arch in platforms
-    ]
+    images = [_write_image(layout_dir, layers, arch, os_name, f"{seed}/index") for os_name, arch in platforms]
     index = {
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
@@ -256,9 +236,7 @@ def push(
             f"oci:{layout_dir}:{src_tag}",
             f"docker://{upstream.host}/{name}:{tag or src_tag}",
         ]
-        run_checked(
-            argv, timeout=timeout, env_extra={"REGISTRY_AUTH_FILE": str(auth_file)}
-        )
+        run_checked(argv, timeout=timeout, env_extra={"REGISTRY_AUTH_FILE": str(auth_file)})
         return digestfile.read_text().strip()
 
 
@@ -274,15 +252,11 @@ def get_manifest(
     upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES
 ) -> tuple[bytes, str, str]:
     """(body, content type, Docker-Content-Digest) of a manifest, read directly from upstream."""
-    headers = _accept_headers(accept) + list(
-        upstream.auth_headers([f"repository:{name}:pull"]).items()
-    )
+    headers = _accept_headers(accept) + list(upstream.auth_headers([f"repository:{name}:pull"]).items())
     with _client() as c:
         r = c.get(f"{upstream.url}/v2/{name}/manifests/{ref}", headers=headers)
     if r.status_code != 200:
-        raise RigError(
-            f"GET manifest {name}:{ref} on {upstream.kind}: {r.status_code} {r.text}"
-        )
+        raise RigError(f"GET manifest {name}:{ref} on {upstream.kind}: {r.status_code} {r.text}")
     return (
         r.content,
         r.headers.get("content-type", ""),
@@ -290,9 +264,7 @@ def get_manifest(
     )
 
 
-def add_tags(
-    upstream: Upstream, name: str, source_tag: str, tags: Collection[str]
-) -> str:
+def add_tags(upstream: Upstream, name: str, source_tag: str, tags: Collection[str]) -> str:
     """PUT the manifest of `source_tag` under every tag in `tags`; returns its digest."""
     body, content_type, digest = get_manifest(upstream, name, source_tag)
     headers = {
@@ -307,26 +279,18 @@ def add_tags(
                 headers=headers,
             )
             if r.status_code != 201:
-                raise RigError(
-                    f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}"
-                )
+                raise RigError(f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}")
     return digest
 
 
-def manifest_digest(
-    upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES
-) -> str:
+def manifest_digest(upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES) -> str:
     """The Docker-Content-Digest upstream answers to HEAD on the manifest (credentials as needed)."""
-    headers = _accept_headers(accept) + list(
-        upstream.auth_headers([f"repository:{name}:pull"]).items()
-    )
+    headers = _accept_headers(accept) + list(upstream.auth_headers([f"repository:{name}:pull"]).items())
     with _client() as c:
         r = c.head(f"{upstream.url}/v2/{name}/manifests/{ref}", headers=headers)
     digest: str | None = r.headers.get("docker-content-digest")
     if r.status_code != 200 or not digest:
-        raise RigError(
-            f"HEAD manifest {name}:{ref} on {upstream.kind}: {r.status_code} {dict(r.headers)}"
-        )
+        raise RigError(f"HEAD manifest {name}:{ref} on {upstream.kind}: {r.status_code} {dict(r.headers)}")
     return digest
 
 
@@ -345,16 +309,12 @@ def add_repos(
     body, content_type, digest = get_manifest(upstream, source_name, source_tag)
     manifest = json.loads(body)
     if "layers" not in manifest:
-        raise RigError(
-            f"{source_name}:{source_tag} is not a single-arch image manifest"
-        )
-    blob_digests = [manifest["config"]["digest"]] + [
-        layer["digest"] for layer in manifest["layers"]
-    ]
+        raise RigError(f"{source_name}:{source_tag} is not a single-arch image manifest")
+    blob_digests = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
+    scopes = [f"repository:{source_name}:pull"] + [f"repository:{n}:pull,push" for n in names]
+    auth = upstream.auth_headers(scopes)  # one token for all of them
     with _client() as c:
         for name in names:
-            scopes = [f"repository:{name}:pull,push", f"repository:{source_name}:pull"]
-            auth = upstream.auth_headers(scopes)
             for d in blob_digests:
                 r = c.post(
                     f"{upstream.url}/v2/{name}/blobs/uploads/",
@@ -362,16 +322,12 @@ def add_repos(
                     headers=auth,
                 )
                 if r.status_code != 201:
-                    raise RigError(
-                        f"mount {d} into {name} on {upstream.kind}: {r.status_code} {r.text}"
-                    )
+                    raise RigError(f"mount {d} into {name} on {upstream.kind}: {r.status_code} {r.text}")
             r = c.put(
                 f"{upstream.url}/v2/{name}/manifests/{tag}",
                 content=body,
                 headers={**auth, "Content-Type": content_type},
             )
             if r.status_code != 201:
-                raise RigError(
-                    f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}"
-                )
+                raise RigError(f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}")
     return digest

@@ -54,10 +54,7 @@ def wait_until(
             return
         if time.monotonic() >= deadline:
             extra = details()
-            raise RigError(
-                f"timed out after {timeout:.1f}s waiting for {what}"
-                + (f"\n{extra}" if extra else "")
-            )
+            raise RigError(f"timed out after {timeout:.1f}s waiting for {what}" + (f"\n{extra}" if extra else ""))
         time.sleep(interval)
 
 
@@ -92,9 +89,7 @@ class Proc:
             cwd=str(cwd) if cwd is not None else None,
             start_new_session=True,
         )
-        self._reader = threading.Thread(
-            target=self._drain, name=f"drain-{self.name}", daemon=True
-        )
+        self._reader = threading.Thread(target=self._drain, name=f"drain-{self.name}", daemon=True)
         self._reader.start()
         return self
 
@@ -138,18 +133,12 @@ class Proc:
     def wait_for_port(self, host: str, port: int, timeout: float = 15.0) -> None:
         def ready() -> bool:
             if self._popen is not None and self._popen.poll() is not None:
-                raise RigError(
-                    f"{self.name} exited before listening on {host}:{port}\n{self.describe()}"
-                )
+                raise RigError(f"{self.name} exited before listening on {host}:{port}\n{self.describe()}")
             return port_open(host, port)
 
-        wait_until(
-            ready, timeout, f"{self.name} to listen on {host}:{port}", self.describe
-        )
+        wait_until(ready, timeout, f"{self.name} to listen on {host}:{port}", self.describe)
 
-    def wait_for_output(
-        self, regex: str | re.Pattern[str], timeout: float = 15.0
-    ) -> re.Match[str]:
+    def wait_for_output(self, regex: str | re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
         """Wait until the output matches `regex` (searched over the whole output, MULTILINE)."""
         pattern = re.compile(regex, re.MULTILINE) if isinstance(regex, str) else regex
         deadline = time.monotonic() + timeout
@@ -166,14 +155,8 @@ class Proc:
                 if left <= 0:
                     break
                 self._changed.wait(min(left, 0.1))
-        why = (
-            "exited"
-            if self.returncode() is not None
-            else f"timed out after {timeout:.1f}s"
-        )
-        raise RigError(
-            f"{self.name} {why} before its output matched {pattern.pattern!r}\n{self.describe()}"
-        )
+        why = "exited" if self.returncode() is not None else f"timed out after {timeout:.1f}s"
+        raise RigError(f"{self.name} {why} before its output matched {pattern.pattern!r}\n{self.describe()}")
 
     # -- stopping -----------------------------------------------------------------------------
     def stop(self, timeout: float = 5.0) -> int | None:
@@ -195,9 +178,7 @@ class Proc:
             try:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired as e:
-                raise RigError(
-                    f"{self.name} (pid {p.pid}) did not die\n{self.describe()}"
-                ) from e
+                raise RigError(f"{self.name} (pid {p.pid}) did not die\n{self.describe()}") from e
         if self._reader is not None:
             self._reader.join(timeout=timeout)
         if p.stdout is not None:
@@ -235,9 +216,7 @@ class ServerThread:
     def __init__(self, server: ThreadingHTTPServer, name: str) -> None:
         self.server = server
         self.server.daemon_threads = True
-        self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=name
-        )
+        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=name)
         self._thread.daemon = True
         self._thread.start()
 
@@ -255,9 +234,7 @@ class ServerThread:
 class RunResult:
     """What a bounded one-shot command did."""
 
-    def __init__(
-        self, argv: Sequence[str], returncode: int, stdout: str, stderr: str
-    ) -> None:
+    def __init__(self, argv: Sequence[str], returncode: int, stdout: str, stderr: str) -> None:
         self.argv = list(argv)
         self.returncode = returncode
         self.stdout = stdout
@@ -299,13 +276,9 @@ def run(
     except subprocess.TimeoutExpired:
         _signal_group(p.pid, signal.SIGKILL)
         out, err = p.communicate(timeout=10)
-        res = RunResult(
-            argv, -9, out.decode(errors="replace"), err.decode(errors="replace")
-        )
+        res = RunResult(argv, -9, out.decode(errors="replace"), err.decode(errors="replace"))
         raise RigError(f"timed out after {timeout:.1f}s\n{res.describe()}") from None
-    return RunResult(
-        argv, p.returncode, out.decode(errors="replace"), err.decode(errors="replace")
-    )
+    return RunResult(argv, p.returncode, out.decode(errors="replace"), err.decode(errors="replace"))
 
 
 def run_checked(

@@ -20,9 +20,7 @@ from .procs import LOOPBACK, Proc, clean_env
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADDON_SCRIPT = REPO_ROOT / "addon" / "registryproxy.py"
 DEAD_TARGET = "http://127.0.0.1:9"
-LISTENING = re.compile(
-    r"listening at (?P<host>127\.0\.0\.1|\[?[0-9a-f:.]+\]?):(?P<port>\d+)"
-)
+LISTENING = re.compile(r"listening at (?P<host>127\.0\.0\.1|\[?[0-9a-f:.]+\]?):(?P<port>\d+)")
 
 
 def mitmdump_binary() -> Path:
@@ -47,9 +45,7 @@ class ProxyProc:
     def output(self) -> str:
         return self.proc.output()
 
-    def wait_for_output(
-        self, regex: str | re.Pattern[str], timeout: float = 10.0
-    ) -> re.Match[str]:
+    def wait_for_output(self, regex: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
         return self.proc.wait_for_output(regex, timeout)
 
     def running(self) -> bool:

@@ -101,9 +101,7 @@ class Upstream:
         basic = self.basic_auth_header()
         if basic is not None and not anonymous:
             headers["Authorization"] = basic
-        params: list[tuple[str, str | int | float | bool | None]] = [
-            ("service", self.token_issuer.service)
-        ]
+        params: list[tuple[str, str | int | float | bool | None]] = [("service", self.token_issuer.service)]
         params += [("scope", s) for s in scopes]
         r = httpx.get(
             self.token_issuer.realm,
@@ -140,9 +138,7 @@ class Upstream:
         """(method, path, status) parsed from the registry's own output (written once answered)."""
         return parse_registry_log(self.proc.output())
 
-    def wait_registry_log(
-        self, count: int, timeout: float = 5.0
-    ) -> list[RegistryLogEntry]:
+    def wait_registry_log(self, count: int, timeout: float = 5.0) -> list[RegistryLogEntry]:
         """registry_log() once it holds at least `count` entries (lines are written after the answer)."""
         wait_until(
             lambda: len(self.registry_log()) >= count,
@@ -226,9 +222,7 @@ def registry_config(
     if kind == "redirect":
         assert blob_server is not None
         cfg["storage"]["redirect"] = {"disable": False}
-        cfg["middleware"] = {
-            "storage": [{"name": "redirect", "options": {"baseurl": blob_server.url}}]
-        }
+        cfg["middleware"] = {"storage": [{"name": "redirect", "options": {"baseurl": blob_server.url}}]}
     return cfg
 
 
@@ -286,13 +280,9 @@ def start_upstream(
             )
             config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
             proc = Proc(f"registry-{kind}")
-            proc.start(
-                [registry_binary(), "serve", str(config_path)], env=env, cwd=workdir
-            )
+            proc.start([registry_binary(), "serve", str(config_path)], env=env, cwd=workdir)
             try:
-                proc.wait_for_output(
-                    rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout
-                )
+                proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
                 proc.wait_for_port(LOOPBACK, port, timeout)
                 break
             except RigError:

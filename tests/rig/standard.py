@@ -13,7 +13,7 @@ MANY = "platform/many"
 SOLO = "library/solo"
 MANY_TAGS = tuple(f"t{i:03d}" for i in range(120))
 # Extra repositories so that `_catalog?n=` paginates (distribution 2.8 paginates only _catalog).
-EXTRA_REPOS = tuple(f"platform/repos/r{i:02d}" for i in range(40))
+EXTRA_REPOS = tuple(f"platform/repos/r{i:02d}" for i in range(25))
 
 Digests = dict[tuple[str, str], str]
 
@@ -36,9 +36,7 @@ def build_test_images(layout: Path) -> TestImages:
     return TestImages(
         layout=layout,
         v1=images.build_image(layout, "v1", layers=(1024, 4096), seed="app-v1"),
-        multi=images.build_index(
-            layout, "multi", layers=(2048, 1024), seed="app-multi"
-        ),
+        multi=images.build_index(layout, "multi", layers=(2048, 1024), seed="app-multi"),
         v2s2=images.build_image(layout, "v2s2", layers=(3000, 500), seed="app-v2s2"),
         solo=images.build_image(layout, "solo", layers=(1500,), seed="solo"),
     )
@@ -49,7 +47,7 @@ def populate(upstream: Upstream, imgs: TestImages) -> Digests:
 
     platform/app:v1 (OCI), platform/app:multi (index, pushed with --all), platform/app:v2s2
     (pushed with --format v2s2), library/solo:latest, platform/many:t000…t119 (v1's manifest),
-    platform/repos/r00…r39:latest (v1's manifest; 43 repositories in all, for _catalog paging).
+    platform/repos/r00…r24:latest (v1's manifest; 28 repositories in all, for _catalog paging).
     """
     images.push(imgs.layout, "v1", upstream, APP, "v1")
     images.push(imgs.layout, "multi", upstream, APP, "multi", all=True)

@@ -49,9 +49,7 @@ class _Closed(Exception):
 
 
 class RequestTap:
-    def __init__(
-        self, target_port: int, host: str = LOOPBACK, target_host: str = LOOPBACK
-    ) -> None:
+    def __init__(self, target_port: int, host: str = LOOPBACK, target_host: str = LOOPBACK) -> None:
         self.host = host
         self.target = (target_host, target_port)
         self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -63,9 +61,7 @@ class RequestTap:
         self._records: list[AccessRecord] = []
         self._socks: set[socket.socket] = set()
         self._stopping = False
-        self._thread = threading.Thread(
-            target=self._accept_loop, name=f"tap-{self.port}", daemon=True
-        )
+        self._thread = threading.Thread(target=self._accept_loop, name=f"tap-{self.port}", daemon=True)
         self._thread.start()
 
     def entries(self) -> list[AccessLogEntry]:
@@ -110,12 +106,8 @@ class RequestTap:
                 s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             with self._lock:
                 self._socks.update((client, upstream))
-            threading.Thread(
-                target=self._requests, args=(client, upstream), daemon=True
-            ).start()
-            threading.Thread(
-                target=self._responses, args=(client, upstream), daemon=True
-            ).start()
+            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._responses, args=(client, upstream), daemon=True).start()
 
     def _finish(self, a: socket.socket, b: socket.socket) -> None:
         with self._lock:

@@ -45,12 +45,8 @@ KNOWN_ACTIONS = ("pull", "push", "delete", "*")
 
 def libtrust_key_id(public_key: ec.EllipticCurvePublicKey) -> str:
     """libtrust's key id: base32(sha256(DER SubjectPublicKeyInfo)[:30]) in ':'-joined groups of 4."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    b32 = (
-        base64.b32encode(hashlib.sha256(der).digest()[:30]).decode("ascii").rstrip("=")
-    )
+    der = public_key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    b32 = base64.b32encode(hashlib.sha256(der).digest()[:30]).decode("ascii").rstrip("=")
     return ":".join(b32[i : i + 4] for i in range(0, len(b32), 4))
 
 
@@ -117,9 +113,7 @@ class TokenIssuer:
         self.key_id = libtrust_key_id(self._key.public_key())
         workdir.mkdir(parents=True, exist_ok=True)
         self.cert_path = workdir / "token-issuer-cert.pem"
-        self.cert_path.write_bytes(
-            self._self_signed_cert().public_bytes(serialization.Encoding.PEM)
-        )
+        self.cert_path.write_bytes(self._self_signed_cert().public_bytes(serialization.Encoding.PEM))
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
         self._refresh_tokens: dict[str, str] = {}
@@ -183,9 +177,7 @@ class TokenIssuer:
         )
 
     def is_public(self, name: str) -> bool:
-        return name in self.public_repos or any(
-            name.startswith(p) for p in self.public_prefixes
-        )
+        return name in self.public_repos or any(name.startswith(p) for p in self.public_prefixes)
 
     def grant(self, user: str | None, scopes: Iterable[str]) -> list[dict[str, Any]]:
         """The `access` claim for `user` (None: anonymous) asking for `scopes`."""
@@ -193,16 +185,10 @@ class TokenIssuer:
         for typ, name, actions in parse_scopes(scopes):
             wanted = [a for a in actions if a in KNOWN_ACTIONS]
             if user is None:
-                allowed = (
-                    ["pull"] if typ == "repository" and self.is_public(name) else []
-                )
+                allowed = ["pull"] if typ == "repository" and self.is_public(name) else []
                 granted = [a for a in allowed if a in wanted or "*" in wanted]
             elif user in self.readonly_users:
-                granted = (
-                    ["pull"]
-                    if typ == "repository" and ("pull" in wanted or "*" in wanted)
-                    else []
-                )
+                granted = ["pull"] if typ == "repository" and ("pull" in wanted or "*" in wanted) else []
             else:
                 granted = wanted
             access.append({"type": typ, "name": name, "actions": granted})
@@ -230,9 +216,7 @@ class TokenIssuer:
             "jti": uuid.uuid4().hex,
             "access": access,
         }
-        return jwt.encode(
-            claims, self._key, algorithm="ES256", headers={"kid": self.key_id}
-        )
+        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.key_id})
 
     def public_key_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
@@ -251,9 +235,7 @@ class TokenIssuer:
 
     def check_password(self, user: str, password: str) -> bool:
         expected = self.users.get(user)
-        return expected is not None and secrets.compare_digest(
-            expected.encode(), password.encode()
-        )
+        return expected is not None and secrets.compare_digest(expected.encode(), password.encode())
 
 
 def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
@@ -288,11 +270,7 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
             if scheme.lower() != "basic":
                 return False
             try:
-                user, sep, pw = (
-                    base64.b64decode(b64.strip(), validate=True)
-                    .decode("utf-8")
-                    .partition(":")
-                )
+                user, sep, pw = base64.b64decode(b64.strip(), validate=True).decode("utf-8").partition(":")
             except (binascii.Error, UnicodeDecodeError):
                 return False
             return (user, pw) if sep else False
@@ -300,9 +278,7 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
         def _answer(self, method: str, params: dict[str, list[str]]) -> None:
             path = urllib.parse.urlsplit(self.path).path
             had_auth = "Authorization" in self.headers
-            grant_type = (
-                params.get("grant_type", [None])[-1] if method == "POST" else None
-            )
+            grant_type = params.get("grant_type", [None])[-1] if method == "POST" else None
             scopes = tuple(params.get("scope", []))
 
             def record(
@@ -330,9 +306,7 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
                 return
             if method == "POST" and not iss.allow_post:
                 record(405, None)
-                self._send_json(
-                    405, {"details": "method not allowed"}, {"Allow": "GET"}
-                )
+                self._send_json(405, {"details": "method not allowed"}, {"Allow": "GET"})
                 return
 
             user: str | None = None
@@ -342,9 +316,7 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
                 basic = self._basic()
                 if basic is False:
                     record(401, None)
-                    self._send_json(
-                        401, {"details": "malformed credentials"}, unauthorized
-                    )
+                    self._send_json(401, {"details": "malformed credentials"}, unauthorized)
                     return
                 if isinstance(basic, tuple):
                     if not iss.check_password(*basic):
@@ -356,18 +328,13 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
                         )
                         return
                     user = basic[0]
-                if (
-                    user is not None
-                    and params.get("offline_token", ["false"])[-1] == "true"
-                ):
+                if user is not None and params.get("offline_token", ["false"])[-1] == "true":
                     refresh = iss.new_refresh_token(user)
             elif grant_type == "password":
                 name = params.get("username", [""])[-1]
                 if not iss.check_password(name, params.get("password", [""])[-1]):
                     record(401, None)
-                    self._send_json(
-                        401, {"details": "invalid username or password"}, unauthorized
-                    )
+                    self._send_json(401, {"details": "invalid username or password"}, unauthorized)
                     return
                 user = name
                 refresh = iss.new_refresh_token(user)
@@ -376,16 +343,12 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
                 user = iss.refresh_user(tok)
                 if user is None:
                     record(401, None)
-                    self._send_json(
-                        401, {"details": "invalid refresh token"}, unauthorized
-                    )
+                    self._send_json(401, {"details": "invalid refresh token"}, unauthorized)
                     return
                 refresh = tok
             else:
                 record(400, None)
-                self._send_json(
-                    400, {"details": f"unsupported grant_type {grant_type!r}"}
-                )
+                self._send_json(400, {"details": f"unsupported grant_type {grant_type!r}"})
                 return
 
             service = params.get("service", [iss.service])[-1]
@@ -413,11 +376,7 @@ def _make_handler(iss: TokenIssuer) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
-            raw = (
-                self.rfile.read(length).decode("utf-8", errors="replace")
-                if length
-                else ""
-            )
+            raw = self.rfile.read(length).decode("utf-8", errors="replace") if length else ""
             self._answer("POST", urllib.parse.parse_qs(raw, keep_blank_values=True))
 
     return Handler

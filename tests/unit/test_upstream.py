@@ -1,0 +1,487 @@
+"""Upstream registry knowledge: realms, token answers and the client (upstream.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from regproxy.config import Mapping, Upstream
+from regproxy.upstream import (
+    DEFAULT_EXPIRES_IN,
+    MAX_TOKEN_RESPONSE,
+    MAX_UPSTREAM_TOKEN,
+    AuthMethod,
+    RegistryClient,
+    UpstreamError,
+    UpstreamToken,
+    parse_token_response,
+    realm_allowed,
+)
+
+HTTPS_UP = Upstream("https", "registry.example.com", 443)
+HTTP_UP = Upstream("http", "127.0.0.1", 5000)
+NONCANONICAL_IP_BUG = "BUG: non-canonical IPv4 forms pass realm_allowed but resolve to loopback (getaddrinfo)"
+
+Handler = Callable[[httpx.Request], httpx.Response]
+
+
+# --- realm_allowed ---
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "https://auth.docker.io/token",
+        "https://ghcr.io/token?x=1",
+        "https://auth.example.com:8443/token",
+        "https://8.8.8.8/token",
+        "https://registry.example.com/token",
+    ],
+)
+def test_https_public_realms_are_allowed(realm: str) -> None:
+    assert realm_allowed(realm, HTTPS_UP)
+
+
+def test_http_realm_on_another_host_is_refused() -> None:
+    assert not realm_allowed("http://auth.example.com/token", HTTPS_UP)
+
+
+def test_http_realm_on_https_upstream_own_host_is_refused() -> None:
+    assert not realm_allowed("http://registry.example.com/token", HTTPS_UP)
+
+
+@pytest.mark.parametrize("realm", ["http://127.0.0.1:5001/token", "https://127.0.0.1/token", "http://127.0.0.1/t"])
+def test_realm_on_http_upstream_own_host_is_allowed(realm: str) -> None:
+    assert realm_allowed(realm, HTTP_UP)
+
+
+def test_loopback_realm_on_own_https_host_is_allowed() -> None:
+    assert realm_allowed("https://localhost:5001/token", Upstream("https", "localhost", 5000))
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "file:///etc/passwd",
+        "ftp://auth.example.com/token",
+        "javascript:alert(1)",
+        "gopher://auth.example.com/",
+        "https://user:pw@auth.example.com/token",
+        "https://user@auth.example.com/token",
+        "https://auth.example.com/token#frag",
+        "https://127.0.0.1/token",
+        "https://10.1.2.3/token",
+        "https://192.168.0.1/token",
+        "https://172.16.0.1/token",
+        "https://169.254.169.254/latest/meta-data",
+        "https://localhost/token",
+        "https://auth.localhost/token",
+        "https://[::1]/token",
+        "https://[fe80::1]/token",
+        "https://[::ffff:127.0.0.1]/token",
+        "https://0.0.0.0/token",
+        "https:///token",
+        "https://auth.example.com:99999/token",
+        "//auth.example.com/token",
+        "",
+        "not a url",
+    ],
+)
+def test_refused_realms(realm: str) -> None:
+    assert not realm_allowed(realm, HTTPS_UP)
+
+
+def test_http_realm_to_other_host_of_http_upstream_is_refused() -> None:
+    assert not realm_allowed("http://auth.example.com/token", HTTP_UP)
+
+
+@pytest.mark.xfail(strict=True, reason=NONCANONICAL_IP_BUG)
+@pytest.mark.parametrize(
+    "realm", ["https://127.1/token", "https://2130706433/token", "https://0x7f000001/token", "https://0177.0.0.1/t"]
+)
+def test_non_canonical_loopback_addresses_are_refused(realm: str) -> None:
+    assert not realm_allowed(realm, HTTPS_UP)
+
+
+@given(st.text(max_size=60))
+def test_realm_allowed_never_raises(text: str) -> None:
+    for candidate in (text, "https://" + text):
+        realm_allowed(candidate, HTTPS_UP)
+
+
+# --- parse_token_response ---
+
+
+def body(**fields: Any) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def test_token_field() -> None:
+    assert parse_token_response(body(token="abc", expires_in=300), 1000.0) == UpstreamToken("abc", 1300.0)
+
+
+def test_access_token_field() -> None:
+    assert parse_token_response(body(access_token="abc", expires_in=120), 1000.0).token == "abc"
+
+
+def test_token_preferred_over_access_token() -> None:
+    assert parse_token_response(body(token="t", access_token="a"), 0.0).token == "t"
+
+
+def test_empty_token_falls_back_to_access_token() -> None:
+    assert parse_token_response(body(token="", access_token="a"), 0.0).token == "a"
+
+
+def test_expires_in_defaults_to_60() -> None:
+    assert parse_token_response(body(token="abc"), 1000.0).expires_at == 1000.0 + DEFAULT_EXPIRES_IN
+
+
+@pytest.mark.parametrize("expires_in", [0, -5, "300", True, None, [300], 1.5])
+def test_bad_expires_in_defaults(expires_in: object) -> None:
+    assert parse_token_response(body(token="abc", expires_in=expires_in), 1000.0).expires_at == 1060.0
+
+
+def test_issued_at_is_not_trusted() -> None:
+    parsed = parse_token_response(body(token="abc", expires_in=300, issued_at="2999-01-01T00:00:00Z"), 1000.0)
+    assert parsed.expires_at == 1300.0
+
+
+def test_token_repr_hides_token() -> None:
+    assert "s3cret-token" not in repr(UpstreamToken("s3cret-token", 0.0))
+
+
+def test_longest_token_is_accepted() -> None:
+    assert len(parse_token_response(body(token="a" * MAX_UPSTREAM_TOKEN), 0.0).token) == MAX_UPSTREAM_TOKEN
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"not json",
+        b"",
+        b"[1, 2]",
+        b'"token"',
+        b"null",
+        body(),
+        body(token=5),
+        body(token=""),
+        body(token="a" * (MAX_UPSTREAM_TOKEN + 1)),
+        body(token="tök"),
+        body(token="a b"),
+        body(token='a"b'),
+        body(token="a'b"),
+        body(token="a,b"),
+        body(token="a\r\nX-Header: 1"),
+        body(token="a\tb"),
+        body(token="a\x00b"),
+    ],
+)
+def test_unusable_token_responses(data: bytes) -> None:
+    with pytest.raises(UpstreamError):
+        parse_token_response(data, 0.0)
+
+
+@given(st.binary(max_size=100))
+def test_parse_token_response_only_raises_upstream_error(data: bytes) -> None:
+    try:
+        parse_token_response(data, 0.0)
+    except UpstreamError:
+        pass
+
+
+# --- RegistryClient ---
+
+
+def run[T](coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def make_client(handler: Handler, log: list[httpx.Request]) -> RegistryClient:
+    def recording(request: httpx.Request) -> httpx.Response:
+        log.append(request)
+        return handler(request)
+
+    client = RegistryClient(timeout=5.0)
+    client._http = httpx.AsyncClient(transport=httpx.MockTransport(recording), follow_redirects=False)
+    return client
+
+
+def mapping(upstream: Upstream = HTTPS_UP, auth: str | None = "Basic dXNlcjpwYXNz") -> Mapping:
+    return Mapping(key="bp/", prefix=("bp",), namespace=True, upstream=upstream, remote="org", auth=auth)
+
+
+def bearer(realm: str = "https://auth.example.com/token", service: str = "registry.example.com") -> str:
+    return f'Bearer realm="{realm}",service="{service}"'
+
+
+def registry(challenge: str | None = None, status: int = 401, token_answer: httpx.Response | None = None) -> Handler:
+    """An upstream whose /v2/ answers 200 (no challenge) or `status` with the challenge."""
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            if challenge is None:
+                return httpx.Response(200)
+            return httpx.Response(status, headers={"WWW-Authenticate": challenge})
+        return token_answer or httpx.Response(200, json={"token": "up-token", "expires_in": 300})
+
+    return handler
+
+
+async def discover(client: RegistryClient, upstream: Upstream = HTTPS_UP) -> AuthMethod:
+    try:
+        return await client.auth_method(upstream)
+    finally:
+        await client.aclose()
+
+
+async def fetch(client: RegistryClient, m: Mapping, names: list[str]) -> UpstreamToken | None:
+    try:
+        return await client.fetch_token(m, names)
+    finally:
+        await client.aclose()
+
+
+def test_discovery_none() -> None:
+    log: list[httpx.Request] = []
+    assert run(discover(make_client(registry(), log))) == AuthMethod("none")
+    assert [str(r.url) for r in log] == ["https://registry.example.com/v2/"]
+
+
+def test_discovery_basic() -> None:
+    log: list[httpx.Request] = []
+    assert run(discover(make_client(registry('Basic realm="Registry"'), log))) == AuthMethod("basic")
+
+
+def test_discovery_bearer() -> None:
+    log: list[httpx.Request] = []
+    method = run(discover(make_client(registry(bearer()), log)))
+    assert method == AuthMethod("bearer", "https://auth.example.com/token", "registry.example.com")
+
+
+def test_discovery_bearer_on_403() -> None:
+    log: list[httpx.Request] = []
+    method = run(discover(make_client(registry(bearer(), status=403), log)))
+    assert method.kind == "bearer"
+
+
+def test_discovery_sends_no_credentials() -> None:
+    log: list[httpx.Request] = []
+    run(discover(make_client(registry(bearer()), log)))
+    assert "authorization" not in log[0].headers
+
+
+@pytest.mark.parametrize(
+    ("challenge", "status"), [(None, 500), ("Digest realm=x", 401), ("", 401), ("Bearer", 401), (None, 404)]
+)
+def test_discovery_failures(challenge: str | None, status: int) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        headers = {"WWW-Authenticate": challenge} if challenge is not None else {}
+        return httpx.Response(status, headers=headers)
+
+    with pytest.raises(UpstreamError) as info:
+        run(discover(make_client(handler, [])))
+    assert not info.value.timeout
+
+
+def test_discovery_is_cached() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(bearer()), log)
+
+    async def twice() -> tuple[AuthMethod, AuthMethod]:
+        try:
+            return await client.auth_method(HTTPS_UP), await client.auth_method(HTTPS_UP)
+        finally:
+            await client.aclose()
+
+    first, second = run(twice())
+    assert first == second
+    assert len(log) == 1
+
+
+def test_concurrent_discovery_makes_one_request() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(bearer()), log)
+
+    async def many() -> list[AuthMethod]:
+        try:
+            return list(await asyncio.gather(*(client.auth_method(HTTPS_UP) for _ in range(5))))
+        finally:
+            await client.aclose()
+
+    assert len(set(run(many()))) == 1
+    assert len(log) == 1
+
+
+def test_learn_replaces_cached_method() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(), log)
+    client.learn(HTTPS_UP, bearer("https://auth2.example.com/token"))
+    method = run(discover(client))
+    assert method.realm == "https://auth2.example.com/token"
+    assert log == []
+
+
+def test_learn_ignores_unusable_challenge() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(), log)
+    client.learn(HTTPS_UP, "Digest realm=x")
+    assert run(discover(client)) == AuthMethod("none")
+    assert len(log) == 1
+
+
+def test_forget_drops_cached_method() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(), log)
+    client.learn(HTTPS_UP, 'Basic realm="x"')
+    client.forget(HTTPS_UP)
+    assert run(discover(client)) == AuthMethod("none")
+
+
+def test_discovery_timeout() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    with pytest.raises(UpstreamError) as info:
+        run(discover(make_client(handler, [])))
+    assert info.value.timeout
+
+
+def test_discovery_connection_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(UpstreamError) as info:
+        run(discover(make_client(handler, [])))
+    assert not info.value.timeout
+
+
+def test_fetch_token_from_allowed_realm() -> None:
+    log: list[httpx.Request] = []
+    started = time.time()
+    token = run(fetch(make_client(registry(bearer()), log), mapping(), ["org/app", "org/web"]))
+    assert token is not None and token.token == "up-token"
+    assert started + 299 <= token.expires_at <= time.time() + 300
+    realm_request = log[1]
+    assert realm_request.url.host == "auth.example.com"
+    assert realm_request.url.params.get_list("scope") == ["repository:org/app:pull", "repository:org/web:pull"]
+    assert realm_request.url.params["service"] == "registry.example.com"
+    assert realm_request.headers["authorization"] == "Basic dXNlcjpwYXNz"
+
+
+def test_fetch_token_without_service() -> None:
+    log: list[httpx.Request] = []
+    run(fetch(make_client(registry('Bearer realm="https://auth.example.com/token"'), log), mapping(), ["org/app"]))
+    assert "service" not in log[1].url.params
+
+
+def test_fetch_token_anonymous_sends_no_authorization() -> None:
+    log: list[httpx.Request] = []
+    token = run(fetch(make_client(registry(bearer()), log), mapping(auth=None), ["org/app"]))
+    assert token is not None
+    assert "authorization" not in log[1].headers
+
+
+def test_fetch_token_refuses_disallowed_realm_without_sending() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(bearer("http://evil.example.com/token")), log)
+    with pytest.raises(UpstreamError):
+        run(fetch(client, mapping(), ["org/app"]))
+    assert [r.url.path for r in log] == ["/v2/"]
+
+
+def test_fetch_token_refuses_metadata_realm() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(bearer("https://169.254.169.254/token")), log)
+    with pytest.raises(UpstreamError):
+        run(fetch(client, mapping(), ["org/app"]))
+    assert len(log) == 1
+
+
+@pytest.mark.parametrize("challenge", [None, 'Basic realm="r"'])
+def test_fetch_token_not_needed_without_bearer(challenge: str | None) -> None:
+    log: list[httpx.Request] = []
+    assert run(fetch(make_client(registry(challenge), log), mapping(), ["org/app"])) is None
+    assert len(log) == 1
+
+
+def test_fetch_token_not_needed_with_configured_bearer() -> None:
+    log: list[httpx.Request] = []
+    assert run(fetch(make_client(registry(bearer()), log), mapping(auth="Bearer static"), ["org/app"])) is None
+    assert log == []
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_fetch_token_refused_credentials(status: int) -> None:
+    client = make_client(registry(bearer(), token_answer=httpx.Response(status)), [])
+    with pytest.raises(UpstreamError, match="refused"):
+        run(fetch(client, mapping(), ["org/app"]))
+
+
+@pytest.mark.parametrize("status", [302, 404, 500])
+def test_fetch_token_other_status(status: int) -> None:
+    answer = httpx.Response(status, headers={"Location": "https://elsewhere.example.com/"})
+    log: list[httpx.Request] = []
+    with pytest.raises(UpstreamError) as info:
+        run(fetch(make_client(registry(bearer(), token_answer=answer), log), mapping(), ["org/app"]))
+    assert not info.value.timeout
+    assert len(log) == 2  # no redirect followed
+
+
+def test_fetch_token_oversized_response() -> None:
+    answer = httpx.Response(200, content=b'{"token":"' + b"a" * MAX_TOKEN_RESPONSE + b'"}')
+    with pytest.raises(UpstreamError, match="too large"):
+        run(fetch(make_client(registry(bearer(), token_answer=answer), []), mapping(), ["org/app"]))
+
+
+def test_fetch_token_bad_body() -> None:
+    answer = httpx.Response(200, content=b"<html>")
+    with pytest.raises(UpstreamError):
+        run(fetch(make_client(registry(bearer(), token_answer=answer), []), mapping(), ["org/app"]))
+
+
+def test_fetch_token_timeout() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return httpx.Response(401, headers={"WWW-Authenticate": bearer()})
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    with pytest.raises(UpstreamError) as info:
+        run(fetch(make_client(handler, []), mapping(), ["org/app"]))
+    assert info.value.timeout
+
+
+def test_fetch_token_connection_error() -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return httpx.Response(401, headers={"WWW-Authenticate": bearer()})
+        raise httpx.ConnectError("refused", request=request)
+
+    with pytest.raises(UpstreamError) as info:
+        run(fetch(make_client(handler, []), mapping(), ["org/app"]))
+    assert not info.value.timeout
+
+
+def test_fetch_token_error_message_has_no_credentials() -> None:
+    client = make_client(registry(bearer(), token_answer=httpx.Response(401)), [])
+    with pytest.raises(UpstreamError) as info:
+        run(fetch(client, mapping(), ["org/app"]))
+    assert "dXNlcjpwYXNz" not in str(info.value)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=httpx.InvalidURL,
+    reason="BUG: a realm that realm_allowed accepts but httpx cannot parse raises httpx.InvalidURL, not UpstreamError",
+)
+def test_fetch_token_unparseable_realm_is_upstream_error() -> None:
+    client = make_client(registry(bearer("https://256.1.1.1/token")), [])
+    with pytest.raises(UpstreamError):
+        run(fetch(client, mapping(), ["org/app"]))
