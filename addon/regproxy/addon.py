@@ -170,7 +170,7 @@ class RegistryProxy:
         if "registryproxy_connection_logs" in updated:
             # One line per request is the addon's; mitmproxy's connection chatter only on request.
             quiet = logging.NOTSET if ctx.options.registryproxy_connection_logs else logging.WARNING
-            for name in ("mitmproxy.proxy", "httpx", "httpcore"):
+            for name in ("mitmproxy.proxy.server", "httpx", "httpcore"):
                 logging.getLogger(name).setLevel(quiet)
         if "registryproxy_config" not in updated and self.state is not None:
             return

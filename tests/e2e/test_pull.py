@@ -31,6 +31,12 @@ KEY_HEX = "5e" * 16 + "a7" * 16
 CAP = "7d3f5a8e-91c2-4b6d-8e0f-2a4c6e8b0d1f"
 NS = {"anonymous": "anon", "basic": "basic", "token": "tok", "redirect": "redir"}
 REPO = Path(__file__).resolve().parents[2]
+MANIFEST_TYPES = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+]
 
 
 class Stall:
@@ -114,9 +120,12 @@ def token_for(rp: proxy.ProxyProc, *names: str) -> str:
 
 
 def get(rp: proxy.ProxyProc, path: str, tok: str | None = None, method: str = "GET", **kw: Any) -> httpx.Response:
-    headers = dict(kw.pop("headers", {}))
+    given = kw.pop("headers", [])
+    headers = list(given.items()) if isinstance(given, dict) else list(given)
+    if "/manifests/" in path and not any(k.lower() == "accept" for k, _ in headers):
+        headers += [("Accept", t) for t in MANIFEST_TYPES]
     if tok:
-        headers["Authorization"] = f"Bearer {tok}"
+        headers.append(("Authorization", f"Bearer {tok}"))
     return httpx.request(method, f"{rp.url}{path}", headers=headers, timeout=30, **kw)
 
 
@@ -322,9 +331,9 @@ def test_bad_tokens_get_401(rp: proxy.ProxyProc) -> None:
 
 def test_expired_token_gets_401(rp: proxy.ProxyProc) -> None:
     codec = TokenCodec((bytes.fromhex(KEY_HEX),))
-    expired = codec.issue_access(rp.url, (Grant("anon/", ("anon/app",), None),), 1)
+    expired = codec.issue_access(rp.url, (Grant("anon/", ("anon/app",), None),), 3)
     assert get(rp, "/v2/anon/app/manifests/v1", expired).status_code == 200
-    time.sleep(2.1)
+    time.sleep(3.5)
     _expect_401(get(rp, "/v2/anon/app/manifests/v1", expired))
 
 

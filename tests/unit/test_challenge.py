@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.challenge import UpstreamChallenge, bearer_challenge, parse_challenge
 
 
@@ -32,8 +31,10 @@ def test_bearer_challenge_escapes_quotes_and_backslashes() -> None:
     ("header", "expected"),
     [
         (
-            'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
-            'scope="repository:library/nginx:pull"',
+            (
+                'Bearer realm="https://auth.docker.io/token",service="registry.docker.io",'
+                'scope="repository:library/nginx:pull"'
+            ),
             UpstreamChallenge("bearer", "https://auth.docker.io/token", "registry.docker.io"),
         ),
         (

@@ -10,7 +10,6 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.config import (
     DOCKER_HUB_API_HOST,
     SECRET_KEY_ENV,
@@ -203,7 +202,9 @@ def test_auth_scheme_is_normalised() -> None:
 
 def test_auth_is_not_in_repr() -> None:
     config = parse(with_mapping(registry="ghcr.io", remote="org", username="bob", password="s3cret"), {})
-    assert "s3cret" not in repr(config) and config.mappings[0].auth not in repr(config)
+    auth = config.mappings[0].auth
+    assert auth is not None
+    assert "s3cret" not in repr(config) and auth not in repr(config)
 
 
 def test_no_auth_is_none() -> None:

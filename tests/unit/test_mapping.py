@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.config import DOCKER_HUB_API_HOST, Mapping, Upstream
 from regproxy.mapping import Matcher, redact_name
 

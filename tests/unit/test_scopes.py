@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.names import is_valid_name
 from regproxy.scopes import MAX_SCOPES, Scope, parse_scope, pull_names, repository_scope, split_scopes
 

@@ -9,7 +9,6 @@ import time
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.tokens import MAX_TOKEN_LENGTH, AccessToken, Grant, TokenCodec, TokenError, key_id
 
 KEY_A = bytes(range(32))
@@ -196,12 +195,23 @@ _CODEC = TokenCodec((KEY_A,))
 _TOKEN = issue(_CODEC)
 
 
+def _decoded_parts(token: str) -> list[bytes]:
+    return [base64.urlsafe_b64decode(p + "=" * (-len(p) % 4)) for p in token.split(".")[2:]]
+
+
 @given(st.integers(min_value=9, max_value=len(_TOKEN) - 1), st.sampled_from("AZaz09-_."))
 def test_any_single_character_change_is_refused(index: int, char: str) -> None:
-    if _TOKEN[index] == char:
+    tampered = _TOKEN[:index] + char + _TOKEN[index + 1 :]
+    try:
+        same_bytes = _decoded_parts(tampered) == _decoded_parts(_TOKEN)
+    except ValueError:
+        same_bytes = False
+    if tampered == _TOKEN or same_bytes:
+        # Only the unused low bits of a part's last base64 character changed: the same bytes, so
+        # pyseto reads the same token (string malleability, not a forgery).
         return
     with pytest.raises(TokenError):
-        _CODEC.read_access(_TOKEN[:index] + char + _TOKEN[index + 1 :], AUD)
+        _CODEC.read_access(tampered, AUD)
 
 
 @given(st.text(max_size=200))

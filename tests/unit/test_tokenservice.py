@@ -9,7 +9,6 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.config import Config, Mapping, parse
 from regproxy.errors import RegistryError
 from regproxy.mapping import Matcher

@@ -12,7 +12,6 @@ import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-
 from regproxy.config import Mapping, Upstream
 from regproxy.upstream import (
     DEFAULT_EXPIRES_IN,
