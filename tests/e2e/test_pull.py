@@ -20,10 +20,10 @@ from typing import Any
 
 import httpx
 import pytest
+from regproxy.tokens import Grant, TokenCodec
 from rig import clients, proxy, registry, standard
 from rig.procs import free_port
 from rig.standard import APP, MANY, MANY_TAGS, SOLO
-from regproxy.tokens import Grant, TokenCodec
 
 pytestmark = pytest.mark.e2e
 
@@ -189,9 +189,7 @@ def test_capability_pull_uses_only_the_proxys_credentials(
     assert not direct.ok
 
 
-def test_library_namespace(
-    rp: proxy.ProxyProc, image_digests: dict[str, standard.Digests], tmp_layout: Path
-) -> None:
+def test_library_namespace(rp: proxy.ProxyProc, image_digests: dict[str, standard.Digests], tmp_layout: Path) -> None:
     res = clients.skopeo_copy(f"{rp.host}/anon-lib/solo:latest", tmp_layout).check()
     assert res.digest == image_digests["anonymous"][(SOLO, "latest")]
 
@@ -353,7 +351,11 @@ def test_token_endpoint_cuts_actions_to_pull(rp: proxy.ProxyProc, upstreams: dic
     assert put.status_code == 405
     refreshed = httpx.post(
         f"{rp.url}/token",
-        data={"grant_type": "refresh_token", "refresh_token": r.json()["refresh_token"], "scope": "repository:tok/app:pull"},
+        data={
+            "grant_type": "refresh_token",
+            "refresh_token": r.json()["refresh_token"],
+            "scope": "repository:tok/app:pull",
+        },
         timeout=30,
     )
     assert refreshed.status_code == 200
@@ -436,9 +438,11 @@ def test_bad_config_refuses_start_with_one_line(tmp_path: Path) -> None:
         f"    username: u\n    password: {secret}\n"
     )
     env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
-    res = subprocess.run([str(REPO / "run.sh")], env=env, capture_output=True, text=True, timeout=120)
+    res = subprocess.run([str(REPO / "run.sh")], check=False, env=env, capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
-    assert res.stderr.strip().splitlines() == ["registryproxy: secretkey: is not hex; it must be 64 hex digits (32 bytes)"]
+    assert res.stderr.strip().splitlines() == [
+        "registryproxy: secretkey: is not hex; it must be 64 hex digits (32 bytes)"
+    ]
     assert secret not in res.stdout + res.stderr
 
 
