@@ -93,6 +93,7 @@ class FlowState:
     match: Match | None = None
     log_path: str = "-"
     base: str = ""  # the public base URL the client used: realm and token audience
+    page: dict[str, str] = field(default_factory=dict)  # tags/list `n` and `last` as asked
     token: str = "-"
     upstream_status: int | None = None
     error_body: bytes | None = None
@@ -299,7 +300,10 @@ class RegistryProxy:
         req.headers = http.Headers(fields)
         if upstream_auth:
             req.headers["Authorization"] = upstream_auth
-        req.url = f"{upstream.origin}/v2/{match.upstream_name}{route.suffix}{_upstream_query(route, query)}"
+        params = _upstream_params(route, query)
+        st.page = dict(params)
+        qs = f"?{urlencode(params)}" if params else ""
+        req.url = f"{upstream.origin}/v2/{match.upstream_name}{route.suffix}{qs}"
         req.host_header = upstream.netloc
         st.kind = "upstream"
         st.watchdog = asyncio.get_running_loop().call_later(
@@ -401,7 +405,7 @@ class RegistryProxy:
                 if resp.raw_content is not None and flow.request.method != "HEAD":
                     resp.content = st.error_body
             elif st.route is not None and st.route.kind is RouteKind.TAGS and resp.status_code == 200:
-                self._rewrite_tags_body(flow, st.match)
+                self._rewrite_tags_body(flow, st.match, st)
         self._log(flow, st)
 
     @fail_closed
@@ -444,7 +448,7 @@ class RegistryProxy:
         else:
             flow.response = http.Response.make(status, body, all_headers)
 
-    def _rewrite_tags_body(self, flow: http.HTTPFlow, match: Match) -> None:
+    def _rewrite_tags_body(self, flow: http.HTTPFlow, match: Match, st: FlowState) -> None:
         assert flow.response is not None
         try:
             data = json.loads(flow.response.content or b"")
@@ -457,6 +461,16 @@ class RegistryProxy:
             )
             return
         data["name"] = match.local_name
+        tags = data.get("tags") or []
+        n = int(st.page["n"]) if "n" in st.page else None
+        if n is not None and len(tags) > n and "link" not in flow.response.headers:
+            # The upstream ignored `n` (distribution 2.8 does): paginate here, in lexical order.
+            last = st.page.get("last")
+            rest = sorted(t for t in tags if isinstance(t, str) and (last is None or t > last))
+            data["tags"] = rest[:n]
+            if len(rest) > n and n > 0:
+                query = urlencode({"n": n, "last": rest[n - 1]})
+                flow.response.headers["Link"] = f'</v2/{match.local_name}/tags/list?{query}>; rel="next"'
         flow.response.content = json.dumps(data, separators=(",", ":")).encode()
 
     def _upstream_stalled(self, ref: weakref.ref[http.HTTPFlow]) -> None:
@@ -552,10 +566,10 @@ def _content_length(msg: http.Message) -> int:
         return 1 << 62
 
 
-def _upstream_query(route: Route, query: str) -> str:
-    """The query string sent upstream: only the parameters a pull route defines, validated."""
+def _upstream_params(route: Route, query: str) -> list[tuple[str, str]]:
+    """The query parameters sent upstream: only those a pull route defines, validated."""
     if not query or route.kind not in (RouteKind.TAGS, RouteKind.REFERRERS):
-        return ""
+        return []
     keep = []
     for k, v in parse_qsl(query, keep_blank_values=False)[:8]:
         if route.kind is RouteKind.TAGS:
@@ -564,7 +578,7 @@ def _upstream_query(route: Route, query: str) -> str:
             ok = k == "artifactType" and re.fullmatch(r"[\w.+/-]{1,255}", v) is not None
         if ok:
             keep.append((k, v))
-    return "?" + urlencode(keep) if keep else ""
+    return keep
 
 
 def _local_path(path: str, st: FlowState) -> str | None:

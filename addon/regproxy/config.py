@@ -209,7 +209,7 @@ def parse(data: Any, environ: AnyMapping[str, str]) -> Config:
 
 def _show(key: object) -> str:
     """A key for an error message, shortened and with capability keys hidden."""
-    text = str(key)
+    text = str(key).encode("unicode_escape").decode("ascii")
     text = "/".join("<capability>" if looks_like_capability(s) else s for s in text.split("/"))
     return text if len(text) <= 80 else text[:77] + "..."
 
@@ -312,6 +312,8 @@ def parse_registry(value: object, where: str) -> Upstream:
         return Upstream("https", DOCKER_HUB_API_HOST, 443, dockerhub=True)
     if port is None:
         port = 443 if parts.scheme == "https" else 80
+    if port == 0:
+        raise ConfigError(f"{where}: port 0 is not a port to connect to")
     return Upstream(parts.scheme, host, port)
 
 

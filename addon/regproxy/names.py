@@ -23,8 +23,10 @@ MAX_NAME_LENGTH = 255
 
 # A capability key: a UUID, or a long run of lower-case letters and digits with digits in it.
 _CAPABILITY_RE = re.compile(
-    r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}|(?=[a-z0-9]*[0-9])[a-z0-9]{20,}"
+    r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}|(?=[a-z0-9]*[0-9])[a-z0-9]{20,}",
+    re.IGNORECASE,
 )
+_UPLOAD_ID_RE = re.compile(r"[A-Za-z0-9_=-]*")
 
 
 def is_valid_name(name: str) -> bool:
@@ -100,6 +102,8 @@ def parse_route(path: str) -> Route:
             raise RegistryError(400, "NAME_INVALID")
         if kind is RouteKind.MANIFEST and not is_valid_reference(ref):
             raise RegistryError(400, "TAG_INVALID", "invalid tag or digest")
+        if kind is RouteKind.UPLOAD and not _UPLOAD_ID_RE.fullmatch(ref):
+            raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN")
         if kind in (RouteKind.BLOB, RouteKind.REFERRERS) and not is_valid_digest(ref):
             raise RegistryError(400, "DIGEST_INVALID", "invalid digest")
         return Route(kind, name, ref, m["suffix"])

@@ -126,7 +126,9 @@ class TokenService:
             if result is not None:
                 lifetime = min(lifetime, result.expires_at - now)
             grants.append(Grant(key, tuple(groups[key][1]), upstream_token))
-        lifetime_s = max(1, int(lifetime))
+        # Rounded, not truncated: an upstream token of 60 s fetched in a few milliseconds is
+        # answered as 60 s (protocol.md: never below 60), at most half a second over.
+        lifetime_s = max(1, round(lifetime))
 
         token = self._codec.issue_access(audience, tuple(grants), lifetime_s)
         body: dict[str, object] = {

@@ -13,6 +13,8 @@ import asyncio
 import ipaddress
 import json
 import logging
+import re
+import socket
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -72,11 +74,26 @@ def realm_allowed(realm: str, upstream: Upstream) -> bool:
         return parts.scheme == "https" or upstream.scheme == "http"
     if parts.scheme != "https":
         return False
-    try:
-        addr = ipaddress.ip_address(host)
-    except ValueError:
-        return host != "localhost" and not host.endswith(".localhost")
+    addr = _ip_literal(host)
+    if addr is None:
+        bare = host.rstrip(".")
+        return bare != "localhost" and not bare.endswith(".localhost")
     return addr.is_global
+
+
+def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    """The address a host name denotes by itself, including the resolver's legacy IPv4
+    forms (`127.1`, `2130706433`, `0x7f000001`) that `ipaddress` does not read."""
+    try:
+        return ipaddress.ip_address(host.strip("[]"))
+    except ValueError:
+        pass
+    if all(re.fullmatch(r"0x[0-9a-f]*|[0-9]+", part) for part in host.rstrip(".").split(".")):
+        try:
+            return ipaddress.IPv4Address(socket.inet_aton(host))
+        except OSError:
+            return ipaddress.IPv4Address("0.0.0.0")  # unparseable numeric host: treat as not global
+    return None
 
 
 class RegistryClient:
@@ -131,7 +148,7 @@ class RegistryClient:
             await resp.aclose()
         except httpx.TimeoutException:
             raise UpstreamError("upstream registry timed out", timeout=True) from None
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise UpstreamError(f"upstream registry unreachable ({type(e).__name__})") from None
         if resp.status_code == 200:
             return AuthMethod("none")
@@ -173,7 +190,7 @@ class RegistryClient:
                         raise UpstreamError("upstream token response too large")
         except httpx.TimeoutException:
             raise UpstreamError("upstream token service timed out", timeout=True) from None
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise UpstreamError(f"upstream token service unreachable ({type(e).__name__})") from None
         return parse_token_response(bytes(body), started)
 

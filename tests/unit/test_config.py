@@ -340,7 +340,6 @@ def test_bad_registry_is_refused(value: object) -> None:
     assert "pw5ecret" not in message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: registry port 0 is accepted (hosts: refuses it, no upstream listens on 0)")
 def test_registry_port_zero_is_refused() -> None:
     config_error(with_mapping(registry="reg.example.com:0", remote="x"))
 
@@ -443,7 +442,6 @@ def test_capability_key_is_hidden_in_collision_errors() -> None:
     assert UUID not in message and "<capability>" in message
 
 
-@pytest.mark.xfail(strict=True, reason="BUG: an upper-case UUID key segment is echoed in the error message")
 def test_upper_case_capability_key_is_hidden_in_errors() -> None:
     message = config_error(with_mapping(f"{UUID.upper()}/nginx", registry="docker.io", remote="library/nginx"))
     assert UUID.upper() not in message
@@ -551,12 +549,10 @@ def test_loads_uses_environ_argument() -> None:
     assert config.mappings[0].auth == "Basic " + base64.b64encode(b"u:pw").decode()
 
 
-@pytest.mark.xfail(strict=True, reason=ONE_LINE_BUG)
 def test_unknown_top_level_key_with_newline_is_one_line() -> None:
     config_error(base(**{"bad\nkey": 1}))
 
 
-@pytest.mark.xfail(strict=True, reason=ONE_LINE_BUG)
 def test_malformed_mapping_key_with_newline_is_one_line() -> None:
     config_error(with_mapping("a\nb/", registry="ghcr.io", remote="x"))
 

@@ -250,7 +250,6 @@ def test_bad_blob_or_referrers_digest_is_digest_invalid(kind: str, ref: str) -> 
     assert (info.value.status, info.value.code) == (400, "DIGEST_INVALID")
 
 
-@pytest.mark.xfail(strict=True, reason=UPLOAD_DOTS_BUG)
 @pytest.mark.parametrize("ref", ["..", "."])
 def test_dot_segment_upload_reference_is_refused(ref: str) -> None:
     with pytest.raises(RegistryError):

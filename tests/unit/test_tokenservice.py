@@ -241,11 +241,6 @@ def test_lifetime_of_expired_upstream_token_is_at_least_one() -> None:
     assert answer(svc, get("repository:bp/a:pull")).body["expires_in"] == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (protocol.md vs tokens.py): an upstream token without expires_in (default 60) "
-    "makes the proxy answer expires_in 59, below protocol.md's minimum of 60",
-)
 def test_default_upstream_expiry_keeps_expires_in_at_least_60() -> None:
     svc, _ = service(FakeClient({"bp/": UpstreamToken("t", time.time() + 60)}))
     assert int(str(answer(svc, get("repository:bp/a:pull")).body["expires_in"])) >= 60

@@ -102,7 +102,6 @@ def test_http_realm_to_other_host_of_http_upstream_is_refused() -> None:
     assert not realm_allowed("http://auth.example.com/token", HTTP_UP)
 
 
-@pytest.mark.xfail(strict=True, reason=NONCANONICAL_IP_BUG)
 @pytest.mark.parametrize(
     "realm", ["https://127.1/token", "https://2130706433/token", "https://0x7f000001/token", "https://0177.0.0.1/t"]
 )
@@ -475,11 +474,6 @@ def test_fetch_token_error_message_has_no_credentials() -> None:
     assert "dXNlcjpwYXNz" not in str(info.value)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=httpx.InvalidURL,
-    reason="BUG: a realm that realm_allowed accepts but httpx cannot parse raises httpx.InvalidURL, not UpstreamError",
-)
 def test_fetch_token_unparseable_realm_is_upstream_error() -> None:
     client = make_client(registry(bearer("https://256.1.1.1/token")), [])
     with pytest.raises(UpstreamError):
