@@ -468,7 +468,7 @@ class RegistryProxy:
             last = st.page.get("last")
             rest = sorted(t for t in tags if isinstance(t, str) and (last is None or t > last))
             data["tags"] = rest[:n]
-            if len(rest) > n and n > 0:
+            if len(rest) > n > 0:
                 query = urlencode({"n": n, "last": rest[n - 1]})
                 flow.response.headers["Link"] = f'</v2/{match.local_name}/tags/list?{query}>; rel="next"'
         flow.response.content = json.dumps(data, separators=(",", ":")).encode()
