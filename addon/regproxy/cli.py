@@ -61,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
             "proxies:\n"
             f'  "{cap}/app":\n'
             "    registry: ghcr.io\n"
-            "    remote: OWNER/REPOSITORY\n"
-            "    username: USER\n"
+            "    remote: owner/repository\n"
+            "    username: robot\n"
             "    password_env: REGISTRYPROXY_GHCR_TOKEN"
         )
         return 0

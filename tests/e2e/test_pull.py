@@ -7,6 +7,7 @@ dead and a stalled upstream. Digests the client recorded are compared with the u
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -97,6 +99,7 @@ def _config(up: dict[str, registry.Upstream], stall_port: int) -> dict[str, Any]
     proxies["ov/"] = {"registry": up["anonymous"].url, "remote": "platform"}
     proxies["ov/deep/"] = {"registry": up["basic"].url, "remote": "platform", "auth": up["basic"].basic_auth_header()}
     proxies["ov/app"] = {"registry": up["redirect"].url, "remote": APP, "auth": up["redirect"].basic_auth_header()}
+    proxies["dom/"] = {"registry": up["anonymous"].url, "remote": "platform", "hosts": ["images.test"]}
     proxies["dead/"] = {"registry": f"http://127.0.0.1:{free_port()}", "remote": "platform"}
     proxies["stall/"] = {"registry": f"http://127.0.0.1:{stall_port}", "remote": "platform"}
     return {"secretkey": KEY_HEX, "upstream_timeout": 3, "proxies": proxies}
@@ -298,6 +301,79 @@ def test_redirected_blob_reaches_the_client_without_the_proxys_token(
     assert location.startswith(up.blob_server.url)
     assert httpx.get(location, timeout=30).status_code == 200
     assert httpx.get(location, headers={"Authorization": f"Bearer {tok}"}, timeout=30).status_code == 403
+
+
+def test_hosts_mapping_serves_only_its_domain_and_realm_follows_it(
+    rp: proxy.ProxyProc, image_digests: dict[str, standard.Digests]
+) -> None:
+    # mitmdump was started without keep_host_header: the addon must have turned it on itself.
+    host = {"Host": "images.test"}
+    ping = get(rp, "/v2/", headers=host)
+    assert 'realm="http://images.test/token"' in ping.headers["www-authenticate"]
+    t = httpx.get(f"{rp.url}/token", params={"scope": "repository:dom/app:pull"}, headers=host, timeout=30)
+    tok = t.json()["token"]
+    r = get(rp, "/v2/dom/app/manifests/v1", tok, headers=host)
+    assert r.status_code == 200
+    assert r.headers["docker-content-digest"] == image_digests["anonymous"][(APP, "v1")]
+    # The same token on the proxy's other name is foreign; a token for that name finds no mapping.
+    _expect_401(get(rp, "/v2/dom/app/manifests/v1", tok))
+    assert get(rp, "/v2/dom/app/manifests/v1", token_for(rp, "dom/app")).status_code == 404
+
+
+@pytest.mark.parametrize("method", ["GET", "HEAD"])
+def test_upstream_401_is_rewritten_to_the_proxys_challenge(
+    rp: proxy.ProxyProc, upstreams: dict[str, registry.Upstream], method: str
+) -> None:
+    codec = TokenCodec((bytes.fromhex(KEY_HEX),))
+    tok = codec.issue_access(rp.url, (Grant("tok/", ("tok/app",), "not-an-upstream-token"),), 60)
+    upstreams["token"].clear_access_log()
+    r = get(rp, "/v2/tok/app/manifests/v1", tok, method=method)
+    assert r.status_code == 401
+    challenge = r.headers["www-authenticate"]
+    assert challenge == (
+        f'Bearer realm="{rp.url}/token",service="{rp.host}",scope="repository:tok/app:pull",error="invalid_token"'
+    )
+    assert upstreams["token"].access_log()[-1].path == "/v2/platform/app/manifests/v1"
+    if method == "GET":
+        assert r.json()["errors"][0]["code"] == "UNAUTHORIZED"
+        assert b"platform" not in r.content
+
+
+def test_large_blob_streams_with_flat_memory(rp: proxy.ProxyProc, upstreams: dict[str, registry.Upstream]) -> None:
+    """A 256 MiB blob through the proxy: the proxy's peak RSS stays far below the blob's size."""
+    up = upstreams["anonymous"]
+    size, chunk = 256 * 1024 * 1024, bytes(range(256)) * 4096  # 1 MiB chunks
+    digest = hashlib.sha256()
+    for _ in range(size // len(chunk)):
+        digest.update(chunk)
+    dgst = f"sha256:{digest.hexdigest()}"
+    with httpx.Client(timeout=120) as c:
+        start = c.post(f"{up.url}/v2/platform/big/blobs/uploads/")
+        assert start.status_code == 202, start.text
+        loc = urljoin(up.url, start.headers["location"])
+        sep = "&" if "?" in loc else "?"
+        put = c.put(
+            f"{loc}{sep}digest={dgst}",
+            content=(chunk for _ in range(size // len(chunk))),
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert put.status_code == 201, put.text
+    tok = token_for(rp, "anon/big")
+    received = hashlib.sha256()
+    total = 0
+    with httpx.stream("GET", f"{rp.url}/v2/anon/big/blobs/{dgst}", headers={"Authorization": f"Bearer {tok}"}) as r:
+        assert r.status_code == 200
+        for part in r.iter_bytes():
+            received.update(part)
+            total += len(part)
+    assert total == size and f"sha256:{received.hexdigest()}" == dgst
+    peak_kb = _peak_rss_kb(rp)
+    assert peak_kb < 200 * 1024, f"proxy peak RSS {peak_kb} kB while streaming a {size >> 20} MiB blob"
+
+
+def _peak_rss_kb(rp: proxy.ProxyProc) -> int:
+    status = Path(f"/proc/{rp.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
 
 
 # --- refusals ---------------------------------------------------------------------------------
