@@ -49,7 +49,7 @@ ensure_venv() {
 }
 
 # Debian packages the end-to-end tests use (real registry, real clients).
-test_packages=(docker-registry skopeo apache2-utils)
+test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman)
 
 install_test_packages() {
   local missing=() p

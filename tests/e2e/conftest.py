@@ -20,7 +20,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from rig import proxy, registry, standard
+from rig import matrix, proxy, registry, standard, tls
 
 Digests = standard.Digests
 TestImages = standard.TestImages
@@ -103,3 +103,31 @@ def make_proxy(tmp_path: Path) -> Iterator[ProxyFactory]:
     for p in started:
         p.stop()
         sys.stdout.write(f"--- mitmdump output ({p.host}):\n{p.output()}\n")
+
+
+@pytest.fixture(scope="session")
+def test_ca(tmp_path_factory: pytest.TempPathFactory) -> tls.TestCA:
+    """A CA and a server certificate for 127.0.0.1 / ::1 / localhost (see rig/tls.py)."""
+    return tls.make_ca(tmp_path_factory.mktemp("test-ca"))
+
+
+@pytest.fixture(scope="session")
+def matrix_proxy(
+    upstreams: dict[str, registry.Upstream], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[proxy.ProxyProc]:
+    """One mitmdump with the client-matrix mappings (rig/matrix.py), plain HTTP (TLS auto-detected)."""
+    p = proxy.start_proxy(matrix.matrix_config(upstreams), tmp_path_factory.mktemp("matrix-http"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="session")
+def matrix_tls_proxy(
+    upstreams: dict[str, registry.Upstream], test_ca: tls.TestCA, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[proxy.ProxyProc]:
+    """The same mappings, the proxy presenting `test_ca`'s server certificate to TLS clients."""
+    p = proxy.start_proxy(
+        matrix.matrix_config(upstreams), tmp_path_factory.mktemp("matrix-tls"), extra_args=test_ca.certs_option()
+    )
+    yield p
+    p.stop()
