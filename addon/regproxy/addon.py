@@ -185,13 +185,11 @@ class RegistryProxy:
                 "no secret key configured: using a random one for this process; tokens will survive "
                 "neither a restart nor a second replica (set secretkey or $REGISTRYPROXY_SECRETKEY)"
             )
-        old_client = self.client
-        self.client = RegistryClient(config.upstream_timeout)
+        if self.client is None or self.client.timeout != config.upstream_timeout:
+            self.client = RegistryClient(config.upstream_timeout)
         matcher = Matcher(config.mappings)
         codec = TokenCodec(config.secretkeys)
         self.state = State(config, matcher, codec, TokenService(config, matcher, codec, self.client))
-        if old_client is not None:
-            _ = old_client  # closed when garbage-collected; in-flight token fetches may still use it
         logger.info(
             "registryproxy: %d mappings loaded from %s: %s",
             len(config.mappings),
@@ -290,12 +288,8 @@ class RegistryProxy:
 
         # Rewrite to the upstream.
         upstream = match.mapping.upstream
-        if match.mapping.auth and (match.mapping.auth.startswith("Basic ") or match.mapping.auth.startswith("Bearer ")):
-            upstream_auth: str | None = match.mapping.auth
-        else:
-            upstream_auth = None
-        if grant.upstream_token:
-            upstream_auth = f"Bearer {grant.upstream_token}"
+        # The upstream token from the client's token, else the mapping's own credentials, else none.
+        upstream_auth = f"Bearer {grant.upstream_token}" if grant.upstream_token else match.mapping.auth
         fields = [(k, v) for k, v in req.headers.fields if k.lower().decode("latin-1") in FORWARD_REQUEST_HEADERS]
         req.headers = http.Headers(fields)
         if upstream_auth:

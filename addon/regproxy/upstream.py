@@ -100,6 +100,7 @@ class RegistryClient:
     """Talks to upstream registries and their token services (async, bounded in time and size)."""
 
     def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
         self._timeout = httpx.Timeout(timeout, connect=min(timeout, 10.0))
         self._http: httpx.AsyncClient | None = None
         self._auth: dict[str, tuple[float, AuthMethod]] = {}
