@@ -6,6 +6,7 @@
 #   ./run.sh test [pytest args]   install what the tests need and run the whole suite
 #   ./run.sh keygen               print a new secret key
 #   ./run.sh capability           print a new capability prefix and the config lines to use it
+#   ./run.sh demo [--web]         offline demo: a local registry, the proxy, pulls through both mappings
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -83,6 +84,11 @@ case "$cmd" in
     ensure_venv "$here/requirements.txt"
     exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run --web -- "$@"
     ;;
+  demo)
+    shift
+    ensure_venv "$here/requirements.txt"
+    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.demo "$@"
+    ;;
   keygen | capability)
     shift
     ensure_venv "$here/requirements.txt"
@@ -98,7 +104,7 @@ case "$cmd" in
     exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run -- "$@"
     ;;
   *)
-    echo "run.sh: unknown command '$cmd' (use: run, web, test, keygen, capability)" >&2
+    echo "run.sh: unknown command '$cmd' (use: run, web, demo, test, keygen, capability)" >&2
     exit 2
     ;;
 esac

@@ -264,7 +264,9 @@ def start_upstream(
     if kind == "redirect":
         blobs = BlobServer(storage_root).start()
 
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY")}
+    # distribution reads REGISTRY_* variables as settings (REGISTRY_AUTH_FILE, set for podman, would
+    # become auth.file): the registry gets none of them.
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
     env.pop("AWS_CA_BUNDLE", None)  # makes the s3 driver panic; harmless to drop here
     config_path = workdir / "config.yml"
     try:
