@@ -339,9 +339,18 @@ def test_upstream_401_is_rewritten_to_the_proxys_challenge(
         assert b"platform" not in r.content
 
 
-def test_large_blob_streams_with_flat_memory(rp: proxy.ProxyProc, upstreams: dict[str, registry.Upstream]) -> None:
+@pytest.fixture
+def own_upstream(tmp_path: Path) -> Iterator[registry.Upstream]:
+    """An anonymous upstream of this test's own, so that what it pushes stays out of the shared ones."""
+    up = registry.start_upstream("anonymous", tmp_path / "own-upstream")
+    yield up
+    up.stop()
+
+
+def test_large_blob_streams_with_flat_memory(own_upstream: registry.Upstream, make_proxy: Any) -> None:
     """A 256 MiB blob through the proxy: the proxy's peak RSS stays far below the blob's size."""
-    up = upstreams["anonymous"]
+    up = own_upstream
+    rp = make_proxy({"secretkey": KEY_HEX, "proxies": {"anon/": {"registry": up.url, "remote": "platform"}}})
     size, chunk = 256 * 1024 * 1024, bytes(range(256)) * 4096  # 1 MiB chunks
     digest = hashlib.sha256()
     for _ in range(size // len(chunk)):
