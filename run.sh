@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # registryproxy: one entry point for running, debugging and testing the proxy.
 #
-#   ./run.sh [mitmdump args...]   run the proxy with config.yaml (or $REGISTRYPROXY_CONFIG)
+#   ./run.sh [--workers N] [--stock] [mitmproxy args...]
+#                                 run the proxy with config.yaml (or $REGISTRYPROXY_CONFIG)
 #   ./run.sh web [mitmweb args]   the same under mitmweb, to debug pulls interactively
 #   ./run.sh test [pytest args]   install what the tests need and run the whole suite
 #   ./run.sh keygen               print a new secret key
@@ -50,7 +51,10 @@ ensure_venv() {
 }
 
 # Debian packages the end-to-end tests use (real registry, real clients).
-test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman)
+test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy)
+
+# Extra Debian packages the benchmark uses (nginx and haproxy as references, wrk as load generator).
+bench_packages=(nginx haproxy wrk curl)
 
 install_test_packages() {
   local missing=() p
@@ -66,6 +70,24 @@ install_test_packages() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
+# ./run.sh [--workers N] [--stock] [mitmproxy args]: the proxy, by default under the lean master.
+run_proxy() {
+  local own=() workers=1
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --workers) own+=("$1" "${2:-}"); workers="${2:-1}"; shift 2 || shift ;;
+      --workers=*) own+=("$1"); workers="${1#--workers=}"; shift ;;
+      --stock) own+=("$1"); shift ;;
+      *) break ;;
+    esac
+  done
+  ensure_venv "$here/requirements.txt"
+  if [ "$workers" != 1 ] && ! command -v haproxy >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null
+  fi
+  exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run "${own[@]}" -- "$@"
+}
+
 cmd="${1:-run}"
 case "$cmd" in
   test)
@@ -78,6 +100,15 @@ case "$cmd" in
     MYPYPATH="$here/addon:$here/tests" "$venv/bin/mypy" --strict --python-version 3.12 --no-error-summary \
       --untyped-calls-exclude mitmproxy --explicit-package-bases addon tests
     exec "$venv/bin/python" -m pytest -c "$here/tests/pytest.ini" --rootdir "$here" "$@" tests
+    ;;
+  bench)
+    shift
+    test_packages+=("${bench_packages[@]}")
+    install_test_packages
+    ensure_venv "$here/tests/requirements.txt"
+    ensure_venv "$here/tests/bench/requirements.txt"
+    cd "$here"
+    exec env PYTHONPATH="$here/addon:$here/tests" "$venv/bin/python" tests/bench/bench.py "$@"
     ;;
   web)
     shift
@@ -94,14 +125,9 @@ case "$cmd" in
     ensure_venv "$here/requirements.txt"
     exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli "$cmd" "$@"
     ;;
-  run)
-    [ $# -gt 0 ] && shift
-    ensure_venv "$here/requirements.txt"
-    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run -- "$@"
-    ;;
-  -*)
-    ensure_venv "$here/requirements.txt"
-    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run -- "$@"
+  run | -*)
+    if [ $# -gt 0 ] && [ "$1" = run ]; then shift; fi
+    run_proxy "$@"
     ;;
   *)
     echo "run.sh: unknown command '$cmd' (use: run, web, demo, test, keygen, capability)" >&2

@@ -166,13 +166,11 @@ class RegistryProxy:
             "Also log mitmproxy's per-connection lines (client/server connect) at info level.",
         )
         failures.install()
+        _connection_logs(False)
 
     def configure(self, updated: set[str]) -> None:
         if "registryproxy_connection_logs" in updated:
-            # One line per request is the addon's; mitmproxy's connection chatter only on request.
-            quiet = logging.NOTSET if ctx.options.registryproxy_connection_logs else logging.WARNING
-            for name in ("mitmproxy.proxy.server", "httpx", "httpcore"):
-                logging.getLogger(name).setLevel(quiet)
+            _connection_logs(ctx.options.registryproxy_connection_logs)
         if "registryproxy_config" not in updated and self.state is not None:
             return
         path = ctx.options.registryproxy_config or os.environ.get(CONFIG_ENV) or str(DEFAULT_CONFIG)
@@ -198,6 +196,13 @@ class RegistryProxy:
         )
 
     def running(self) -> None:
+        if self.state is None:
+            # Started without any configure call naming our option (e.g. a master that adds the
+            # addon directly): load the default configuration now, or fail start-up loudly.
+            try:
+                self.configure({"registryproxy_config"})
+            except exceptions.OptionsError as e:
+                logger.error("registryproxy: %s", e)
         # The proxy routes per request and needs the client's Host: never dial the default
         # reverse target eagerly, and keep the Host header mitmproxy would otherwise replace.
         updates: dict[str, Any] = {}
@@ -216,10 +221,13 @@ class RegistryProxy:
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if flow.response or flow.error or not flow.live or self.state is None:
+        if flow.response or flow.error or not flow.live:
             return
         st = FlowState()
         self._flows[flow] = st
+        if self.state is None:
+            self._reply_error(flow, RegistryError(503, "UNAVAILABLE", "the proxy has no valid configuration"))
+            return
         state = self.state
         req = flow.request
         path, _, query = req.path.partition("?")
@@ -535,6 +543,13 @@ class RegistryProxy:
             flow.request.headers["Authorization"] = "[redacted]"
         if st.kind != "upstream":
             flow.request.path = st.log_path
+
+
+def _connection_logs(on: bool) -> None:
+    """One line per request is the addon's; mitmproxy's per-connection lines only when asked for."""
+    level = logging.NOTSET if on else logging.WARNING
+    for name in ("mitmproxy.proxy.server", "httpx", "httpcore"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _client_host(req: http.Request) -> str | None:

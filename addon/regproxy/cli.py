@@ -15,12 +15,14 @@ REPO = ADDON_DIR.parent
 CONFIG_ENV = "REGISTRYPROXY_CONFIG"
 
 
-def mitm_args(config_path: str, listen_addr: str, port: int) -> list[str]:
-    """The mitmproxy arguments that make it registryproxy, listening where the config says."""
+def mitm_args(config_path: str, listen_addr: str, port: int, script: bool = True) -> list[str]:
+    """The mitmproxy arguments that make it registryproxy, listening where the config says.
+
+    `script` loads the addon with `-s` (stock mitmdump/mitmweb); the lean master has it built in.
+    """
     listen = f"[{listen_addr}]:{port}" if ":" in listen_addr else f"{listen_addr}:{port}"
     return [
-        "-s",
-        str(ADDON_DIR / "registryproxy.py"),
+        *(["-s", str(ADDON_DIR / "registryproxy.py")] if script else []),
         # Reverse mode to a dead default target: the addon routes every request itself.
         "--mode",
         f"reverse:http://127.0.0.1:9@{listen}",
@@ -44,6 +46,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     run = sub.add_parser("run", help="run the proxy")
     run.add_argument("--web", action="store_true", help="run under mitmweb")
+    run.add_argument(
+        "--stock", action="store_true", help="run under stock mitmdump (all default addons) instead of the lean master"
+    )
+    run.add_argument(
+        "--workers", type=int, default=1, metavar="N", help="N proxy processes behind HAProxy (one per core)"
+    )
     run.add_argument("extra", nargs=argparse.REMAINDER, help="further mitmproxy arguments")
     sub.add_parser("keygen", help="print a new secret key")
     sub.add_parser("capability", help="print a new capability prefix and config lines")
@@ -73,17 +81,25 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"registryproxy: {e}", file=sys.stderr)
         return 1
-    extra = [a for a in args.extra if a != "--"] if args.extra[:1] == ["--"] else args.extra
-    if args.extra[:1] == ["--"]:
-        extra = args.extra[1:]
-    tool = "mitmweb" if args.web else "mitmdump"
-    argv_out = [str(Path(sys.executable).parent / tool), *mitm_args(config_path, config.listen_addr, config.port)]
-    if not args.web:
-        # The addon logs one line per request; mitmdump's own flow printing would repeat it.
-        argv_out += ["--set", "flow_detail=0"]
+    extra = args.extra[1:] if args.extra[:1] == ["--"] else args.extra
+    bindir = Path(sys.executable).parent
+    if args.web:
+        argv_out = [str(bindir / "mitmweb"), *mitm_args(config_path, config.listen_addr, config.port)]
+        os.execv(argv_out[0], [*argv_out, "--set", "web_open_browser=false", *extra])
+    if args.stock:
+        # Stock mitmdump: its own flow printing would repeat the addon's line per request.
+        worker = [str(bindir / "mitmdump"), "--set", "flow_detail=0"]
     else:
-        argv_out += ["--set", "web_open_browser=false"]
-    argv_out += extra
+        # The lean master (regproxy.serve): only the addons a reverse registry proxy needs.
+        worker = [sys.executable, "-m", "regproxy.serve"]
+    if args.workers > 1:
+        from .workers import run_workers
+
+        return run_workers(args.workers, config, config_path, worker, extra, script=args.stock)
+    if args.workers < 1:
+        print("registryproxy: --workers must be at least 1", file=sys.stderr)
+        return 2
+    argv_out = [*worker, *mitm_args(config_path, config.listen_addr, config.port, script=args.stock), *extra]
     os.execv(argv_out[0], argv_out)
     return 0  # not reached
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -24,6 +25,7 @@ import pyseto
 from pyseto import DecryptError, Key, VerifyError
 
 ACCESS_ASSERTION = b"registryproxy:access:v1"
+READ_CACHE_SIZE = 4096
 REFRESH_ASSERTION = b"registryproxy:refresh:v1"
 MAX_TOKEN_LENGTH = 64 * 1024
 
@@ -71,6 +73,9 @@ class TokenCodec:
             raise ValueError("at least one key is needed")
         self._keys = [Key.new(version=4, purpose="local", key=k) for k in keys]
         self._kid = key_id(keys[0])
+        # Tokens already decrypted and checked, by (token, audience): a client sends the same token
+        # with every request of a pull. Entries are used only until the token's expiry.
+        self._read: OrderedDict[tuple[str, str], AccessToken] = OrderedDict()
 
     def issue_access(self, audience: str, grants: tuple[Grant, ...], lifetime: int) -> str:
         payload = {
@@ -84,6 +89,20 @@ class TokenCodec:
         return self._encode(payload, ACCESS_ASSERTION, lifetime)
 
     def read_access(self, token: str, audience: str) -> AccessToken:
+        cached = self._read.get((token, audience))
+        if cached is not None:
+            if cached.expires_at > time.time():
+                self._read.move_to_end((token, audience))
+                return cached
+            del self._read[(token, audience)]
+            raise TokenError("expired")
+        access = self._read_access(token, audience)
+        self._read[(token, audience)] = access
+        if len(self._read) > READ_CACHE_SIZE:
+            self._read.popitem(last=False)
+        return access
+
+    def _read_access(self, token: str, audience: str) -> AccessToken:
         payload = self._decode(token, ACCESS_ASSERTION, audience)
         try:
             grants = tuple(

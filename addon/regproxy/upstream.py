@@ -16,6 +16,7 @@ import logging
 import re
 import socket
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -28,6 +29,10 @@ from .config import Mapping, Upstream
 logger = logging.getLogger(__name__)
 
 AUTH_CACHE_SECONDS = 600.0
+TOKEN_CACHE_SIZE = 1024
+# An upstream token is reused while at least this share of its life is left, so the client
+# tokens that wrap it still live long enough to be worth having.
+TOKEN_REUSE_FRACTION = 0.5
 MAX_TOKEN_RESPONSE = 256 * 1024
 MAX_UPSTREAM_TOKEN = 32 * 1024
 DEFAULT_EXPIRES_IN = 60
@@ -52,6 +57,11 @@ class AuthMethod:
 class UpstreamToken:
     token: str = field(repr=False)
     expires_at: float
+    issued_at: float = 0.0
+
+    def reusable(self, now: float) -> bool:
+        lifetime = self.expires_at - self.issued_at
+        return self.expires_at - now >= max(1.0, lifetime * TOKEN_REUSE_FRACTION)
 
 
 def realm_allowed(realm: str, upstream: Upstream) -> bool:
@@ -105,6 +115,11 @@ class RegistryClient:
         self._http: httpx.AsyncClient | None = None
         self._auth: dict[str, tuple[float, AuthMethod]] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # Upstream tokens by (mapping, upstream repositories): a mapping carries its own upstream and
+        # credentials, so a token is never shared across mappings or credentials.
+        self._tokens: OrderedDict[tuple[Mapping, tuple[str, ...]], UpstreamToken] = OrderedDict()
+        self._token_locks: dict[tuple[Mapping, tuple[str, ...]], asyncio.Lock] = {}
+        self.token_fetches = 0
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -161,9 +176,40 @@ class RegistryClient:
         raise UpstreamError(f"upstream registry answered {resp.status_code} to /v2/")
 
     async def fetch_token(self, mapping: Mapping, upstream_names: list[str]) -> UpstreamToken | None:
-        """An upstream token for pulling these upstream repositories, or None if not needed."""
+        """An upstream token for pulling these upstream repositories, or None if not needed.
+
+        A token fetched earlier for the same mapping and repositories is reused while at least
+        half of its life is left (never past its expiry).
+        """
         if mapping.auth and mapping.auth.startswith("Bearer "):
             return None
+        key = (mapping, tuple(sorted(set(upstream_names))))
+        cached = self._cached_token(key)
+        if cached is not None:
+            return cached
+        async with self._token_locks.setdefault(key, asyncio.Lock()):
+            cached = self._cached_token(key)
+            if cached is not None:
+                return cached
+            token = await self._fetch_token(mapping, list(key[1]))
+            if token is not None:
+                self._tokens[key] = token
+                while len(self._tokens) > TOKEN_CACHE_SIZE:
+                    old, _ = self._tokens.popitem(last=False)
+                    self._token_locks.pop(old, None)
+            return token
+
+    def _cached_token(self, key: tuple[Mapping, tuple[str, ...]]) -> UpstreamToken | None:
+        token = self._tokens.get(key)
+        if token is None:
+            return None
+        if not token.reusable(time.time()):
+            del self._tokens[key]
+            return None
+        self._tokens.move_to_end(key)
+        return token
+
+    async def _fetch_token(self, mapping: Mapping, upstream_names: list[str]) -> UpstreamToken | None:
         method = await self.auth_method(mapping.upstream)
         if method.kind != "bearer" or method.realm is None:
             return None
@@ -176,6 +222,7 @@ class RegistryClient:
             params.insert(0, ("service", method.service))
         headers = {"Authorization": mapping.auth} if mapping.auth else {}
         started = time.time()
+        self.token_fetches += 1
         try:
             async with self._client().stream("GET", method.realm, params=params, headers=headers) as resp:
                 if resp.status_code != 200:
@@ -214,7 +261,7 @@ def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
         expires_in = DEFAULT_EXPIRES_IN
     # Expiry counts from when the request was sent, on this clock: the upstream's
     # `issued_at` is not trusted, so clock skew can only shorten a token, never extend it.
-    return UpstreamToken(token, requested_at + expires_in)
+    return UpstreamToken(token, requested_at + expires_in, requested_at)
 
 
 def _method_from(ch: UpstreamChallenge | None) -> AuthMethod | None:

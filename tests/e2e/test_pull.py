@@ -501,33 +501,47 @@ def test_no_secret_in_the_proxys_output(rp: proxy.ProxyProc, upstreams: dict[str
 # --- start-up ---------------------------------------------------------------------------------
 
 
-def test_run_sh_starts_the_proxy_with_a_config(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", [[], ["--stock"], ["--workers", "2"]], ids=["lean", "stock", "workers"])
+def test_run_sh_starts_the_proxy_with_a_config(tmp_path: Path, mode: list[str]) -> None:
     port = free_port()
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"listen_addr: 127.0.0.1\nport: {port}\nproxies:\n  'x/':\n    registry: http://127.0.0.1:9\n")
     env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
     proc = subprocess.Popen(
-        [str(REPO / "run.sh")], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
+        [str(REPO / "run.sh"), *mode],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
     )
+    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60
         status = None
         while time.monotonic() < deadline:
             try:
-                status = httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2).status_code
+                status = httpx.get(f"{url}/v2/", timeout=2).status_code
                 break
             except httpx.TransportError:
                 time.sleep(0.2)
         assert status == 401
+        # A token from one process is good on every other (workers share one key), each request
+        # on a new connection so that HAProxy spreads them.
+        tok = httpx.get(f"{url}/token", params={"scope": "repository:other/app:pull"}, timeout=10).json()["token"]
+        for _ in range(4):
+            assert httpx.get(f"{url}/v2/", headers={"Authorization": f"Bearer {tok}"}, timeout=10).status_code == 200
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
-            proc.wait(10)
+            proc.wait(15)
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     out = proc.stdout.read().decode() if proc.stdout else ""
     assert "random one for this process" in out
+    if mode == ["--workers", "2"]:
+        assert "2 workers on 127.0.0.1:" in out
+        assert out.count("GET /v2/ mapping=- status=200") >= 4
 
 
 def test_bad_config_refuses_start_with_one_line(tmp_path: Path) -> None:

@@ -233,3 +233,21 @@ def test_grants_round_trip(grants: tuple[Grant, ...]) -> None:
     read = _CODEC.read_access(_CODEC.issue_access(AUD, grants, 60), AUD)
     expected = tuple(Grant(g.mapping, g.names, g.upstream_token or None) for g in grants)
     assert read.grants == expected
+
+
+def test_read_cache_never_outlives_the_token() -> None:
+    codec = TokenCodec((b"\x07" * 32,))
+    tok = codec.issue_access("aud", (), 2)
+    assert codec.read_access(tok, "aud").expires_at > time.time()
+    assert codec.read_access(tok, "aud") is codec.read_access(tok, "aud")  # served from the cache
+    time.sleep(2.2)
+    with pytest.raises(TokenError, match="expired"):
+        codec.read_access(tok, "aud")
+
+
+def test_read_cache_is_per_audience() -> None:
+    codec = TokenCodec((b"\x07" * 32,))
+    tok = codec.issue_access("aud", (), 60)
+    codec.read_access(tok, "aud")
+    with pytest.raises(TokenError):
+        codec.read_access(tok, "other")

@@ -123,7 +123,7 @@ def body(**fields: Any) -> bytes:
 
 
 def test_token_field() -> None:
-    assert parse_token_response(body(token="abc", expires_in=300), 1000.0) == UpstreamToken("abc", 1300.0)
+    assert parse_token_response(body(token="abc", expires_in=300), 1000.0) == UpstreamToken("abc", 1300.0, 1000.0)
 
 
 def test_access_token_field() -> None:
@@ -478,3 +478,76 @@ def test_fetch_token_unparseable_realm_is_upstream_error() -> None:
     client = make_client(registry(bearer("https://256.1.1.1/token")), [])
     with pytest.raises(UpstreamError):
         run(fetch(client, mapping(), ["org/app"]))
+
+
+# --- upstream token reuse ---
+
+
+def _token_requests(log: list[httpx.Request]) -> int:
+    return sum(1 for r in log if r.url.path != "/v2/")
+
+
+def test_token_is_reused_for_the_same_mapping_and_repositories() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(bearer()), log)
+
+    async def go() -> list[UpstreamToken | None]:
+        try:
+            return [await client.fetch_token(mapping(), ["org/a", "org/b"]) for _ in range(3)] + [
+                await client.fetch_token(mapping(), ["org/b", "org/a"])
+            ]
+        finally:
+            await client.aclose()
+
+    tokens = run(go())
+    assert _token_requests(log) == 1 and client.token_fetches == 1
+    assert len({t.token for t in tokens if t}) == 1
+
+
+def test_token_is_not_shared_across_repositories_mappings_or_credentials() -> None:
+    log: list[httpx.Request] = []
+    client = make_client(registry(bearer()), log)
+    other_key = Mapping(key="cp/", prefix=("cp",), namespace=True, upstream=HTTPS_UP, remote="org", auth=None)
+
+    async def go() -> None:
+        try:
+            await client.fetch_token(mapping(), ["org/a"])
+            await client.fetch_token(mapping(), ["org/b"])
+            await client.fetch_token(other_key, ["org/a"])
+            await client.fetch_token(mapping(auth="Basic b3RoZXI6cGFzcw=="), ["org/a"])
+        finally:
+            await client.aclose()
+
+    run(go())
+    assert _token_requests(log) == 4
+    assert [r.headers.get("authorization") for r in log if r.url.path != "/v2/"] == [
+        "Basic dXNlcjpwYXNz",
+        "Basic dXNlcjpwYXNz",
+        None,
+        "Basic b3RoZXI6cGFzcw==",
+    ]
+
+
+def test_token_is_fetched_again_once_half_its_life_is_gone() -> None:
+    log: list[httpx.Request] = []
+    answer = httpx.Response(200, json={"token": "short", "expires_in": 2})
+    client = make_client(registry(bearer(), token_answer=answer), log)
+
+    async def go() -> None:
+        try:
+            await client.fetch_token(mapping(), ["org/a"])
+            await client.fetch_token(mapping(), ["org/a"])
+            assert _token_requests(log) == 1
+            await asyncio.sleep(1.1)
+            await client.fetch_token(mapping(), ["org/a"])
+        finally:
+            await client.aclose()
+
+    run(go())
+    assert _token_requests(log) == 2
+
+
+def test_reusable_needs_half_the_life_left() -> None:
+    t = UpstreamToken("t", expires_at=1300.0, issued_at=1000.0)
+    assert t.reusable(1000.0) and t.reusable(1150.0)
+    assert not t.reusable(1151.0) and not t.reusable(1400.0)
