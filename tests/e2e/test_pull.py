@@ -502,10 +502,19 @@ def test_no_secret_in_the_proxys_output(rp: proxy.ProxyProc, upstreams: dict[str
 
 
 @pytest.mark.parametrize("mode", [[], ["--stock"], ["--workers", "2"]], ids=["lean", "stock", "workers"])
-def test_run_sh_starts_the_proxy_with_a_config(tmp_path: Path, mode: list[str]) -> None:
+def test_run_sh_starts_the_proxy_with_a_config(
+    tmp_path: Path,
+    mode: list[str],
+    upstreams: dict[str, registry.Upstream],
+    image_digests: dict[str, standard.Digests],
+) -> None:
     port = free_port()
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"listen_addr: 127.0.0.1\nport: {port}\nproxies:\n  'x/':\n    registry: http://127.0.0.1:9\n")
+    up = upstreams["token"]
+    cfg.write_text(
+        f"listen_addr: 127.0.0.1\nport: {port}\nproxies:\n  'x/':\n    registry: {up.url}\n    remote: platform\n"
+        f"    username: {up.username}\n    password: {up.password}\n"
+    )
     env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
     proc = subprocess.Popen(
         [str(REPO / "run.sh"), *mode],
@@ -530,6 +539,8 @@ def test_run_sh_starts_the_proxy_with_a_config(tmp_path: Path, mode: list[str]) 
         tok = httpx.get(f"{url}/token", params={"scope": "repository:other/app:pull"}, timeout=10).json()["token"]
         for _ in range(4):
             assert httpx.get(f"{url}/v2/", headers={"Authorization": f"Bearer {tok}"}, timeout=10).status_code == 200
+        pulled = clients.skopeo_copy(f"127.0.0.1:{port}/x/app:multi", tmp_path / "pulled", all=True, tag="multi")
+        assert pulled.check().digest == image_digests["token"][(APP, "multi")]
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         try:
