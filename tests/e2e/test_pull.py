@@ -441,13 +441,19 @@ def test_token_endpoint_cuts_actions_to_pull(rp: proxy.ProxyProc, upstreams: dic
     up.token_issuer.clear()
     r = httpx.post(
         f"{rp.url}/token",
-        data={"grant_type": "password", "username": "x", "password": "y", "scope": "repository:tok/app:push,pull,*"},
+        data={
+            "grant_type": "password",
+            "username": "x",
+            "password": "y",
+            "scope": "repository:tok/cut-check:push,pull,* repository:tok/push-only:push",
+        },
         timeout=30,
     )
     assert r.status_code == 200 and "refresh_token" in r.json()
-    assert [s for q in up.token_issuer.requests() for s in q.scopes] == ["repository:platform/app:pull"]
+    # A repository no earlier test asked for, so the upstream token cannot come from the proxy's cache.
+    assert [s for q in up.token_issuer.requests() for s in q.scopes] == ["repository:platform/cut-check:pull"]
     tok = r.json()["token"]
-    put = get(rp, "/v2/tok/app/manifests/v9", tok, method="PUT", content=b"{}")
+    put = get(rp, "/v2/tok/cut-check/manifests/v9", tok, method="PUT", content=b"{}")
     assert put.status_code == 405
     refreshed = httpx.post(
         f"{rp.url}/token",
@@ -464,6 +470,19 @@ def test_token_endpoint_cuts_actions_to_pull(rp: proxy.ProxyProc, upstreams: dic
         f"{rp.url}/token", data={"grant_type": "refresh_token", "refresh_token": "v4.local.xx"}, timeout=30
     )
     assert bad.status_code == 401
+
+
+def test_upstream_token_is_reused_across_client_tokens(
+    rp: proxy.ProxyProc, upstreams: dict[str, registry.Upstream]
+) -> None:
+    up = upstreams["token"]
+    assert up.token_issuer is not None
+    up.token_issuer.clear()
+    client_tokens = {token_for(rp, "tok/reuse-check") for _ in range(5)}
+    assert len(client_tokens) == 5  # every client gets a token of its own ...
+    assert up.token_issuer.count() == 1  # ... wrapping one upstream token, fetched once
+    token_for(rp, "tok/reuse-check", "tok/reuse-other")
+    assert up.token_issuer.count() == 2  # another set of repositories is another upstream token
 
 
 def test_dead_and_stalled_upstreams_answer_registry_errors_in_bounded_time(rp: proxy.ProxyProc) -> None:
