@@ -55,28 +55,28 @@ MAX_TAGS_BODY = 16 * 1024 * 1024
 # Request headers a client may send upstream; everything else (Authorization, cookies,
 # X-Forwarded-*, hop-by-hop headers) is dropped. Order and repeated lines are kept.
 FORWARD_REQUEST_HEADERS = frozenset(
-    {"host", "accept", "range", "if-range", "if-none-match", "if-modified-since", "user-agent"}
+    {b"accept", b"range", b"if-range", b"if-none-match", b"if-modified-since", b"user-agent"}
 )
 # Response headers the upstream may send a client; identity and quota headers are dropped.
 FORWARD_RESPONSE_HEADERS = frozenset(
     {
-        "content-type",
-        "content-length",
-        "content-range",
-        "accept-ranges",
-        "transfer-encoding",
-        "content-encoding",
-        "docker-content-digest",
-        "docker-distribution-api-version",
-        "etag",
-        "last-modified",
-        "cache-control",
-        "expires",
-        "date",
-        "location",
-        "link",
-        "oci-subject",
-        "oci-filters-applied",
+        b"content-type",
+        b"content-length",
+        b"content-range",
+        b"accept-ranges",
+        b"transfer-encoding",
+        b"content-encoding",
+        b"docker-content-digest",
+        b"docker-distribution-api-version",
+        b"etag",
+        b"last-modified",
+        b"cache-control",
+        b"expires",
+        b"date",
+        b"location",
+        b"link",
+        b"oci-subject",
+        b"oci-filters-applied",
     }
 )
 _HOST_RE = re.compile(r"(?:[a-z0-9.-]{1,253}|\[[0-9a-f:.]{2,45}\])(?::[0-9]{1,5})?")
@@ -298,15 +298,22 @@ class RegistryProxy:
         upstream = match.mapping.upstream
         # The upstream token from the client's token, else the mapping's own credentials, else none.
         upstream_auth = f"Bearer {grant.upstream_token}" if grant.upstream_token else match.mapping.auth
-        fields = [(k, v) for k, v in req.headers.fields if k.lower().decode("latin-1") in FORWARD_REQUEST_HEADERS]
-        req.headers = http.Headers(fields)
+        # One new header list (building it once is much cheaper than setting headers one by one).
+        fields = [(k, v) for k, v in req.headers.fields if k.lower() in FORWARD_REQUEST_HEADERS]
+        if req.is_http2 or req.is_http3:
+            req.authority = upstream.netloc  # HTTP/2's Host; mitmproxy turns it into Host for HTTP/1
+        else:
+            fields.insert(0, (b"Host", upstream.netloc.encode()))
         if upstream_auth:
-            req.headers["Authorization"] = upstream_auth
+            fields.append((b"Authorization", upstream_auth.encode()))
+        req.headers = http.Headers(fields)
         params = _upstream_params(route, query)
         st.page = dict(params)
         qs = f"?{urlencode(params)}" if params else ""
-        req.url = f"{upstream.origin}/v2/{match.upstream_name}{route.suffix}{qs}"
-        req.host_header = upstream.netloc
+        req.scheme = upstream.scheme
+        req.data.host = upstream.host
+        req.data.port = upstream.port
+        req.path = f"/v2/{match.upstream_name}{route.suffix}{qs}"
         st.kind = "upstream"
         st.watchdog = asyncio.get_running_loop().call_later(
             state.config.upstream_timeout, self._upstream_stalled, weakref.ref(flow)
@@ -356,7 +363,7 @@ class RegistryProxy:
         if resp.status_code == 401 and upstream_challenge and self.client is not None:
             self.client.learn(match.mapping.upstream, upstream_challenge)
 
-        fields = [(k, v) for k, v in resp.headers.fields if k.lower().decode("latin-1") in FORWARD_RESPONSE_HEADERS]
+        fields = [(k, v) for k, v in resp.headers.fields if k.lower() in FORWARD_RESPONSE_HEADERS]
         resp.headers = http.Headers(fields)
 
         if resp.status_code >= 400:

@@ -90,8 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         # Stock mitmdump: its own flow printing would repeat the addon's line per request.
         worker = [str(bindir / "mitmdump"), "--set", "flow_detail=0"]
     else:
-        # The lean master (regproxy.serve): only the addons a reverse registry proxy needs.
-        worker = [sys.executable, "-m", "regproxy.serve"]
+        # The lean master (regproxy.serve): only the addons a reverse registry proxy needs; -O drops
+        # mitmproxy's per-message debug type checks (the addon's asserts only narrow types).
+        worker = [sys.executable, "-O", "-m", "regproxy.serve"]
     if args.workers > 1:
         from .workers import run_workers
 
