@@ -302,10 +302,11 @@ CHART_PANELS = [
 def write_chart(path: Path, results: Results, configs: Sequence[str], title: str) -> bool:
     """A PNG of the main metrics (median bars, min-max whiskers). False if matplotlib is missing."""
     try:
-        import matplotlib
+        # Installed only by ./run.sh bench (tests/bench/requirements.txt), not for the tests' type check.
+        import matplotlib  # type: ignore[import-not-found,unused-ignore]
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # type: ignore[import-not-found,unused-ignore]
     except ImportError:
         print("matplotlib is not installed: no chart (pip install -r tests/bench/requirements.txt)", file=sys.stderr)
         return False
