@@ -49,7 +49,9 @@ CONFIG_ENV = "REGISTRYPROXY_CONFIG"
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent.parent / "config.yaml"
 TOKEN_PATH = "/token"
 API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
-MAX_TOKEN_BODY = 64 * 1024
+# The largest request body the proxy lets mitmproxy read: the token endpoint's form, and the body of any
+# request it answers itself (mitmproxy reads a body in full before it sends a local answer).
+MAX_LOCAL_BODY = 64 * 1024
 MAX_TAGS_BODY = 16 * 1024 * 1024
 
 # Request headers a client may send upstream; everything else (Authorization, cookies,
@@ -238,7 +240,7 @@ class RegistryProxy:
             st.kind, st.log_path = "token", TOKEN_PATH
             if req.method not in ("GET", "POST"):
                 self._reply_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
-            elif _content_length(req) > MAX_TOKEN_BODY:
+            elif _content_length(req) > MAX_LOCAL_BODY:
                 self._reply_error(flow, RegistryError(413, "SIZE_INVALID", "token request too large"))
             return  # answered in `request`, which has the body
 
@@ -450,6 +452,14 @@ class RegistryProxy:
         self._reply(flow, err.status, err.body(), headers)
 
     def _reply(self, flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        if _content_length(flow.request) > MAX_LOCAL_BODY:
+            # mitmproxy would read (and hold) the whole body before sending this answer: a multi-GB
+            # upload to a pull-only proxy would fill memory. Close the connection unread instead.
+            st = self._flows.get(flow)
+            if st is not None:
+                st.token = f"{st.token}; {status} answer replaced by closing: body over {MAX_LOCAL_BODY} bytes"
+            flow.kill()
+            return
         all_headers = {"Content-Type": "application/json; charset=utf-8", **API_VERSION, **(headers or {})}
         if flow.request.method == "HEAD":
             flow.response = http.Response.make(status, b"", all_headers)

@@ -380,6 +380,39 @@ def test_large_blob_streams_with_flat_memory(own_upstream: registry.Upstream, ma
     assert peak_kb < 200 * 1024, f"proxy peak RSS {peak_kb} kB while streaming a {size >> 20} MiB blob"
 
 
+@pytest.mark.parametrize("authorized", [False, True])
+def test_huge_upload_is_refused_unread(rp: proxy.ProxyProc, authorized: bool) -> None:
+    """A 4 GiB PUT to the pull-only proxy: the connection is closed without the body being read."""
+    tok = token_for(rp, "anon/app")
+    auth = f"Authorization: Bearer {tok}\r\n" if authorized else ""
+    head = (
+        f"PUT /v2/anon/app/blobs/uploads/x?digest=sha256:{'0' * 64} HTTP/1.1\r\nHost: {rp.host}\r\n{auth}"
+        f"Content-Type: application/octet-stream\r\nContent-Length: {4 << 30}\r\n\r\n"
+    ).encode()
+    chunk = b"\0" * (1 << 20)
+    sent = 0
+    closed = False
+    started = time.monotonic()
+    with socket.create_connection(("127.0.0.1", rp.port), timeout=10) as s:
+        s.sendall(head)
+        try:
+            while sent < (512 << 20) and time.monotonic() - started < 20:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:
+            closed = True
+        if not closed:
+            s.settimeout(5)
+            try:
+                closed = s.recv(1) == b""
+            except OSError:
+                closed = True
+    assert closed, f"the proxy kept reading: {sent >> 20} MiB sent"
+    assert sent < (512 << 20)
+    assert _peak_rss_kb(rp) < 200 * 1024
+    assert get(rp, "/v2/anon/app/manifests/v1", tok).status_code == 200  # and it keeps serving
+
+
 def _peak_rss_kb(rp: proxy.ProxyProc) -> int:
     status = Path(f"/proc/{rp.proc.pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
