@@ -101,6 +101,7 @@ class FlowState:
     error_body: bytes | None = None
     watchdog: asyncio.TimerHandle | None = None
     timed_out: bool = False
+    last_data: float = 0.0
 
     def settle(self) -> None:
         """The upstream answered (or failed): stop waiting for it."""
@@ -150,6 +151,8 @@ class RegistryProxy:
         self.state: State | None = None
         self.client: RegistryClient | None = None
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
+        self._streaming: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
+        self._idle_check: asyncio.Task[None] | None = None
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -403,13 +406,14 @@ class RegistryProxy:
             if _content_length(resp) > MAX_TAGS_BODY:
                 flow.kill()
             return  # buffered: the body's `name` is rewritten in `response`
-        resp.stream = True
+        resp.stream = self._watch_stream(flow, st)
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         st = self._flows.get(flow)
         if st is None or flow.response is None:
             return
+        self._streaming.discard(flow)
         resp = flow.response
         if st.kind == "upstream" and st.match is not None:
             if st.error_body is not None:
@@ -425,6 +429,7 @@ class RegistryProxy:
         if st is None:
             return
         st.settle()
+        self._streaming.discard(flow)
         self._log(flow, st)
 
     # --- helpers ---------------------------------------------------------------------
@@ -506,10 +511,40 @@ class RegistryProxy:
         st.watchdog = None
         st.timed_out = True
         logger.warning("%s %s: upstream sent no answer within %ss", flow.request.method, st.log_path, self._timeout())
-        proxyserver = ctx.master.addons.get("proxyserver")
-        handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
-        if handler is not None and flow.server_conn in getattr(handler, "transports", {}):
-            handler.close_connection(flow.server_conn)
+        _close_upstream(flow)
+
+    def _watch_stream(self, flow: http.HTTPFlow, st: FlowState) -> Callable[[bytes], bytes]:
+        """Stream a response body, noting when data last came, so a stalled body is cut off."""
+        st.last_data = time.monotonic()
+        self._streaming.add(flow)
+        if self._idle_check is None or self._idle_check.done():
+            self._idle_check = asyncio.get_running_loop().create_task(self._check_idle_streams())
+
+        def stream(data: bytes) -> bytes:
+            st.last_data = time.monotonic()
+            return data
+
+        return stream
+
+    async def _check_idle_streams(self) -> None:
+        """While bodies stream: close the upstream of any that sent nothing for `upstream_timeout`.
+
+        The client then sees a failed transfer (its Content-Length or chunked framing is not met),
+        never a silently short blob.
+        """
+        while self._streaming:
+            timeout = self._timeout()
+            await asyncio.sleep(max(0.2, min(1.0, timeout / 4)))
+            now = time.monotonic()
+            for flow in list(self._streaming):
+                st = self._flows.get(flow)
+                if st is None or not flow.live or flow.error is not None:
+                    self._streaming.discard(flow)
+                elif now - st.last_data > timeout:
+                    self._streaming.discard(flow)
+                    st.timed_out = True
+                    logger.warning("%s %s: upstream body stalled for %ss", flow.request.method, st.log_path, timeout)
+                    _close_upstream(flow)
 
     def _timeout(self) -> float:
         return self.state.config.upstream_timeout if self.state else 0.0
@@ -560,6 +595,27 @@ class RegistryProxy:
             flow.request.headers["Authorization"] = "[redacted]"
         if st.kind != "upstream":
             flow.request.path = st.log_path
+
+
+def _close_upstream(flow: http.HTTPFlow) -> None:
+    """Close the flow's upstream connection, or the connection attempt still under way.
+
+    Uses the proxy server's connection handler (there is no public API for this): the flow's
+    server connection once connected, else the pending connection to the flow's upstream.
+    """
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(flow.client_conn.id)
+    transports = getattr(handler, "transports", {})
+    if handler is None:
+        return
+    if flow.server_conn in transports:
+        handler.close_connection(flow.server_conn)
+        return
+    target = (flow.request.host, flow.request.port)
+    for conn in list(transports):
+        pending = getattr(conn, "timestamp_tcp_setup", None) is None
+        if conn is not flow.client_conn and getattr(conn, "address", None) == target and pending:
+            handler.close_connection(conn)
 
 
 def _connection_logs(on: bool) -> None:

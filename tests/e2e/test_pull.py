@@ -41,6 +41,65 @@ MANIFEST_TYPES = [
 ]
 
 
+class MidBodyStall:
+    """A fault injector: answers any request with a 200 head promising 1 MB, sends 1 KB, then stalls."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = self.sock.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self._stop = threading.Event()
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self) -> None:
+        self.sock.settimeout(0.2)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                continue
+            self.conns.append(conn)
+            conn.settimeout(5)
+            try:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+                    + b"x" * 1024
+                )
+            except OSError:
+                pass
+
+    def close(self) -> None:
+        self._stop.set()
+        for c in self.conns:
+            c.close()
+        self.sock.close()
+
+
+class Blackhole:
+    """A port whose TCP connects never complete: a listener that never accepts, its backlog full."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(0)
+        self.port = self.sock.getsockname()[1]
+        self.fillers: list[socket.socket] = []
+        for _ in range(4):  # fill the accept queue; later SYNs are dropped
+            c = socket.socket()
+            c.setblocking(False)
+            c.connect_ex(("127.0.0.1", self.port))
+            self.fillers.append(c)
+        time.sleep(0.2)
+
+    def close(self) -> None:
+        for c in self.fillers:
+            c.close()
+        self.sock.close()
+
+
 class Stall:
     """A TCP server that accepts connections and never answers (a stalled upstream)."""
 
@@ -70,13 +129,23 @@ class Stall:
 
 
 @pytest.fixture(scope="module")
+def faults() -> Iterator[tuple[MidBodyStall, Blackhole]]:
+    m, b = MidBodyStall(), Blackhole()
+    yield m, b
+    m.close()
+    b.close()
+
+
+@pytest.fixture(scope="module")
 def stall() -> Iterator[Stall]:
     s = Stall()
     yield s
     s.close()
 
 
-def _config(up: dict[str, registry.Upstream], stall_port: int) -> dict[str, Any]:
+def _config(
+    up: dict[str, registry.Upstream], stall_port: int, midbody_port: int, blackhole_port: int
+) -> dict[str, Any]:
     proxies: dict[str, Any] = {}
     for kind, prefix in NS.items():
         u = up[kind]
@@ -102,15 +171,21 @@ def _config(up: dict[str, registry.Upstream], stall_port: int) -> dict[str, Any]
     proxies["dom/"] = {"registry": up["anonymous"].url, "remote": "platform", "hosts": ["images.test"]}
     proxies["dead/"] = {"registry": f"http://127.0.0.1:{free_port()}", "remote": "platform"}
     proxies["stall/"] = {"registry": f"http://127.0.0.1:{stall_port}", "remote": "platform"}
+    proxies["midbody/"] = {"registry": f"http://127.0.0.1:{midbody_port}", "remote": "platform"}
+    proxies["blackhole/"] = {"registry": f"http://127.0.0.1:{blackhole_port}", "remote": "platform"}
     return {"secretkey": KEY_HEX, "upstream_timeout": 3, "proxies": proxies}
 
 
 @pytest.fixture(scope="module")
 def rp(
-    upstreams: dict[str, registry.Upstream], stall: Stall, tmp_path_factory: pytest.TempPathFactory
+    upstreams: dict[str, registry.Upstream],
+    stall: Stall,
+    faults: tuple[MidBodyStall, Blackhole],
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[proxy.ProxyProc]:
     env = {"RP_TEST_CAP_PASSWORD": upstreams["token"].password or ""}
-    p = proxy.start_proxy(_config(upstreams, stall.port), tmp_path_factory.mktemp("rp"), env=env)
+    config = _config(upstreams, stall.port, faults[0].port, faults[1].port)
+    p = proxy.start_proxy(config, tmp_path_factory.mktemp("rp"), env=env)
     yield p
     p.stop()
 
@@ -532,6 +607,31 @@ def test_dead_and_stalled_upstreams_answer_registry_errors_in_bounded_time(rp: p
         t = httpx.get(f"{rp.url}/token", params={"scope": f"repository:{name}:pull"}, timeout=30)
         assert t.status_code in (502, 504) and t.json()["errors"][0]["code"] == "UNAVAILABLE"
         assert get(rp, "/v2/anon/app/manifests/v1", token_for(rp, "anon/app")).status_code == 200
+
+
+def test_upstream_stalling_mid_blob_fails_the_transfer_in_bounded_time(rp: proxy.ProxyProc) -> None:
+    codec = TokenCodec((bytes.fromhex(KEY_HEX),))
+    tok = codec.issue_access(rp.url, (Grant("midbody/", ("midbody/app",), None),), 60)
+    started = time.monotonic()
+    received = 0
+    url = f"{rp.url}/v2/midbody/app/blobs/sha256:{'1' * 64}"
+    # A short body is an error for the client, never a silent success.
+    with pytest.raises(httpx.TransportError), httpx.stream("GET", url, headers={"Authorization": f"Bearer {tok}"}) as r:
+        assert r.status_code == 200
+        for part in r.iter_bytes():
+            received += len(part)
+    assert received < 1_000_000
+    assert time.monotonic() - started < 10  # upstream_timeout is 3 s
+    assert get(rp, "/v2/anon/app/manifests/v1", token_for(rp, "anon/app")).status_code == 200
+
+
+def test_blackholed_upstream_connect_is_bounded(rp: proxy.ProxyProc) -> None:
+    codec = TokenCodec((bytes.fromhex(KEY_HEX),))
+    tok = codec.issue_access(rp.url, (Grant("blackhole/", ("blackhole/app",), None),), 60)
+    started = time.monotonic()
+    r = get(rp, "/v2/blackhole/app/manifests/v1", tok)
+    assert 2.5 < time.monotonic() - started < 10  # the connect hung until upstream_timeout (3 s)
+    assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
 
 
 def test_no_secret_in_the_proxys_output(rp: proxy.ProxyProc, upstreams: dict[str, registry.Upstream]) -> None:
