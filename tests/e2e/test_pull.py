@@ -707,6 +707,58 @@ def test_run_sh_starts_the_proxy_with_a_config(
         assert out.count("GET /v2/ mapping=- status=200") >= 4
 
 
+def test_saved_flows_hold_no_credential_or_capability_key(
+    tmp_path: Path, upstreams: dict[str, registry.Upstream], image_digests: dict[str, standard.Digests]
+) -> None:
+    """`./run.sh -w FILE` (the lean master saving flows): credentials and capability keys stay out."""
+    from mitmproxy import io as mitmio
+
+    up = upstreams["basic"]
+    port = free_port()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"listen_addr: 127.0.0.1\nport: {port}\nsecretkey: '{KEY_HEX}'\nproxies:\n  '{CAP}/app':\n"
+        f"    registry: {up.url}\n    remote: {APP}\n    username: {up.username}\n    password: {up.password}\n"
+    )
+    flows_file = tmp_path / "flows.mitm"
+    env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
+    proc = subprocess.Popen(
+        [str(REPO / "run.sh"), "-w", str(flows_file)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2)
+                break
+            except httpx.TransportError:
+                time.sleep(0.2)
+        res = clients.skopeo_copy(f"127.0.0.1:{port}/{CAP}/app:v1", tmp_path / "pulled", tag="v1").check()
+        assert res.digest == image_digests["basic"][(APP, "v1")]
+        httpx.put(f"http://127.0.0.1:{port}/v2/{CAP}/app/manifests/v1", content=b"{}", timeout=10)
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+    raw = flows_file.read_bytes()
+    with flows_file.open("rb") as fh:
+        flows = list(mitmio.FlowReader(fh).stream())
+    assert len(flows) >= 5
+    assert CAP.encode() not in raw
+    assert b"v4.local." not in raw and b"eyJ" not in raw  # no PASETO, no upstream JWT
+    assert (up.password or "").encode() not in raw and (up.basic_auth_header() or "").encode() not in raw
+    for f in flows:
+        auth = f.request.headers.get("authorization") if hasattr(f, "request") else None  # type: ignore[attr-defined]
+        assert auth in (None, "[redacted]")
+
+
 def test_bad_config_refuses_start_with_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
     secret = "supersecretpassword123"

@@ -1,0 +1,37 @@
+"""Redaction of tokens, credentials and capability keys from text."""
+
+from __future__ import annotations
+
+from regproxy.config import loads
+from regproxy.redact import Redactor, capability_keys
+
+CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
+
+
+def test_capability_keys_are_the_secret_segments_of_capability_mappings() -> None:
+    config = loads(
+        f"proxies:\n  '{CAP}/nginx':\n    registry: ghcr.io\n    remote: a/b\n"
+        "  'team/':\n    registry: ghcr.io\n  'hidden/app':\n    registry: ghcr.io\n    remote: x\n"
+        "    capability: true\n",
+        environ={},
+    )
+    assert capability_keys(config.mappings) == [CAP, "hidden/app"]  # longest first
+
+
+def test_tokens_credentials_and_keys_are_replaced() -> None:
+    r = Redactor([CAP])
+    text = (
+        f'Bearer realm="https://r/token",scope="repository:{CAP}/nginx:pull" '
+        "Authorization: Basic dXNlcjpwYXNz Bearer abc.def "
+        '{"token": "v4.local.AAAA.eyJraWQiOiAiMSJ9", "access_token":"x", "expires_in": 60} '
+        "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.sig grant_type=password&password=hunter2&refresh_token=v4.local.B"
+    )
+    out = r.text(text)
+    for secret in (CAP, "dXNlcjpwYXNz", "abc.def", "v4.local.", "eyJ", "hunter2"):
+        assert secret not in out
+    assert "expires_in" in out and "grant_type=password" in out
+    assert 'realm="https://r/token"' in out  # the challenge's scheme word is not a credential
+
+
+def test_plain_text_is_unchanged() -> None:
+    assert Redactor([CAP]).text("GET team/app/manifests/v1 status=200") == "GET team/app/manifests/v1 status=200"
