@@ -711,6 +711,7 @@ def test_saved_flows_hold_no_credential_or_capability_key(
     tmp_path: Path, upstreams: dict[str, registry.Upstream], image_digests: dict[str, standard.Digests]
 ) -> None:
     """`./run.sh -w FILE` (the lean master saving flows): credentials and capability keys stay out."""
+    from mitmproxy import http
     from mitmproxy import io as mitmio
 
     up = upstreams["basic"]
@@ -755,8 +756,8 @@ def test_saved_flows_hold_no_credential_or_capability_key(
     assert b"v4.local." not in raw and b"eyJ" not in raw  # no PASETO, no upstream JWT
     assert (up.password or "").encode() not in raw and (up.basic_auth_header() or "").encode() not in raw
     for f in flows:
-        auth = f.request.headers.get("authorization") if hasattr(f, "request") else None  # type: ignore[attr-defined]
-        assert auth in (None, "[redacted]")
+        assert isinstance(f, http.HTTPFlow)
+        assert f.request.headers.get("authorization") in (None, "[redacted]")
 
 
 def test_bad_config_refuses_start_with_one_line(tmp_path: Path) -> None:
