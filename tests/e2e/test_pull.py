@@ -41,8 +41,11 @@ MANIFEST_TYPES = [
 ]
 
 
-class MidBodyStall:
-    """A fault injector: answers any request with a 200 head promising 1 MB, sends 1 KB, then stalls."""
+class FaultServer:
+    """A fault-injecting upstream on loopback: accepts connections and hands each to `handle`.
+
+    The base class never answers (a stalled upstream); subclasses misbehave in other ways.
+    """
 
     def __init__(self) -> None:
         self.sock = socket.socket()
@@ -63,19 +66,32 @@ class MidBodyStall:
             self.conns.append(conn)
             conn.settimeout(5)
             try:
-                conn.recv(65536)
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
-                    + b"x" * 1024
-                )
+                self.handle(conn)
             except OSError:
                 pass
+
+    def handle(self, conn: socket.socket) -> None:
+        """Keep the connection open and say nothing."""
 
     def close(self) -> None:
         self._stop.set()
         for c in self.conns:
             c.close()
         self.sock.close()
+
+
+Stall = FaultServer
+
+
+class MidBodyStall(FaultServer):
+    """Answers any request with a 200 head promising 1 MB, sends 1 KB, then stalls."""
+
+    def handle(self, conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/octet-stream\r\nContent-Length: 1000000\r\n\r\n"
+            + b"x" * 1024
+        )
 
 
 class Blackhole:
@@ -96,34 +112,6 @@ class Blackhole:
 
     def close(self) -> None:
         for c in self.fillers:
-            c.close()
-        self.sock.close()
-
-
-class Stall:
-    """A TCP server that accepts connections and never answers (a stalled upstream)."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.port = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self._stop = threading.Event()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        self.sock.settimeout(0.2)
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-                self.conns.append(conn)
-            except OSError:
-                continue
-
-    def close(self) -> None:
-        self._stop.set()
-        for c in self.conns:
             c.close()
         self.sock.close()
 
