@@ -420,7 +420,7 @@ class RegistryProxy:
                 if resp.raw_content is not None and flow.request.method != "HEAD":
                     resp.content = st.error_body
             elif st.route is not None and st.route.kind is RouteKind.TAGS and resp.status_code == 200:
-                self._rewrite_tags_body(flow, st.match, st)
+                self._rewrite_tags_body(flow, st.match, st.page)
         self._log(flow, st)
 
     @fail_closed
@@ -472,7 +472,7 @@ class RegistryProxy:
         else:
             flow.response = http.Response.make(status, body, all_headers)
 
-    def _rewrite_tags_body(self, flow: http.HTTPFlow, match: Match, st: FlowState) -> None:
+    def _rewrite_tags_body(self, flow: http.HTTPFlow, match: Match, page: dict[str, str]) -> None:
         assert flow.response is not None
         try:
             data = json.loads(flow.response.content or b"")
@@ -486,10 +486,10 @@ class RegistryProxy:
             return
         data["name"] = match.local_name
         tags = data.get("tags") or []
-        n = int(st.page["n"]) if "n" in st.page else None
+        n = int(page["n"]) if "n" in page else None
         if n is not None and len(tags) > n and "link" not in flow.response.headers:
             # The upstream ignored `n` (distribution 2.8 does): paginate here, in lexical order.
-            last = st.page.get("last")
+            last = page.get("last")
             rest = sorted(t for t in tags if isinstance(t, str) and (last is None or t > last))
             data["tags"] = rest[:n]
             if len(rest) > n > 0:
