@@ -8,6 +8,7 @@
 #   ./run.sh keygen               print a new secret key
 #   ./run.sh capability           print a new capability prefix and the config lines to use it
 #   ./run.sh demo [--web]         offline demo: a local registry, the proxy, pulls through both mappings
+#   ./run.sh bench [--quick]      the benchmark (see README, "Performance")
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -130,7 +131,7 @@ case "$cmd" in
     run_proxy "$@"
     ;;
   *)
-    echo "run.sh: unknown command '$cmd' (use: run, web, demo, test, keygen, capability)" >&2
+    echo "run.sh: unknown command '$cmd' (use: run, web, demo, bench, test, keygen, capability)" >&2
     exit 2
     ;;
 esac
