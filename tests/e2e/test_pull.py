@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 from urllib.parse import urljoin
 
 import httpx
@@ -641,6 +641,44 @@ def test_no_secret_in_the_proxys_output(rp: proxy.ProxyProc, upstreams: dict[str
 # --- start-up ---------------------------------------------------------------------------------
 
 
+class RunSh:
+    """`./run.sh ARGS` with a config, in its own process group: started, waited for, stopped."""
+
+    def __init__(self, config_text: str, tmp_path: Path, args: list[str]) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = tmp_path / "run-sh.yaml"
+        cfg.write_text(f"listen_addr: 127.0.0.1\nport: {self.port}\n{config_text}")
+        self.proc = subprocess.Popen(
+            [str(REPO / "run.sh"), *args],
+            env={**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        self.output = ""
+
+    def __enter__(self) -> Self:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                httpx.get(f"{self.url}/v2/", timeout=2)
+                return self
+            except httpx.TransportError:
+                time.sleep(0.2)
+        self.__exit__()
+        raise AssertionError(f"./run.sh did not listen on {self.port}:\n{self.output}")
+
+    def __exit__(self, *exc: object) -> None:
+        os.killpg(self.proc.pid, signal.SIGTERM)
+        try:
+            self.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(10)
+        self.output = self.proc.stdout.read().decode() if self.proc.stdout else ""
+
+
 @pytest.mark.parametrize("mode", [[], ["--stock"], ["--workers", "2"]], ids=["lean", "stock", "workers"])
 def test_run_sh_starts_the_proxy_with_a_config(
     tmp_path: Path,
@@ -648,51 +686,26 @@ def test_run_sh_starts_the_proxy_with_a_config(
     upstreams: dict[str, registry.Upstream],
     image_digests: dict[str, standard.Digests],
 ) -> None:
-    port = free_port()
-    cfg = tmp_path / "c.yaml"
     up = upstreams["token"]
-    cfg.write_text(
-        f"listen_addr: 127.0.0.1\nport: {port}\nproxies:\n  'x/':\n    registry: {up.url}\n    remote: platform\n"
+    config = (
+        f"proxies:\n  'x/':\n    registry: {up.url}\n    remote: platform\n"
         f"    username: {up.username}\n    password: {up.password}\n"
     )
-    env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
-    proc = subprocess.Popen(
-        [str(REPO / "run.sh"), *mode],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        status = None
-        while time.monotonic() < deadline:
-            try:
-                status = httpx.get(f"{url}/v2/", timeout=2).status_code
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        assert status == 401
+    with RunSh(config, tmp_path, mode) as run:
+        assert httpx.get(f"{run.url}/v2/", timeout=10).status_code == 401
         # A token from one process is good on every other (workers share one key), each request
         # on a new connection so that HAProxy spreads them.
-        tok = httpx.get(f"{url}/token", params={"scope": "repository:other/app:pull"}, timeout=10).json()["token"]
+        tok = httpx.get(f"{run.url}/token", params={"scope": "repository:other/app:pull"}, timeout=10).json()["token"]
         for _ in range(4):
-            assert httpx.get(f"{url}/v2/", headers={"Authorization": f"Bearer {tok}"}, timeout=10).status_code == 200
-        pulled = clients.skopeo_copy(f"127.0.0.1:{port}/x/app:multi", tmp_path / "pulled", all=True, tag="multi")
+            assert (
+                httpx.get(f"{run.url}/v2/", headers={"Authorization": f"Bearer {tok}"}, timeout=10).status_code == 200
+            )
+        pulled = clients.skopeo_copy(f"127.0.0.1:{run.port}/x/app:multi", tmp_path / "pulled", all=True, tag="multi")
         assert pulled.check().digest == image_digests["token"][(APP, "multi")]
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
-    out = proc.stdout.read().decode() if proc.stdout else ""
-    assert "random one for this process" in out
+    assert "random one for this process" in run.output
     if mode == ["--workers", "2"]:
-        assert "2 workers on 127.0.0.1:" in out
-        assert out.count("GET /v2/ mapping=- status=200") >= 4
+        assert "2 workers on 127.0.0.1:" in run.output
+        assert run.output.count("GET /v2/ mapping=- status=200") >= 4
 
 
 def test_saved_flows_hold_no_credential_or_capability_key(
@@ -703,39 +716,15 @@ def test_saved_flows_hold_no_credential_or_capability_key(
     from mitmproxy import io as mitmio
 
     up = upstreams["basic"]
-    port = free_port()
-    cfg = tmp_path / "c.yaml"
-    cfg.write_text(
-        f"listen_addr: 127.0.0.1\nport: {port}\nsecretkey: '{KEY_HEX}'\nproxies:\n  '{CAP}/app':\n"
+    config = (
+        f"secretkey: '{KEY_HEX}'\nproxies:\n  '{CAP}/app':\n"
         f"    registry: {up.url}\n    remote: {APP}\n    username: {up.username}\n    password: {up.password}\n"
     )
     flows_file = tmp_path / "flows.mitm"
-    env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
-    proc = subprocess.Popen(
-        [str(REPO / "run.sh"), "-w", str(flows_file)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"http://127.0.0.1:{port}/v2/", timeout=2)
-                break
-            except httpx.TransportError:
-                time.sleep(0.2)
-        res = clients.skopeo_copy(f"127.0.0.1:{port}/{CAP}/app:v1", tmp_path / "pulled", tag="v1").check()
+    with RunSh(config, tmp_path, ["-w", str(flows_file)]) as run:
+        res = clients.skopeo_copy(f"127.0.0.1:{run.port}/{CAP}/app:v1", tmp_path / "pulled", tag="v1").check()
         assert res.digest == image_digests["basic"][(APP, "v1")]
-        httpx.put(f"http://127.0.0.1:{port}/v2/{CAP}/app/manifests/v1", content=b"{}", timeout=10)
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(10)
+        httpx.put(f"{run.url}/v2/{CAP}/app/manifests/v1", content=b"{}", timeout=10)
     raw = flows_file.read_bytes()
     with flows_file.open("rb") as fh:
         flows = list(mitmio.FlowReader(fh).stream())
