@@ -290,7 +290,7 @@ class RegistryProxy:
             return
         st.match = match
         st.log_path = match.log_name + route.suffix
-        if grant.mapping != match.mapping.key:
+        if grant.mapping != match.mapping.identity:
             st.token = "stale (mapping changed)"
             self._challenge(flow, base, scope, "invalid_token")
             return

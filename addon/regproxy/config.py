@@ -27,6 +27,7 @@ from .names import is_valid_name, looks_like_capability
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
 SECRET_KEY_ENV = "REGISTRYPROXY_SECRETKEY"
+SECRET_KEY_FILE_ENV = "REGISTRYPROXY_SECRETKEY_FILE"
 
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
@@ -77,6 +78,16 @@ class Mapping:
             return self.key
         digest = hashlib.sha256(self.key.encode()).hexdigest()[:10]
         return f"cap:{digest}"
+
+    @property
+    def identity(self) -> str:
+        """What a token's grant is bound to: the key and everything that decides where it leads.
+
+        A mapping whose upstream, remote or credentials change on reload is another mapping: tokens
+        issued for the old one (which may wrap an upstream token of the old upstream) are refused.
+        """
+        parts = (self.key, self.upstream.origin, self.remote, self.auth or "", ",".join(self.hosts))
+        return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
 
     def upstream_name(self, local_name: str) -> str:
         """The upstream repository name for a local name that this mapping matched."""
@@ -256,7 +267,20 @@ def _secret_keys(data: dict[str, Any], environ: AnyMapping[str, str]) -> tuple[t
         if name in data and data[name] not in (None, ""):
             return (parse_secret_key(data[name], name),), False
     if environ.get(SECRET_KEY_ENV):
-        return (parse_secret_key(environ[SECRET_KEY_ENV], SECRET_KEY_ENV),), False
+        # A comma-separated list is allowed, as in `secretkeys:` (the first encrypts).
+        values = [v.strip() for v in environ[SECRET_KEY_ENV].split(",") if v.strip()]
+        return tuple(parse_secret_key(v, SECRET_KEY_ENV) for v in values), False
+    if environ.get(SECRET_KEY_FILE_ENV):
+        # A mounted file (a Kubernetes Secret, a Docker secret): one key a line, the first encrypts.
+        path = environ[SECRET_KEY_FILE_ENV]
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{SECRET_KEY_FILE_ENV}: cannot read the key file ({type(e).__name__})") from None
+        lines = [v.strip() for v in text.splitlines() if v.strip() and not v.strip().startswith("#")]
+        if not lines:
+            raise ConfigError(f"{SECRET_KEY_FILE_ENV}: the key file holds no key")
+        return tuple(parse_secret_key(v, SECRET_KEY_FILE_ENV) for v in lines), False
     return (secrets.token_bytes(32),), True
 
 

@@ -105,7 +105,7 @@ class TokenService:
             if match is None or not is_valid_name(match.upstream_name):
                 groups.setdefault(None, (None, [], []))[1].append(name)
                 continue
-            entry = groups.setdefault(match.mapping.key, (match.mapping, [], []))
+            entry = groups.setdefault(match.mapping.identity, (match.mapping, [], []))
             entry[1].append(name)
             entry[2].append(match.upstream_name)
 

@@ -71,6 +71,12 @@ def token(addon: RegistryProxy, *grants: Grant, audience: str = BASE, lifetime: 
     return addon.state.codec.issue_access(audience, grants, lifetime)
 
 
+def mid(addon: RegistryProxy, key: str) -> str:
+    """The identity a grant names for the mapping with this key."""
+    assert addon.state is not None
+    return next(m.identity for m in addon.state.config.mappings if m.key == key)
+
+
 def run(hook: Callable[[http.HTTPFlow], Any], f: http.HTTPFlow) -> None:
     async def go() -> None:
         result = hook(f)
@@ -158,14 +164,14 @@ def test_unknown_name_and_almost_right_capability_answer_the_same_bytes(proxy: t
 @pytest.mark.parametrize("mutate", ["tamper", "foreign", "domain", "garbage", "basic"])
 def test_bad_tokens_get_401_with_fresh_challenge(proxy: tuple[RegistryProxy, Any], mutate: str) -> None:
     addon, _ = proxy
-    good = token(addon, Grant("bp/", ("bp/true",), "UPSTREAM"))
+    good = token(addon, Grant(mid(addon, "bp/"), ("bp/true",), "UPSTREAM"))
     value = {
         "tamper": f"Bearer {good[:-6]}AAAAAA",
         "foreign": "Bearer "
         + __import__("regproxy.tokens", fromlist=["TokenCodec"])
         .TokenCodec((b"\x22" * 32,))
-        .issue_access(BASE, (Grant("bp/", ("bp/true",), "UPSTREAM"),), 60),
-        "domain": f"Bearer {token(addon, Grant('bp/', ('bp/true',), 'UPSTREAM'), audience='http://other.test')}",
+        .issue_access(BASE, (Grant(mid(addon, "bp/"), ("bp/true",), "UPSTREAM"),), 60),
+        "domain": f"Bearer {token(addon, Grant(mid(addon, 'bp/'), ('bp/true',), 'UPSTREAM'), audience='http://other.test')}",
         "garbage": "Bearer eyJhbGciOiJub25lIn0.e30.",
         "basic": "Basic dXNlcjpwYXNz",
     }[mutate]
@@ -178,7 +184,7 @@ def test_bad_tokens_get_401_with_fresh_challenge(proxy: tuple[RegistryProxy, Any
 
 def test_token_for_another_repository_is_insufficient_scope(proxy: tuple[RegistryProxy, Any]) -> None:
     addon, _ = proxy
-    t = token(addon, Grant("bp/", ("bp/true",), "UPSTREAM"))
+    t = token(addon, Grant(mid(addon, "bp/"), ("bp/true",), "UPSTREAM"))
     f = flow("/v2/bp/other/manifests/v1", headers=[("Authorization", f"Bearer {t}")])
     run(addon.requestheaders, f)
     assert f.response is not None and f.response.status_code == 401
@@ -188,7 +194,7 @@ def test_token_for_another_repository_is_insufficient_scope(proxy: tuple[Registr
 def test_token_from_another_mapping_for_the_same_name_is_refused(proxy: tuple[RegistryProxy, Any]) -> None:
     addon, _ = proxy
     # bp/special/x belongs to "bp/special/", not to "bp/": a grant through bp/ must not serve it.
-    t = token(addon, Grant("bp/", ("bp/special/x",), "UPSTREAM"))
+    t = token(addon, Grant(mid(addon, "bp/"), ("bp/special/x",), "UPSTREAM"))
     f = flow("/v2/bp/special/x/manifests/v1", headers=[("Authorization", f"Bearer {t}")])
     run(addon.requestheaders, f)
     assert f.response is not None and f.response.status_code == 401
@@ -196,7 +202,7 @@ def test_token_from_another_mapping_for_the_same_name_is_refused(proxy: tuple[Re
 
 def test_forwarded_request_is_rewritten_with_only_pull_headers(proxy: tuple[RegistryProxy, Any]) -> None:
     addon, _ = proxy
-    t = token(addon, Grant("bp/", ("bp/true",), "UPSTREAM-TOKEN"))
+    t = token(addon, Grant(mid(addon, "bp/"), ("bp/true",), "UPSTREAM-TOKEN"))
     accepts = [
         "application/vnd.oci.image.index.v1+json",
         "application/vnd.docker.distribution.manifest.list.v2+json",
@@ -236,7 +242,7 @@ async def _requestheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
 def test_basic_only_mapping_gets_configured_credentials(proxy: tuple[RegistryProxy, Any]) -> None:
     addon, _ = proxy
     name = f"{CAP}/nginx"
-    t = token(addon, Grant(f"{CAP}/nginx", (name,), None))
+    t = token(addon, Grant(mid(addon, f"{CAP}/nginx"), (name,), None))
     f = flow(f"/v2/{name}/blobs/sha256:{'a' * 64}", headers=[("Authorization", f"Bearer {t}")])
     asyncio.run(_requestheaders(addon, f))
     assert f.request.url == f"http://127.0.0.1:5003/v2/private/nginx/blobs/sha256:{'a' * 64}"
@@ -246,7 +252,7 @@ def test_basic_only_mapping_gets_configured_credentials(proxy: tuple[RegistryPro
 
 def test_docker_hub_one_component_names_get_library(proxy: tuple[RegistryProxy, Any]) -> None:
     addon, _ = proxy
-    t = token(addon, Grant("hub/", ("hub/alpine",), "T"))
+    t = token(addon, Grant(mid(addon, "hub/"), ("hub/alpine",), "T"))
     f = flow("/v2/hub/alpine/tags/list?n=10&last=3.1&evil=1", headers=[("Authorization", f"Bearer {t}")])
     asyncio.run(_requestheaders(addon, f))
     assert f.request.url == "https://registry-1.docker.io/v2/library/alpine/tags/list?n=10&last=3.1"
@@ -255,7 +261,7 @@ def test_docker_hub_one_component_names_get_library(proxy: tuple[RegistryProxy, 
 def test_hosts_restricted_mapping_serves_only_its_domain(proxy: tuple[RegistryProxy, Any]) -> None:
     addon, _ = proxy
     for host, routed in (("images.example.org", True), ("reg.test", False)):
-        t = token(addon, Grant("only/" if routed else None, ("only/app",), None), audience=f"http://{host}")
+        t = token(addon, Grant(mid(addon, "only/") if routed else None, ("only/app",), None), audience=f"http://{host}")
         f = flow("/v2/only/app/manifests/v1", host=host, headers=[("Authorization", f"Bearer {t}")])
         asyncio.run(_requestheaders(addon, f))
         if routed:
@@ -267,7 +273,7 @@ def test_hosts_restricted_mapping_serves_only_its_domain(proxy: tuple[RegistryPr
 @pytest.mark.parametrize("method", ["PUT", "POST", "DELETE", "PATCH"])
 def test_pull_only(proxy: tuple[RegistryProxy, Any], method: str) -> None:
     addon, _ = proxy
-    t = token(addon, Grant("bp/", ("bp/true",), "T"))
+    t = token(addon, Grant(mid(addon, "bp/"), ("bp/true",), "T"))
     for path in ("/v2/bp/true/manifests/v1", "/v2/bp/true/blobs/uploads/"):
         f = flow(path, method=method, headers=[("Authorization", f"Bearer {t}")])
         run(addon.requestheaders, f)
@@ -295,7 +301,7 @@ def test_pull_only(proxy: tuple[RegistryProxy, Any], method: str) -> None:
 )
 def test_path_tricks_never_leave_the_proxy(proxy: tuple[RegistryProxy, Any], path: str) -> None:
     addon, _ = proxy
-    t = token(addon, Grant("bp/", ("bp/true", "bp/x", "bp/etc"), "T"))
+    t = token(addon, Grant(mid(addon, "bp/"), ("bp/true", "bp/x", "bp/etc"), "T"))
     f = flow(path, headers=[("Authorization", f"Bearer {t}")])
     run(addon.requestheaders, f)
     assert f.response is not None and f.response.status_code in (400, 401, 404)
@@ -303,7 +309,7 @@ def test_path_tricks_never_leave_the_proxy(proxy: tuple[RegistryProxy, Any], pat
 
 
 def _forwarded(addon: RegistryProxy, path: str, name: str = "bp/true", method: str = "GET") -> http.HTTPFlow:
-    t = token(addon, Grant("bp/", (name,), "T"))
+    t = token(addon, Grant(mid(addon, "bp/"), (name,), "T"))
     f = flow(path, method=method, headers=[("Authorization", f"Bearer {t}")])
     asyncio.run(_requestheaders(addon, f))
     assert f.response is None
@@ -408,7 +414,7 @@ def test_exception_in_a_hook_fails_closed(proxy: tuple[RegistryProxy, Any], monk
         raise RuntimeError("secret-looking detail")
 
     monkeypatch.setattr(addon.state.matcher, "match", boom)
-    t = token(addon, Grant("bp/", ("bp/true",), "T"))
+    t = token(addon, Grant(mid(addon, "bp/"), ("bp/true",), "T"))
     f = flow("/v2/bp/true/manifests/v1", headers=[("Authorization", f"Bearer {t}")])
     run(addon.requestheaders, f)
     assert f.response is not None and f.response.status_code == 500

@@ -175,9 +175,10 @@ def test_grants_are_grouped_by_mapping() -> None:
     svc, codec = service(client)
     result = answer(svc, get("repository:bp/a:pull repository:gh/x:pull", "repository:bp/b:pull,push"))
     access = codec.read_access(str(result.body["token"]), AUD)
+    ids = {m.key: m.identity for m in make_config().mappings}
     assert set(access.grants) == {
-        Grant("bp/", ("bp/a", "bp/b"), "tok-bp/"),
-        Grant("gh/", ("gh/x",), "tok-gh/"),
+        Grant(ids["bp/"], ("bp/a", "bp/b"), "tok-bp/"),
+        Grant(ids["gh/"], ("gh/x",), "tok-gh/"),
     }
     assert sorted(client.calls) == [("bp/", ["backplane/a", "backplane/b"]), ("gh/", ["org/x"])]
 
