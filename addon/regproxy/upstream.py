@@ -17,6 +17,7 @@ import re
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import urlsplit
@@ -120,6 +121,8 @@ class RegistryClient:
         self._tokens: OrderedDict[tuple[Mapping, tuple[str, ...]], UpstreamToken] = OrderedDict()
         self._token_locks: dict[tuple[Mapping, tuple[str, ...]], asyncio.Lock] = {}
         self.token_fetches = 0
+        # Told (upstream netloc, ok) once per token request sent to a realm, never for a cached token.
+        self.on_token_fetch: Callable[[str, bool], None] | None = None
 
     def _client(self) -> httpx.AsyncClient:
         if self._http is None:
@@ -223,6 +226,7 @@ class RegistryClient:
         headers = {"Authorization": mapping.auth} if mapping.auth else {}
         started = time.time()
         self.token_fetches += 1
+        ok = False
         try:
             async with self._client().stream("GET", method.realm, params=params, headers=headers) as resp:
                 if resp.status_code != 200:
@@ -236,11 +240,19 @@ class RegistryClient:
                     body += chunk
                     if len(body) > MAX_TOKEN_RESPONSE:
                         raise UpstreamError("upstream token response too large")
+            token = parse_token_response(bytes(body), started)
+            ok = True
+            return token
         except httpx.TimeoutException:
             raise UpstreamError("upstream token service timed out", timeout=True) from None
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise UpstreamError(f"upstream token service unreachable ({type(e).__name__})") from None
-        return parse_token_response(bytes(body), started)
+        finally:
+            if self.on_token_fetch is not None:
+                try:
+                    self.on_token_fetch(mapping.upstream.netloc, ok)
+                except Exception:
+                    logger.warning("token fetch observer failed", exc_info=True)
 
 
 def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
