@@ -7,37 +7,53 @@ Request path (see README "How a pull flows through the proxy"):
 - `request`: the token endpoint (it needs the request body and awaits upstream).
 - `responseheaders`: rewrite what the upstream says about itself (challenges, Location,
   Link, error bodies, identity headers) and turn on streaming.
-- `response` / `error`: finish the body rewrites that need the body; one log line.
+- `response` / `error`: finish the body rewrites that need the body; one log line; then
+  hide every secret the flow holds (see "Secrets in flows" below).
 
 Every hook fails closed: an exception never lets a flow go on unmodified.
+
+Secrets in flows: mitmweb shows flows, `-w` saves them, mitmdump prints them; all of those read
+the flow in hooks that run after this addon's. So the flow they see never holds a secret:
+- a local path (which can hold a capability key) and the client's Authorization are replaced in
+  `requestheaders`, before mitmweb first shows the flow;
+- the upstream Authorization is added in `request` (after mitmweb has shown the request) and
+  replaced once the upstream has answered;
+- what the client is sent (a token, a challenge naming its capability) is replaced at the end of
+  this addon's `response` hook, put back for the send by `Courier` (an addon that runs after all
+  others), and replaced again as soon as it has been sent, with an `update` so mitmweb refreshes.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import inspect
 import json
 import logging
 import os
 import re
+import signal
+import sys
 import time
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar, cast
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
-from mitmproxy import ctx, exceptions, http
+from mitmproxy import connection, ctx, exceptions, hooks, http
 from mitmproxy.addonmanager import Loader
 
-from . import failures
+from . import failures, metrics
 from .challenge import bearer_challenge
 from .config import Config, ConfigError, load_file
 from .errors import RegistryError, for_upstream_status
 from .mapping import Match, Matcher, redact_name
 from .names import TAG_RE, Route, RouteKind, is_valid_name, parse_route
+from .redact import Redactor, capability_keys
 from .scopes import repository_scope
 from .tokens import AccessToken, TokenCodec, TokenError
 from .tokenservice import TokenService, parse_token_request, public_base
@@ -53,6 +69,13 @@ API_VERSION = {"Docker-Distribution-Api-Version": "registry/2.0"}
 # request it answers itself (mitmproxy reads a body in full before it sends a local answer).
 MAX_LOCAL_BODY = 64 * 1024
 MAX_TAGS_BODY = 16 * 1024 * 1024
+# Bodies up to this size are searched for secrets before a flow is shown or stored; larger
+# ones are blobs, which are streamed and never kept in a flow.
+MAX_SCRUBBED_BODY = 256 * 1024
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+MARK_FAILED = ":red_circle:"
+MARK_REFUSED = ":warning:"
+CONFIG_POLL_SECONDS = 1.0
 
 # Request headers a client may send upstream; everything else (Authorization, cookies,
 # X-Forwarded-*, hop-by-hop headers) is dropped. Order and repeated lines are kept.
@@ -96,12 +119,22 @@ class FlowState:
     log_path: str = "-"
     base: str = ""  # the public base URL the client used: realm and token audience
     page: dict[str, str] = field(default_factory=dict)  # tags/list `n` and `last` as asked
+    query: list[tuple[str, str]] = field(default_factory=list)  # the token endpoint's, before redaction
     token: str = "-"
+    token_refusal: str | None = None  # for metrics: why a presented or requested token was refused
     upstream_status: int | None = None
+    upstream_auth: str | None = field(default=None, repr=False)  # added in `request`, after display
+    upstream_sent: float = 0.0
     error_body: bytes | None = None
     watchdog: asyncio.TimerHandle | None = None
     timed_out: bool = False
+    streamed: bool = False  # the response headers went to the client before the `response` hook
     last_data: float = 0.0
+    bytes_streamed: int = 0
+    busy: bool = False  # counted as a request in progress on its client connection
+    # What the client must be sent, while hooks after this addon see the redacted response.
+    sent: tuple[http.Headers, bytes | None] | None = field(default=None, repr=False)
+    shown: tuple[http.Headers, bytes | None] | None = field(default=None, repr=False)
 
     def settle(self) -> None:
         """The upstream answered (or failed): stop waiting for it."""
@@ -115,9 +148,19 @@ class State:
     """Everything derived from one loaded configuration; replaced as a whole on reload."""
 
     config: Config
+    path: str
     matcher: Matcher
     codec: TokenCodec
     tokens: TokenService
+    redactor: Redactor
+
+
+@dataclass
+class ClientWatch:
+    """One client connection: since when it has had nothing in progress, and how much it has."""
+
+    idle_since: float = field(default_factory=time.monotonic)
+    busy: int = 0
 
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -150,9 +193,19 @@ class RegistryProxy:
     def __init__(self) -> None:
         self.state: State | None = None
         self.client: RegistryClient | None = None
+        self.metrics = metrics.Metrics()
         self._flows: weakref.WeakKeyDictionary[http.HTTPFlow, FlowState] = weakref.WeakKeyDictionary()
         self._streaming: weakref.WeakSet[http.HTTPFlow] = weakref.WeakSet()
         self._idle_check: asyncio.Task[None] | None = None
+        self._clients: dict[str, ClientWatch] = {}
+        self._client_check: asyncio.Task[None] | None = None
+        self._config_watch: asyncio.Task[None] | None = None
+        self._config_stat: tuple[int, int, int] | None = None
+        self._ops: metrics.OpsServer | None = None
+        self._ops_listen = ""
+        self._sighup = False
+        self._access_log: logging.Logger | None = None
+        self._tasks: set[asyncio.Task[Any]] = set()
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -162,7 +215,7 @@ class RegistryProxy:
             str,
             "",
             f"Path of the registryproxy YAML configuration (default: ${CONFIG_ENV}, else config.yaml "
-            "at the repository root).",
+            "at the repository root). Reloaded when the file changes and on SIGHUP.",
         )
         loader.add_option(
             "registryproxy_connection_logs",
@@ -170,35 +223,57 @@ class RegistryProxy:
             False,
             "Also log mitmproxy's per-connection lines (client/server connect) at info level.",
         )
+        loader.add_option(
+            "registryproxy_log_format",
+            str,
+            "text",
+            "The per-request log line: text (readable) or json (one JSON object a line, on stdout).",
+            choices=("text", "json"),
+        )
+        loader.add_option(
+            "registryproxy_client_timeout",
+            float,
+            60.0,
+            "Seconds a client connection may take to send a complete request (headers and the small "
+            "bodies the proxy reads), or may sit idle between requests, before it is closed.",
+        )
+        loader.add_option(
+            "registryproxy_ops_listen",
+            str,
+            "",
+            "HOST:PORT of a separate plain-HTTP listener for /metrics, /healthz and /readyz; when set, "
+            "the registry port no longer answers those paths.",
+        )
+        loader.add_option(
+            "registryproxy_watch_config",
+            bool,
+            True,
+            "Reload the configuration file when it changes (it is always reloaded on SIGHUP).",
+        )
         failures.install()
         _connection_logs(False)
 
     def configure(self, updated: set[str]) -> None:
         if "registryproxy_connection_logs" in updated:
             _connection_logs(ctx.options.registryproxy_connection_logs)
+        if "registryproxy_log_format" in updated:
+            self._access_log = _json_access_log() if ctx.options.registryproxy_log_format == "json" else None
+        if "registryproxy_client_timeout" in updated and ctx.options.registryproxy_client_timeout <= 0:
+            raise exceptions.OptionsError("registryproxy_client_timeout: must be a positive number of seconds")
+        if "registryproxy_ops_listen" in updated and ctx.options.registryproxy_ops_listen:
+            try:
+                metrics.parse_listen(ctx.options.registryproxy_ops_listen)
+            except ValueError as e:
+                raise exceptions.OptionsError(str(e)) from None
+            if self._ops is not None:
+                self._start_ops()
         if "registryproxy_config" not in updated and self.state is not None:
             return
         path = ctx.options.registryproxy_config or os.environ.get(CONFIG_ENV) or str(DEFAULT_CONFIG)
         try:
-            config = load_file(path)
+            self._install(self._load(path))
         except ConfigError as e:
             raise exceptions.OptionsError(str(e)) from None
-        if config.generated_key:
-            logger.warning(
-                "no secret key configured: using a random one for this process; tokens will survive "
-                "neither a restart nor a second replica (set secretkey or $REGISTRYPROXY_SECRETKEY)"
-            )
-        if self.client is None or self.client.timeout != config.upstream_timeout:
-            self.client = RegistryClient(config.upstream_timeout)
-        matcher = Matcher(config.mappings)
-        codec = TokenCodec(config.secretkeys)
-        self.state = State(config, matcher, codec, TokenService(config, matcher, codec, self.client))
-        logger.info(
-            "registryproxy: %d mappings loaded from %s: %s",
-            len(config.mappings),
-            Path(path).name,
-            ", ".join(m.label for m in config.mappings),
-        )
 
     def running(self) -> None:
         if self.state is None:
@@ -217,10 +292,146 @@ class RegistryProxy:
             updates["keep_host_header"] = True
         if updates:
             ctx.options.update(**updates)
+        _add_courier(self)
+        self._start_ops()
+        loop = asyncio.get_running_loop()
+        if self._config_watch is None:
+            self._config_watch = loop.create_task(self._watch_config())
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            self._sighup = True
 
     async def done(self) -> None:
+        if self._sighup:
+            with contextlib.suppress(Exception):
+                asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        for task in (self._config_watch, self._client_check, self._idle_check):
+            if task is not None:
+                task.cancel()
+        if self._ops is not None:
+            self._ops.stop()
+            self._ops = None
+        # Flows still in flight when the proxy stops are saved (`-w`) after this hook.
+        for flow in list(self._flows):
+            if "authorization" in flow.request.headers:
+                flow.request.headers["Authorization"] = "[redacted]"
+        _remove_courier()
         if self.client is not None:
             await self.client.aclose()
+
+    def client_connected(self, client: connection.Client) -> None:
+        self._clients[client.id] = ClientWatch()
+        if self._client_check is None or self._client_check.done():
+            self._client_check = asyncio.get_running_loop().create_task(self._check_clients())
+
+    def client_disconnected(self, client: connection.Client) -> None:
+        self._clients.pop(client.id, None)
+
+    # --- configuration -----------------------------------------------------------------
+
+    def _load(self, path: str) -> State:
+        """Read and validate a configuration; everything derived from it. Raises ConfigError."""
+        config = load_file(path)
+        matcher = Matcher(config.mappings)
+        codec = TokenCodec(config.secretkeys)
+        client = self.client
+        if client is None or client.timeout != config.upstream_timeout:
+            client = RegistryClient(config.upstream_timeout)
+            client.on_token_fetch = self.metrics.upstream_token_fetch
+        tokens = TokenService(config, matcher, codec, client)
+        return State(config, path, matcher, codec, tokens, Redactor(capability_keys(config.mappings)))
+
+    def _install(self, state: State) -> None:
+        old_client = self.client
+        self.client = state.tokens.client
+        if old_client is not None and old_client is not self.client:
+            self._spawn(old_client.aclose())
+        self.state = state
+        self._config_stat = _stat(state.path)
+        config = state.config
+        if config.generated_key:
+            logger.warning(
+                "no secret key configured: using a random one for this process; tokens will survive "
+                "neither a restart nor a second replica (set secretkey or $REGISTRYPROXY_SECRETKEY)"
+            )
+        self.metrics.set_config_info(len(config.mappings), len(config.secretkeys))
+        logger.info(
+            "registryproxy: %d mappings loaded from %s: %s",
+            len(config.mappings),
+            Path(state.path).name,
+            ", ".join(m.label for m in config.mappings),
+        )
+
+    def reload(self, why: str) -> bool:
+        """Load the configuration file again; keep serving the old one if the new one is invalid."""
+        path = self.state.path if self.state is not None else None
+        if path is None:
+            path = ctx.options.registryproxy_config or os.environ.get(CONFIG_ENV) or str(DEFAULT_CONFIG)
+        try:
+            state = self._load(path)
+        except ConfigError as e:
+            self._config_stat = _stat(path)
+            self.metrics.config_reload(False)
+            logger.error("registryproxy: reload (%s) refused, still serving the previous configuration: %s", why, e)
+            return False
+        self._install(state)
+        self.metrics.config_reload(True)
+        logger.info("registryproxy: configuration reloaded (%s)", why)
+        return True
+
+    def _on_sighup(self) -> None:
+        try:
+            self.reload("SIGHUP")
+        except Exception as e:  # noqa: BLE001 - a signal must never take the proxy down
+            logger.error("registryproxy: reload on SIGHUP failed (%s)", type(e).__name__)
+
+    async def _watch_config(self) -> None:
+        """Reload when the configuration file changes (its size, mtime or inode)."""
+        while True:
+            await asyncio.sleep(CONFIG_POLL_SECONDS)
+            if self.state is None or not ctx.options.registryproxy_watch_config:
+                continue
+            try:
+                current = _stat(self.state.path)
+                if current is not None and current != self._config_stat:
+                    self.reload("file changed")
+            except Exception as e:  # noqa: BLE001 - the watcher must keep running
+                logger.error("registryproxy: config watch failed (%s)", type(e).__name__)
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.state is None:
+            return False, "no valid configuration loaded"
+        return True, f"{len(self.state.config.mappings)} mappings loaded"
+
+    def _start_ops(self) -> None:
+        """Start (or move) the separate listener for /metrics, /healthz and /readyz, if asked for."""
+        listen = ctx.options.registryproxy_ops_listen
+        if self._ops is not None and listen == self._ops_listen:
+            return
+        if self._ops is not None:
+            self._ops.stop()
+            self._ops = None
+        self._ops_listen = listen
+        if not listen:
+            return
+        host, port = metrics.parse_listen(listen)
+        ops = metrics.OpsServer(host, port, self.metrics.render, self._ready)
+        try:
+            bound = ops.start()
+        except OSError as e:
+            logger.error("registryproxy_ops_listen: cannot listen at %s (%s)", listen, e.strerror or type(e).__name__)
+            return
+        self._ops = ops
+        logger.info("registryproxy: /metrics, /healthz and /readyz listening at %s:%d", *bound)
+
+    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
+        try:
+            task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
+        except RuntimeError:
+            coro.close()
+            return
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     # --- hooks -----------------------------------------------------------------------
 
@@ -230,17 +441,32 @@ class RegistryProxy:
             return
         st = FlowState()
         self._flows[flow] = st
+        req = flow.request
+        path, _, query = req.path.partition("?")
+        if path in OPS_PATHS and not ctx.options.registryproxy_ops_listen:
+            # Health and metrics on the registry port (unless moved to their own listener);
+            # alive even without a valid configuration.
+            st.log_path = path
+            answer = metrics.health_answer(path, self._ready(), self.metrics.render, req.headers.get("accept"))
+            if answer is not None and req.method in ("GET", "HEAD"):
+                status, body, content_type = answer
+                self._reply(flow, status, body, {"Content-Type": content_type, "Cache-Control": "no-store"})
+                return
         if self.state is None:
             self._reply_error(flow, RegistryError(503, "UNAVAILABLE", "the proxy has no valid configuration"))
             return
         state = self.state
-        req = flow.request
-        path, _, query = req.path.partition("?")
         host = _client_host(req)
         base = st.base = public_base(state.config, host, _client_tls(flow))
 
         if path == TOKEN_PATH:
             st.kind, st.log_path = "token", TOKEN_PATH
+            # Kept here for `request`; the flow keeps no scope (it can name a capability) nor the
+            # client's Authorization, before anything (mitmweb) shows it.
+            st.query = list(req.query.fields)
+            req.path = TOKEN_PATH
+            if "authorization" in req.headers:
+                req.headers["Authorization"] = "[redacted]"
             if req.method not in ("GET", "POST"):
                 self._reply_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
             elif _content_length(req) > MAX_LOCAL_BODY:
@@ -256,7 +482,9 @@ class RegistryProxy:
         st.route = route
         st.log_path = redact_name(route.name) + route.suffix if route.name else path
 
-        token, token_error = self._read_token(req, base)
+        token, token_error = self._read_token(req, st, base)
+        if "authorization" in req.headers:
+            req.headers["Authorization"] = "[redacted]"  # read; never shown nor sent upstream
         if route.kind is RouteKind.PING or route.kind is RouteKind.CATALOG:
             if token is None:
                 st.token = token_error or "none"
@@ -279,6 +507,7 @@ class RegistryProxy:
         grant = token.grant_for(route.name)
         if grant is None:
             st.token = "insufficient scope"
+            st.token_refusal = "insufficient_scope"
             self._challenge(flow, base, scope, "insufficient_scope")
             return
         match = state.matcher.match(route.name, host)
@@ -292,6 +521,7 @@ class RegistryProxy:
         st.log_path = match.log_name + route.suffix
         if grant.mapping != match.mapping.identity:
             st.token = "stale (mapping changed)"
+            st.token_refusal = "invalid_token"
             self._challenge(flow, base, scope, "invalid_token")
             return
         st.token = "ok"
@@ -309,8 +539,7 @@ class RegistryProxy:
             req.authority = upstream.netloc  # HTTP/2's Host; mitmproxy turns it into Host for HTTP/1
         else:
             fields.insert(0, (b"Host", upstream.netloc.encode()))
-        if upstream_auth:
-            fields.append((b"Authorization", upstream_auth.encode()))
+        st.upstream_auth = upstream_auth  # added in `request`, once mitmweb has shown the request
         req.headers = http.Headers(fields)
         params = _upstream_params(route, query)
         st.page = dict(params)
@@ -330,7 +559,19 @@ class RegistryProxy:
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
         st = self._flows.get(flow)
-        if st is None or st.kind != "token" or flow.response or self.state is None:
+        if st is None:
+            return
+        # The whole request is in: from here the proxy (or the upstream) is working on it.
+        watch = self._clients.get(flow.client_conn.id)
+        if watch is not None and not st.busy:
+            st.busy = True
+            watch.busy += 1
+        if st.kind == "upstream" and flow.response is None:
+            if st.upstream_auth:
+                flow.request.headers["Authorization"] = st.upstream_auth
+            st.upstream_sent = time.monotonic()
+            return
+        if st.kind != "token" or flow.response or self.state is None:
             return
         state = self.state
         req = flow.request
@@ -338,18 +579,18 @@ class RegistryProxy:
             form = None
             if req.method == "POST":
                 form = list(req.urlencoded_form.fields)
-            parsed = parse_token_request(req.method, list(req.query.fields), form)
+                # Parsed: the flow keeps no password or refresh token.
+                req.content = state.redactor.text(req.get_text(strict=False) or "").encode()
+            parsed = parse_token_request(req.method, st.query, form)
             answer = await state.tokens.answer(parsed, st.base, _client_host(req))
         except RegistryError as e:
             st.token = f"refused: {e.message or e.code}"
+            st.token_refusal = e.code.lower()
             self._reply_error(flow, e)
             return
         st.token = answer.outcome
-        flow.response = http.Response.make(
-            200,
-            json.dumps(answer.body).encode(),
-            {"Content-Type": "application/json", "Cache-Control": "no-store", **API_VERSION},
-        )
+        self.metrics.token_issued(parsed.grant_type or "anonymous")
+        self._reply(flow, 200, json.dumps(answer.body).encode(), {"Cache-Control": "no-store"})
 
     @fail_closed
     def responseheaders(self, flow: http.HTTPFlow) -> None:
@@ -360,6 +601,8 @@ class RegistryProxy:
         resp = flow.response
         match, route = st.match, st.route
         st.upstream_status = resp.status_code
+        if st.upstream_sent:
+            self.metrics.upstream_latency(match.mapping.label, time.monotonic() - st.upstream_sent)
         # The outgoing credential has been sent: keep it out of stored and displayed flows.
         if "authorization" in flow.request.headers:
             flow.request.headers["Authorization"] = "[redacted]"
@@ -387,9 +630,12 @@ class RegistryProxy:
                 )
             st.error_body = body
             resp.stream = _replace_body(body)
+            st.streamed = True
             return
 
         location = resp.headers.get("location")
+        if location is not None and 300 <= resp.status_code < 400:
+            self.metrics.redirect(match.mapping.label)
         if location is not None:
             new_location = _rewrite_location(location, flow.request.url, st)
             if new_location is None:
@@ -407,6 +653,7 @@ class RegistryProxy:
                 flow.kill()
             return  # buffered: the body's `name` is rewritten in `response`
         resp.stream = self._watch_stream(flow, st)
+        st.streamed = True
 
     @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
@@ -422,6 +669,7 @@ class RegistryProxy:
             elif st.route is not None and st.route.kind is RouteKind.TAGS and resp.status_code == 200:
                 self._rewrite_tags_body(flow, st.match, st.page)
         self._log(flow, st)
+        self._hide(flow, st)
 
     @fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
@@ -431,10 +679,55 @@ class RegistryProxy:
         st.settle()
         self._streaming.discard(flow)
         self._log(flow, st)
+        self._hide(flow, st)
+
+    # --- secrets in flows --------------------------------------------------------------
+
+    def _hide(self, flow: http.HTTPFlow, st: FlowState) -> None:
+        """Leave no secret in the flow for the hooks after this one (display, saving, dumping).
+
+        The request's secrets were sent already (or never will be): they go for good. The
+        response's may still have to be sent: they are kept in `st.sent` for `Courier`.
+        """
+        if "authorization" in flow.request.headers:
+            flow.request.headers["Authorization"] = "[redacted]"
+        redactor = self.state.redactor if self.state is not None else Redactor()
+        resp = flow.response
+        if resp is None:
+            return
+        real = (resp.headers.copy(), resp.raw_content)
+        _scrub(resp, redactor)
+        if (resp.headers.fields, resp.raw_content) != (real[0].fields, real[1]):
+            st.sent = real
+            st.shown = (resp.headers.copy(), resp.raw_content)
+
+    def deliver(self, flow: http.HTTPFlow) -> None:
+        """`Courier`: the hooks after this addon's have run; put back what the client must be sent."""
+        st = self._flows.get(flow)
+        if st is None or st.sent is None or flow.response is None:
+            return
+        flow.response.headers, flow.response.raw_content = st.sent
+        st.sent = None
+        loop = asyncio.get_running_loop()
+        loop.call_soon(self._rehide, weakref.ref(flow), 0)
+
+    def _rehide(self, ref: weakref.ref[http.HTTPFlow], tries: int) -> None:
+        """Once the response has been sent, the flow shows the redacted one again."""
+        flow = ref()
+        st = self._flows.get(flow) if flow is not None else None
+        if flow is None or st is None or st.shown is None or flow.response is None:
+            return
+        if flow.live and tries < 300:
+            asyncio.get_running_loop().call_later(0.01, self._rehide, ref, tries + 1)
+            return
+        flow.response.headers, flow.response.raw_content = st.shown
+        st.shown = None
+        with contextlib.suppress(Exception):
+            ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
     # --- helpers ---------------------------------------------------------------------
 
-    def _read_token(self, req: http.Request, audience: str) -> tuple[AccessToken | None, str | None]:
+    def _read_token(self, req: http.Request, st: FlowState, audience: str) -> tuple[AccessToken | None, str | None]:
         """The client's valid access token, or None with the challenge error to answer."""
         assert self.state is not None
         value = req.headers.get("authorization")
@@ -442,11 +735,13 @@ class RegistryProxy:
             return None, None
         scheme, _, credential = value.strip().partition(" ")
         if scheme.lower() != "bearer" or not credential.strip():
+            st.token_refusal = "invalid_token"
             return None, "invalid_token"
         try:
             return self.state.codec.read_access(credential.strip(), audience), None
         except TokenError as e:
             logger.debug("token refused: %s", e.reason)
+            st.token_refusal = "expired" if e.reason == "expired" else "invalid_token"
             return None, "invalid_token"
 
     def _challenge(self, flow: http.HTTPFlow, base: str, scope: str | None, error: str | None) -> None:
@@ -457,10 +752,16 @@ class RegistryProxy:
         self._reply(flow, err.status, err.body(), headers)
 
     def _reply(self, flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
+        # A local answer: the request goes no further, and the flow keeps only its redacted
+        # path (the local path can hold a capability key) from now on.
+        st = self._flows.get(flow)
+        if st is not None and st.kind != "token":
+            flow.request.path = st.log_path if st.log_path.startswith("/") else f"/v2/{st.log_path}"
+        if "authorization" in flow.request.headers:
+            flow.request.headers["Authorization"] = "[redacted]"
         if _content_length(flow.request) > MAX_LOCAL_BODY:
             # mitmproxy would read (and hold) the whole body before sending this answer: a multi-GB
             # upload to a pull-only proxy would fill memory. Close the connection unread instead.
-            st = self._flows.get(flow)
             if st is not None:
                 st.token = f"{st.token}; {status} answer replaced by closing: body over {MAX_LOCAL_BODY} bytes"
             flow.kill()
@@ -522,6 +823,7 @@ class RegistryProxy:
 
         def stream(data: bytes) -> bytes:
             st.last_data = time.monotonic()
+            st.bytes_streamed += len(data)
             return data
 
         return stream
@@ -546,6 +848,22 @@ class RegistryProxy:
                     logger.warning("%s %s: upstream body stalled for %ss", flow.request.method, st.log_path, timeout)
                     _close_upstream(flow)
 
+    async def _check_clients(self) -> None:
+        """Close client connections that take too long to send a request, or idle too long.
+
+        A connection counts as idle from its start and from the end of each request; a request
+        counts from its `request` hook (headers and the small bodies the proxy reads are in).
+        mitmproxy's own `tcp_timeout` resets on every byte, so it does not stop slowloris.
+        """
+        while self._clients:
+            timeout = float(ctx.options.registryproxy_client_timeout)
+            await asyncio.sleep(max(0.2, min(1.0, timeout / 4)))
+            now = time.monotonic()
+            for client_id, watch in list(self._clients.items()):
+                if watch.busy == 0 and now - watch.idle_since > timeout:
+                    self._clients.pop(client_id, None)
+                    _close_client(client_id)
+
     def _timeout(self) -> float:
         return self.state.config.upstream_timeout if self.state else 0.0
 
@@ -565,36 +883,157 @@ class RegistryProxy:
                 flow.kill()
 
     def _log(self, flow: http.HTTPFlow, st: FlowState) -> None:
-        status = flow.response.status_code if flow.response else "error"
+        """The flow is over: one log line, its metrics, its comment and mark for mitmweb."""
+        watch = self._clients.get(flow.client_conn.id)
+        if st.busy:
+            st.busy = False
+            if watch is not None:
+                watch.busy = max(0, watch.busy - 1)
+                watch.idle_since = time.monotonic()
+        resp = flow.response
+        status: int | str = resp.status_code if resp is not None else "error"
         size = "-"
-        if flow.response is not None:
-            size = flow.response.headers.get("content-length", "-")
+        if resp is not None:
+            size = (
+                str(st.bytes_streamed)
+                if st.streamed and st.error_body is None
+                else resp.headers.get("content-length", "-")
+            )
         mapping = st.match.mapping.label if st.match else "-"
-        upstream = st.upstream_status if st.upstream_status is not None else "-"
+        upstream: int | str = st.upstream_status if st.upstream_status is not None else "-"
         if flow.error is not None:
             upstream = "timeout" if st.timed_out else "failed"
         elapsed = (time.monotonic() - st.started) * 1000
-        logger.info(
-            "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",
-            flow.request.method,
-            st.log_path,
-            mapping,
-            status,
-            upstream,
-            size,
-            elapsed,
-            st.token,
-        )
+
+        route = "token" if st.kind == "token" else st.route.kind.value if st.route else "other"
+        self.metrics.request(mapping=mapping, method=flow.request.method, route=route, status=status)
+        if st.match is not None and st.bytes_streamed:
+            self.metrics.bytes_streamed(st.match.mapping.label, st.bytes_streamed)
+        if st.token_refusal is not None:
+            self.metrics.token_refused(st.token_refusal)
+
+        if self._access_log is not None:
+            record = {
+                "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                "request_id": flow.id,
+                "client": _peer(flow),
+                "method": flow.request.method,
+                "name": st.log_path,
+                "mapping": mapping,
+                "status": status,
+                "upstream_status": upstream,
+                "bytes": int(size) if size.isdigit() else None,
+                "duration_ms": round(elapsed, 1),
+                "token": st.token,
+            }
+            line = json.dumps(record, separators=(",", ":"))
+            self._access_log.info(self.state.redactor.text(line) if self.state else line)
+        else:
+            logger.info(
+                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",
+                flow.request.method,
+                st.log_path,
+                mapping,
+                status,
+                upstream,
+                size,
+                elapsed,
+                st.token,
+            )
+
         if st.kind == "upstream":
             flow.comment = f"{flow.comment}; token {st.token}; upstream {upstream}"
         else:
             flow.comment = f"registryproxy: {st.log_path} answered locally ({status}); token {st.token}"
-        # Keep secrets out of stored and displayed flows: the client's credential, and for
-        # locally answered requests the local path and query (which can hold a capability key).
-        if "authorization" in flow.request.headers:
-            flow.request.headers["Authorization"] = "[redacted]"
-        if st.kind != "upstream":
-            flow.request.path = st.log_path
+        failed = flow.error is not None or st.timed_out or (isinstance(status, int) and status >= 500)
+        challenge = status == 401 and st.token == "none"
+        if failed:
+            flow.marked = MARK_FAILED
+        elif isinstance(status, int) and status >= 400 and not challenge:
+            flow.marked = MARK_REFUSED
+
+
+class Courier:
+    """Runs after every other addon: puts back, for the send, what `RegistryProxy._hide` hid."""
+
+    name = "registryproxy-courier"
+
+    def __init__(self, proxy: RegistryProxy) -> None:
+        self.proxy = proxy
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        try:
+            self.proxy.deliver(flow)
+        except Exception as e:  # noqa: BLE001 - fail closed: the client gets the redacted answer
+            logger.error("internal error delivering a response (%s)", type(e).__name__)
+
+
+def _add_courier(proxy: RegistryProxy) -> None:
+    """Append the courier at the very end of the addon chain (again after a script reload)."""
+    addons = ctx.master.addons
+    _remove_courier()
+    addons.add(Courier(proxy))
+
+
+def _remove_courier() -> None:
+    addons = ctx.master.addons
+    existing = addons.get(Courier.name)
+    if existing is not None:
+        addons.remove(existing)
+
+
+def _scrub(message: http.Message, redactor: Redactor) -> None:
+    """Redact secrets from a message's headers and (small, text) body, in place."""
+    fields = []
+    for k, v in message.headers.fields:
+        text = v.decode("latin-1")
+        if k.lower() == b"location":
+            # A redirect to storage may carry a signed query: a credential while it lasts.
+            base, sep, _ = text.partition("?")
+            text = f"{base}?[redacted]" if sep else base
+        fields.append((k, redactor.text(text).encode("latin-1")))
+    message.headers = http.Headers(fields)
+    raw = message.raw_content
+    if raw and len(raw) <= MAX_SCRUBBED_BODY:
+        text = raw.decode("utf-8", "surrogateescape")
+        redacted = redactor.text(text)
+        if redacted != text:
+            message.raw_content = redacted.encode("utf-8", "surrogateescape")
+
+
+def _close_client(client_id: str) -> None:
+    proxyserver = ctx.master.addons.get("proxyserver")
+    handler = getattr(proxyserver, "connections", {}).get(client_id)
+    if handler is not None:
+        handler.close_connection(handler.client)
+
+
+def _json_access_log() -> logging.Logger:
+    """One JSON object a line on stdout, without mitmproxy's time prefix."""
+    log = logging.getLogger("registryproxy.access")
+    log.propagate = False
+    log.setLevel(logging.INFO)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+    return log
+
+
+def _peer(flow: http.HTTPFlow) -> str:
+    peer = flow.client_conn.peername
+    if not peer:
+        return "-"
+    host = f"[{peer[0]}]" if ":" in str(peer[0]) else str(peer[0])
+    return f"{host}:{peer[1]}"
+
+
+def _stat(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def _close_upstream(flow: http.HTTPFlow) -> None:

@@ -90,6 +90,10 @@ class TokenService:
         self._codec = codec
         self._client = client
 
+    @property
+    def client(self) -> RegistryClient:
+        return self._client
+
     async def answer(self, req: TokenRequest, audience: str, host: str | None) -> TokenAnswer:
         """Issue a token for the request. Raises `RegistryError` on refusal or upstream failure."""
         subject = req.subject

@@ -22,6 +22,7 @@ from urllib.parse import urljoin
 
 import httpx
 import pytest
+from regproxy.config import load_file
 from regproxy.tokens import Grant, TokenCodec
 from rig import clients, proxy, registry, standard
 from rig.procs import free_port
@@ -39,6 +40,12 @@ MANIFEST_TYPES = [
     "application/vnd.docker.distribution.manifest.v2+json",
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ]
+
+
+def mapping_id(p: proxy.ProxyProc, key: str) -> str:
+    """The identity a token grant names for the proxy's mapping `key` (see Mapping.identity)."""
+    config = load_file(p.config_path, {"REGISTRYPROXY_SECRETKEY": KEY_HEX, **p.env})
+    return next(m.identity for m in config.mappings if m.key == key)
 
 
 class FaultServer:
@@ -388,7 +395,7 @@ def test_upstream_401_is_rewritten_to_the_proxys_challenge(
     rp: proxy.ProxyProc, upstreams: dict[str, registry.Upstream], method: str
 ) -> None:
     codec = TokenCodec((bytes.fromhex(KEY_HEX),))
-    tok = codec.issue_access(rp.url, (Grant("tok/", ("tok/app",), "not-an-upstream-token"),), 60)
+    tok = codec.issue_access(rp.url, (Grant(mapping_id(rp, "tok/"), ("tok/app",), "not-an-upstream-token"),), 60)
     upstreams["token"].clear_access_log()
     r = get(rp, "/v2/tok/app/manifests/v1", tok, method=method)
     assert r.status_code == 401
@@ -515,7 +522,7 @@ def _expect_401(r: httpx.Response) -> None:
 def test_bad_tokens_get_401(rp: proxy.ProxyProc) -> None:
     good = token_for(rp, "tok/app")
     tampered = good[:-10] + ("A" if good[-10] != "A" else "B") + good[-9:]
-    foreign = TokenCodec((b"\x01" * 32,)).issue_access(rp.url, (Grant("tok/", ("tok/app",), None),), 60)
+    foreign = TokenCodec((b"\x01" * 32,)).issue_access(rp.url, (Grant(mapping_id(rp, "tok/"), ("tok/app",), None),), 60)
     other_mapping = token_for(rp, "anon/app")
     for bad in (tampered, foreign, other_mapping, good[:50], "v2.local.AAAA", "not-a-token"):
         _expect_401(get(rp, "/v2/tok/app/manifests/v1", bad))
@@ -525,7 +532,7 @@ def test_bad_tokens_get_401(rp: proxy.ProxyProc) -> None:
 
 def test_expired_token_gets_401(rp: proxy.ProxyProc) -> None:
     codec = TokenCodec((bytes.fromhex(KEY_HEX),))
-    expired = codec.issue_access(rp.url, (Grant("anon/", ("anon/app",), None),), 3)
+    expired = codec.issue_access(rp.url, (Grant(mapping_id(rp, "anon/"), ("anon/app",), None),), 3)
     assert get(rp, "/v2/anon/app/manifests/v1", expired).status_code == 200
     time.sleep(3.5)
     _expect_401(get(rp, "/v2/anon/app/manifests/v1", expired))
@@ -585,7 +592,7 @@ def test_dead_and_stalled_upstreams_answer_registry_errors_in_bounded_time(rp: p
     codec = TokenCodec((bytes.fromhex(KEY_HEX),))
     for prefix in ("dead", "stall"):
         name = f"{prefix}/app"
-        tok = codec.issue_access(rp.url, (Grant(f"{prefix}/", (name,), None),), 60)
+        tok = codec.issue_access(rp.url, (Grant(mapping_id(rp, f"{prefix}/"), (name,), None),), 60)
         started = time.monotonic()
         r = get(rp, f"/v2/{name}/manifests/v1", tok)
         assert time.monotonic() - started < 10
@@ -599,7 +606,7 @@ def test_dead_and_stalled_upstreams_answer_registry_errors_in_bounded_time(rp: p
 
 def test_upstream_stalling_mid_blob_fails_the_transfer_in_bounded_time(rp: proxy.ProxyProc) -> None:
     codec = TokenCodec((bytes.fromhex(KEY_HEX),))
-    tok = codec.issue_access(rp.url, (Grant("midbody/", ("midbody/app",), None),), 60)
+    tok = codec.issue_access(rp.url, (Grant(mapping_id(rp, "midbody/"), ("midbody/app",), None),), 60)
     started = time.monotonic()
     received = 0
     url = f"{rp.url}/v2/midbody/app/blobs/sha256:{'1' * 64}"
@@ -615,7 +622,7 @@ def test_upstream_stalling_mid_blob_fails_the_transfer_in_bounded_time(rp: proxy
 
 def test_blackholed_upstream_connect_is_bounded(rp: proxy.ProxyProc) -> None:
     codec = TokenCodec((bytes.fromhex(KEY_HEX),))
-    tok = codec.issue_access(rp.url, (Grant("blackhole/", ("blackhole/app",), None),), 60)
+    tok = codec.issue_access(rp.url, (Grant(mapping_id(rp, "blackhole/"), ("blackhole/app",), None),), 60)
     started = time.monotonic()
     r = get(rp, "/v2/blackhole/app/manifests/v1", tok)
     assert 2.5 < time.monotonic() - started < 10  # the connect hung until upstream_timeout (3 s)

@@ -233,8 +233,13 @@ async def _responseheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
 
 
 async def _requestheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
+    """`requestheaders`, then (as mitmproxy does for a request without a body) `request`."""
     addon.requestheaders(f)
     st = addon._flows.get(f)
+    if st is not None and st.kind == "upstream" and f.response is None:
+        # What mitmweb shows of the request (hooks between the two) holds no upstream credential.
+        assert "authorization" not in f.request.headers
+        await addon.request(f)
     if st is not None:
         st.settle()
 

@@ -6,10 +6,11 @@ mitmdump 12.3.1 prints, once listening (reverse mode, default target 127.0.0.1:9
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,7 @@ class ProxyProc:
     proc: Proc
     port: int
     config_path: Path
+    env: dict[str, str] = field(default_factory=dict)  # what start_proxy added to the environment
 
     @property
     def host(self) -> str:
@@ -88,7 +90,7 @@ def start_proxy(
         "--set",
         "flow_detail=0",
         "--set",
-        "termlog_verbosity=info",
+        "termlog_verbosity=" + os.environ.get("RP_TERMLOG", "info"),
         "--set",
         f"confdir={conf}",
         *extra_args,
@@ -99,4 +101,4 @@ def start_proxy(
     except BaseException:
         proc.stop()
         raise
-    return ProxyProc(proc, int(m.group("port")), config_path)
+    return ProxyProc(proc, int(m.group("port")), config_path, dict(env or {}))
