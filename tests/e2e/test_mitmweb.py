@@ -1,0 +1,453 @@
+"""mitmweb as a debugger: pulls through a real mitmweb running the addon, read back over its REST API.
+
+One mitmweb serves the module, with mappings over the session upstreams (Basic, token, a capability
+mapping onto the token upstream), a mapping to a dead upstream and one to an upstream that drops every
+request after its ping. skopeo pulls through it; a few requests fail or are refused on purpose. Then
+mitmweb's own answers (GET /flows, each flow's request and response content, /flows/dump, /events)
+must show every flow annotated by the addon, failures and refusals marked, and no secret at all: the
+upstream password, an upstream token, a PASETO, the secret key or the capability key.
+
+tests/screenshot/shoot.py (whose mitmweb launcher this module uses) is run once to a temporary path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import io
+import json
+import re
+import struct
+import sys
+import threading
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import tornado.httpclient
+import tornado.websocket
+from mitmproxy import io as mitmio
+from mitmproxy import tcp
+from mitmproxy.http import HTTPFlow
+from mitmproxy.utils.emoji import emoji
+from regproxy.config import load_file
+from rig import clients, registry
+from rig.procs import LOOPBACK, ServerThread, free_port, run, wait_until
+from rig.standard import APP
+from screenshot.shoot import MitmWeb, start_mitmweb
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[2]
+KEY_HEX = "c3" * 16 + "9d" * 16
+CAP = "5f0c2b7e-8a41-4d93-b6e2-71c9a3d04f58"
+ALMOST_CAP = CAP[:-1] + "9"  # one character off
+FORGED = "v4.local.Zm9yZ2VkLXRva2VuLXRoYXQtbmV2ZXItZGVjcnlwdHM"
+JWT_RE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
+RED, WARNING = ":red_circle:", ":warning:"
+MANIFEST_ACCEPT = [
+    ("Accept", "application/vnd.oci.image.manifest.v1+json"),
+    ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
+]
+
+
+class DropAfterPing(BaseHTTPRequestHandler):
+    """An upstream that answers the registry ping (anonymous) and closes every other request unanswered."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path.split("?")[0] == "/v2/":
+            body = b"{}"
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            self.close_connection = True  # no status line: the proxy sees the connection close
+
+    do_HEAD = do_GET
+
+
+class UpdatesTap:
+    """A client of mitmweb's /updates WebSocket (what a browser showing mitmweb receives), on its own thread.
+
+    mitmweb pushes each flow when it sees it (at `requestheaders`) and again when it changes
+    (`response`, `error`): what a browser receives before a flow is over counts as much as what is stored.
+    """
+
+    def __init__(self, web: MitmWeb, timeout: float = 15.0) -> None:
+        self.messages: list[str] = []
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._conn: tornado.websocket.WebSocketClientConnection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        request = tornado.httpclient.HTTPRequest(
+            f"ws://{LOOPBACK}:{web.web_port}/updates",
+            headers={"Authorization": f"Bearer {web.password}"},
+            connect_timeout=10,
+        )
+        self._thread = threading.Thread(target=asyncio.run, args=(self._run(request),), name="updates-tap")
+        self._thread.daemon = True
+        self._thread.start()
+        if not self._ready.wait(timeout) or self._conn is None:
+            raise AssertionError(f"no WebSocket connection to mitmweb's /updates: {self._error!r}")
+
+    async def _run(self, request: tornado.httpclient.HTTPRequest) -> None:
+        try:
+            self._loop = asyncio.get_running_loop()
+            self._conn = await tornado.websocket.websocket_connect(request)
+        except Exception as e:  # noqa: BLE001 - reported by __init__
+            self._error = e
+            return
+        finally:
+            self._ready.set()
+        while True:
+            msg = await self._conn.read_message()
+            if msg is None:
+                return
+            self.messages.append(msg if isinstance(msg, str) else msg.decode("utf-8", "replace"))
+
+    def wait_for_final_updates(self, flow_ids: Iterable[str], timeout: float = 10.0) -> None:
+        """Wait until each flow's last update (its response or error) has arrived."""
+
+        def arrived() -> bool:
+            done = set()
+            for m in list(self.messages):
+                msg = json.loads(m)
+                flow = msg.get("payload", {}).get("flow") if msg.get("type") == "flows/update" else None
+                if flow and ("response" in flow or "error" in flow):
+                    done.add(flow["id"])
+            return set(flow_ids) <= done
+
+        wait_until(arrived, timeout, "mitmweb's last update of every flow")
+
+    def close(self, timeout: float = 10.0) -> list[str]:
+        """Stop listening; returns every message received."""
+        if self._loop is not None and self._conn is not None:
+            self._loop.call_soon_threadsafe(self._conn.close)
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the /updates client did not stop"
+        return self.messages
+
+
+@dataclass
+class Scene:
+    """What the module's clients did through mitmweb, and what must never show in it."""
+
+    web: MitmWeb = field(repr=False)
+    labels: dict[str, str]  # mapping key -> its label as the addon prints it
+    upstream_ports: dict[int, set[str]]  # upstream port -> keys of the mappings onto it
+    pulls: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # ref -> (got, expected) digest
+    answers: dict[str, httpx.Response] = field(default_factory=dict)  # what the crafted requests got
+    secrets: dict[str, bytes] = field(default_factory=dict, repr=False)  # what -> bytes that must not appear
+    upstream_tokens: list[str] = field(default_factory=list, repr=False)
+    updates: list[str] = field(default_factory=list, repr=False)  # what mitmweb pushed to its UI meanwhile
+
+
+@pytest.fixture(scope="module")
+def issued_upstream_tokens(upstreams: dict[str, registry.Upstream]) -> Iterator[list[str]]:
+    """Every token the token upstream's issuer signs while this module runs (it runs in this process)."""
+    issuer = upstreams["token"].token_issuer
+    assert issuer is not None
+    issued: list[str] = []
+    original: Callable[..., str] = issuer.issue_token
+
+    def recording(*args: Any, **kw: Any) -> str:
+        tok = original(*args, **kw)
+        issued.append(tok)
+        return tok
+
+    setattr(issuer, "issue_token", recording)  # noqa: B010 - an instance attribute, removed below
+    try:
+        yield issued
+    finally:
+        del issuer.issue_token
+
+
+@pytest.fixture(scope="module")
+def drop_after_ping() -> Iterator[ServerThread]:
+    server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), DropAfterPing), "drop-after-ping")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def web(
+    upstreams: dict[str, registry.Upstream],
+    drop_after_ping: ServerThread,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[MitmWeb]:
+    basic, tok = upstreams["basic"], upstreams["token"]
+    config = {
+        "secretkey": KEY_HEX,
+        "upstream_timeout": 5,
+        "proxies": {
+            "basic/": {"registry": basic.url, "remote": "platform", "username": basic.username,
+                       "password": basic.password},
+            "tok/": {"registry": tok.url, "remote": "platform", "username": tok.username, "password": tok.password},
+            f"{CAP}/app": {"registry": tok.url, "remote": APP, "username": tok.username,
+                           "password_env": "RP_WEB_CAP_PASSWORD"},
+            "dead/": {"registry": f"http://{LOOPBACK}:{free_port()}", "remote": "platform"},
+            "drop/": {"registry": f"http://{LOOPBACK}:{drop_after_ping.port}", "remote": "platform"},
+        },
+    }  # fmt: skip
+    env = {"RP_WEB_CAP_PASSWORD": tok.password or ""}
+    w = start_mitmweb(config, tmp_path_factory.mktemp("mitmweb"), env=env)
+    yield w
+    w.stop()
+    sys.stdout.write(f"--- mitmweb output:\n{w.output()}\n")
+
+
+def _token(web: MitmWeb, name: str, **kw: Any) -> httpx.Response:
+    return httpx.get(f"{web.url}/token", params={"scope": f"repository:{name}:pull"}, timeout=30, **kw)
+
+
+def _manifest(web: MitmWeb, name: str, token: str | None) -> httpx.Response:
+    headers = list(MANIFEST_ACCEPT)
+    if token is not None:
+        headers.append(("Authorization", f"Bearer {token}"))
+    return httpx.get(f"{web.url}/v2/{name}/manifests/v1", headers=headers, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def scene(
+    web: MitmWeb,
+    upstreams: dict[str, registry.Upstream],
+    image_digests: dict[str, dict[tuple[str, str], str]],
+    issued_upstream_tokens: list[str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Scene:
+    basic, tok = upstreams["basic"], upstreams["token"]
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RP_WEB_CAP_PASSWORD", tok.password or "")
+        cfg = load_file(str(web.config_path))
+    ports: dict[int, set[str]] = {}
+    for m in cfg.mappings:
+        ports.setdefault(m.upstream.port, set()).add(m.key)
+    s = Scene(web, {m.key: m.label for m in cfg.mappings}, ports)
+    out = tmp_path_factory.mktemp("pulls")
+    tap = UpdatesTap(web)
+    try:
+        _act(s, web, basic, image_digests, out)
+        tap.wait_for_final_updates(f["id"] for f in web.flows())
+    finally:
+        s.updates = tap.close()
+
+    password = (tok.password or "").encode()
+    s.secrets = {
+        "upstream password": password,
+        "upstream Basic credentials": base64.b64encode(f"{basic.username}:{basic.password}".encode()),
+        "secret key": KEY_HEX.encode(),
+        "capability key": CAP.encode(),
+        "capability key (hex only)": CAP.replace("-", "").encode(),
+        "PASETO": b"v4.local.",
+        "the forged client token": FORGED.encode(),
+    }
+    s.upstream_tokens = list(issued_upstream_tokens)
+    return s
+
+
+def _act(
+    s: Scene, web: MitmWeb, basic: registry.Upstream, image_digests: dict[str, dict[tuple[str, str], str]], out: Path
+) -> None:
+    """The clients' part: pulls that work, that fail, and requests that are refused."""
+    # Pulls that work: Basic upstream, token upstream, capability mapping.
+    for i, (name, kind) in enumerate([("basic/app", "basic"), ("tok/app", "token"), (f"{CAP}/app", "token")]):
+        res = clients.skopeo_copy(f"{web.host}/{name}:v1", out / f"pull{i}", tag="v1")
+        s.pulls[name] = (res.digest, image_digests[kind][(APP, "v1")])
+
+    # Failures: a dead upstream (skopeo), an upstream that drops the connection.
+    rc, _, _ = clients.skopeo_inspect(f"{web.host}/dead/app:v1")
+    s.pulls["dead/app"] = (None if rc else "pulled", "failure")
+    drop_token = _token(web, "drop/app")
+    s.answers["drop token"] = drop_token
+    if drop_token.status_code == 200:
+        s.answers["drop manifest"] = _manifest(web, "drop/app", drop_token.json()["token"])
+
+    # Refusals: a forged token, a token for another repository, an almost-right capability key.
+    s.answers["forged"] = _manifest(web, "basic/app", FORGED)
+    basic_token = _token(web, "basic/app").json()["token"]
+    s.answers["other repo"] = _manifest(web, "tok/app", basic_token)
+    cap_token = _token(web, f"{CAP}/app", auth=(basic.username or "", basic.password or "")).json()["token"]
+    s.answers["almost cap"] = _manifest(web, f"{ALMOST_CAP}/app", cap_token)
+    # The capability name in a challenge's scope, and in a path with a token in its query string.
+    s.answers["cap challenge"] = _manifest(web, f"{CAP}/app", None)
+    s.answers["cap query"] = httpx.get(f"{web.url}/v2/{CAP}/app/tags/list", params={"token": cap_token}, timeout=30)
+
+
+def _dump(web: MitmWeb) -> list[HTTPFlow]:
+    flows = []
+    for f in mitmio.FlowReader(io.BytesIO(web.api("/flows/dump").content)).stream():
+        assert not isinstance(f, tcp.TCPFlow)
+        assert isinstance(f, HTTPFlow), f
+        flows.append(f)
+    return flows
+
+
+def _describe(f: HTTPFlow) -> str:
+    status = f.response.status_code if f.response else None
+    return f"{f.request.method} {f.request.host}:{f.request.port}{f.request.path} -> {status} ({f.comment!r})"
+
+
+def test_pulls_through_mitmweb_work(scene: Scene) -> None:
+    for name, (got, expected) in scene.pulls.items():
+        if expected == "failure":
+            assert got is None, f"{name}: a pull from a dead upstream succeeded"
+        else:
+            assert got == expected, f"{name}: skopeo recorded {got}, the upstream serves {expected}"
+    assert scene.answers["drop token"].status_code == 200, scene.answers["drop token"].text
+    assert scene.answers["drop manifest"].status_code == 502
+    for what in ("forged", "other repo", "almost cap", "cap challenge", "cap query"):
+        assert scene.answers[what].status_code in (401, 404), (what, scene.answers[what].status_code)
+    assert scene.upstream_tokens, "the token upstream issued no token: nothing was checked for leaks"
+
+
+def test_every_flow_is_annotated(scene: Scene) -> None:
+    flows = _dump(scene.web)
+    assert len(flows) >= 20, [_describe(f) for f in flows]
+    labels_seen: set[str] = set()
+    for f in flows:
+        c = f.comment
+        assert c.startswith("registryproxy: "), _describe(f)
+        assert re.search(r"\btoken [\w:]", c), f"no token outcome: {_describe(f)}"
+        status = f.response.status_code if f.response else None
+        keys = scene.upstream_ports.get(f.request.port)
+        if keys is None:
+            # Answered by the proxy itself (the request still names the dead default target).
+            assert f.request.port == 9, _describe(f)
+            assert f"answered locally ({status if status is not None else 'error'})" in c, _describe(f)
+            continue
+        labels = [scene.labels[k] for k in keys if scene.labels[k] in c]
+        assert len(labels) == 1, f"the mapping label is not (only) one of {keys}: {_describe(f)}"
+        labels_seen.update(labels)
+        assert f"-> {f.request.host}:{f.request.port}/" in c, f"no upstream: {_describe(f)}"
+        assert re.search(r"\bupstream (\d{3}|failed|timeout|error)\b", c), f"no upstream status: {_describe(f)}"
+    proxied = {scene.labels[k] for k in ("basic/", "tok/", f"{CAP}/app", "drop/")}
+    assert proxied <= labels_seen, f"never proxied: {proxied - labels_seen}"
+    cap_label = scene.labels[f"{CAP}/app"]
+    assert cap_label.startswith("cap:"), cap_label
+
+
+def test_failed_and_refused_flows_are_marked(scene: Scene) -> None:
+    flows = _dump(scene.web)
+    kinds: dict[str, list[str]] = {"failed": [], "refused": [], "challenge": [], "ok": []}
+    for f in flows:
+        status = f.response.status_code if f.response else None
+        challenge = f.response.headers.get("www-authenticate", "") if f.response else ""
+        if f.error is not None or status is None or status >= 500:
+            kind, expected = "failed", RED
+        elif status == 401 and "error=" not in challenge:
+            kind, expected = "challenge", ""  # the plain first challenge of every pull
+        elif status >= 400:
+            kind, expected = "refused", WARNING
+        else:
+            kind, expected = "ok", ""
+        kinds[kind].append(_describe(f))
+        assert f.marked == expected, f"{kind} flow marked {f.marked!r}, expected {expected!r}: {_describe(f)}"
+    assert len(kinds["failed"]) >= 2, kinds  # the dead upstream and the dropped connection
+    assert len(kinds["refused"]) >= 3, kinds  # forged token, other repository, almost-right key
+    assert kinds["challenge"] and kinds["ok"], kinds
+    # What mitmweb's flow list shows for the marks.
+    shown = {f["id"]: f["marked"] for f in scene.web.flows()}
+    for f in flows:
+        assert shown[f.id] == (emoji[f.marked] if f.marked else ""), _describe(f)
+
+
+def _leaks(answers: dict[str, bytes], scene: Scene) -> list[str]:
+    secrets = dict(scene.secrets)
+    for i, t in enumerate(scene.upstream_tokens):
+        secrets[f"upstream token #{i}"] = t.encode()
+    leaks = []
+    for where, data in answers.items():
+        for what, secret in secrets.items():
+            if secret and secret in data:
+                leaks.append(f"{what} in {where}")
+        for m in JWT_RE.finditer(data):
+            leaks.append(f"a JWT ({hashlib.sha256(m[0]).hexdigest()[:12]}) in {where}")
+    return leaks
+
+
+def test_no_secret_in_any_mitmweb_answer(scene: Scene) -> None:
+    web = scene.web
+    flows = web.flows()
+    answers: dict[str, bytes] = {
+        "GET /flows": json.dumps(flows).encode(),
+        "GET /flows/dump": web.api("/flows/dump").content,
+        "GET /events": web.api("/events").content,
+    }
+    for f in flows:
+        for part in ("request", "response"):
+            if f.get(part, {}).get("contentLength") is None:
+                continue  # streamed: mitmweb holds no body
+            path = f"/flows/{f['id']}/{part}/content.data"
+            answers[f"GET {path}"] = web.api(path).content
+    assert len(answers) > len(flows), "no flow content was read"
+    leaks = _leaks(answers, scene)
+    assert not leaks, "\n".join(leaks)
+
+
+def test_no_secret_in_the_last_state_pushed_to_the_mitmweb_ui(scene: Scene) -> None:
+    """The last flows/update of every flow that mitmweb sent its UI: what a browser shows once a pull is over."""
+    kinds = [json.loads(m).get("type") for m in scene.updates]
+    assert kinds.count("flows/add") >= 20, kinds
+    last: dict[str, str] = {}
+    for m in scene.updates:
+        msg = json.loads(m)
+        if msg.get("type") in ("flows/add", "flows/update"):
+            last[msg["payload"]["flow"]["id"]] = m
+    assert set(last) == {f["id"] for f in scene.web.flows()}
+    answers = {f"last update of {json.loads(m)['payload']['flow']['comment']}": m.encode() for m in last.values()}
+    leaks = _leaks(answers, scene)
+    assert not leaks, "\n".join(leaks)
+
+
+def _png_size_and_rows(data: bytes) -> tuple[int, int, int]:
+    """(width, height, distinct filtered scanlines) of an 8-bit RGB/RGBA PNG, with the stdlib only."""
+    assert data[:8] == b"\x89PNG\r\n\x1a\n", data[:16]
+    pos, idat, header = 8, b"", b""
+    while pos < len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        chunk = data[pos + 8 : pos + 8 + length]
+        crc = struct.unpack(">I", data[pos + 8 + length : pos + 12 + length])[0]
+        assert zlib.crc32(kind + chunk) == crc, f"bad CRC in {kind!r}"
+        if kind == b"IHDR":
+            header = chunk
+        elif kind == b"IDAT":
+            idat += chunk
+        pos += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", header[:10])
+    assert depth == 8 and colour in (2, 6), (depth, colour)
+    stride = 1 + width * (3 if colour == 2 else 4)
+    raw = zlib.decompress(idat)
+    assert len(raw) == stride * height
+    rows = {raw[i : i + stride] for i in range(0, len(raw), stride)}
+    return width, height, len(rows)
+
+
+def test_screenshot_script_writes_a_plausible_png(tmp_path: Path) -> None:
+    out = tmp_path / "shot.png"
+    res = run(
+        [sys.executable, str(REPO / "tests" / "screenshot" / "shoot.py"), "--out", str(out)],
+        timeout=240,
+        env_extra={"PYTHONPATH": f"{REPO / 'addon'}:{REPO / 'tests'}", "TMPDIR": str(tmp_path)},
+        cwd=tmp_path,
+    )
+    assert res.returncode == 0, res.describe()
+    data = out.read_bytes()
+    width, height, distinct_rows = _png_size_and_rows(data)
+    assert (width, height) == (1400, 900)
+    assert len(data) > 20_000, len(data)  # a blank page compresses to a few KB
+    assert distinct_rows > 100, distinct_rows  # a flow list and a detail pane, not a flat page
+    assert not list(tmp_path.glob("rp-shoot-*")), "the script left its work directory behind"
