@@ -3,15 +3,21 @@
 One mitmproxy process uses one core. With N workers, HAProxy listens on the configured
 address and balances client connections round-robin (TCP mode, so TLS detection and the
 client's Host stay with the workers) over N workers on loopback ports, health-checked with
-the registry ping (`GET /v2/` answers 401). The workers share one secret key, so a token
-issued by one is accepted by all; without a configured key one is generated for the whole
-group, which then still survives no restart.
+`GET /readyz` (200 once a worker has a valid configuration loaded). The workers share one
+secret key, so a token issued by one is accepted by all; without a configured key one is
+generated for the whole group, which then still survives no restart.
+
+The workers also share one `PROMETHEUS_MULTIPROC_DIR` (a temporary directory made before they
+start and removed at exit), so `/metrics` through any worker reports the whole group. Each
+worker answers `/healthz`, `/readyz` and `/metrics` on its own port; a separate operations
+listener (`registryproxy_ops_listen`) cannot be shared by N processes and is refused here.
 
 The supervisor stops everything it started when it is signalled or when any child exits.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import shutil
 import signal
@@ -24,8 +30,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import SECRET_KEY_ENV, Config
+from .metrics import LISTEN_OPTION, MULTIPROC_ENV, reset_multiprocess_dir
 
 WORKER_TIMEOUT = 30.0
+HEALTH_PATH = "/readyz"
 
 
 def free_port() -> int:
@@ -38,7 +46,7 @@ def free_port() -> int:
 def haproxy_config(listen_addr: str, port: int, worker_ports: Sequence[int]) -> str:
     bind = f"[{listen_addr}]:{port}" if ":" in listen_addr else f"{listen_addr}:{port}"
     servers = "\n".join(
-        f"    server w{i} 127.0.0.1:{p} check inter 5s fall 2 rise 1" for i, p in enumerate(worker_ports)
+        f"    server w{i} 127.0.0.1:{p} check inter 2s fall 2 rise 1" for i, p in enumerate(worker_ports)
     )
     return f"""global
     maxconn 4000
@@ -57,10 +65,17 @@ frontend registryproxy
 
 backend workers
     balance roundrobin
-    option httpchk GET /v2/
-    http-check expect status 401
+    option httpchk GET {HEALTH_PATH}
+    http-check expect status 200
 {servers}
 """
+
+
+def sets_option(args: Sequence[str], name: str) -> bool:
+    """Whether mitmproxy arguments set option `name` (`--set NAME=V` or `--set=NAME=V`)."""
+    values = [v for flag, v in itertools.pairwise(args) if flag == "--set"]
+    values += [a.removeprefix("--set=") for a in args if a.startswith("--set=")]
+    return any(v.partition("=")[0] == name for v in values)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str) -> None:
@@ -102,6 +117,13 @@ def run_workers(
         return 1
     from .cli import mitm_args
 
+    if sets_option(extra, LISTEN_OPTION):
+        print(
+            f"registryproxy: --workers: {LISTEN_OPTION} is not supported (N workers cannot share one ops "
+            "address); each worker answers /healthz, /readyz and /metrics on the proxy port",
+            file=sys.stderr,
+        )
+        return 2
     env = dict(os.environ)
     if config.generated_key and not env.get(SECRET_KEY_ENV):
         # One key for the whole group, so a token from one worker is accepted by all.
@@ -123,6 +145,10 @@ def run_workers(
     signal.signal(signal.SIGINT, on_signal)
     with tempfile.TemporaryDirectory(prefix="registryproxy-workers-") as tmp:
         try:
+            # One metrics directory for the group: /metrics through any worker reports all of them.
+            metrics_dir = Path(tmp) / "metrics"
+            reset_multiprocess_dir(str(metrics_dir))
+            env[MULTIPROC_ENV] = str(metrics_dir)
             ports = [free_port() for _ in range(n)]
             for i, port in enumerate(ports):
                 argv = [*worker_argv, *mitm_args(config_path, "127.0.0.1", port, script=script), *extra]

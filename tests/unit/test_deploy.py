@@ -1,0 +1,396 @@
+"""The deployment examples (addon/deploy/): the Dockerfile and the Kubernetes manifests agree with each
+other and with the code.
+
+The image cannot be built here (no network for the base image), so this reads the files: the
+Dockerfile instruction by instruction, every YAML document of the manifests. Ports, paths, probes,
+option and environment names are checked against the code's source text and the config loader;
+tests/e2e/test_replicas.py runs the Dockerfile's CMD itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import re
+import shlex
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import pytest
+import yaml
+from mitmproxy import options as mitm_options
+from regproxy import cli
+from regproxy.config import ConfigError, loads, parse_secret_key
+
+REPO = Path(__file__).resolve().parents[2]
+DEPLOY = REPO / "addon" / "deploy"
+DOCKERFILE = DEPLOY / "Dockerfile"
+K8S = DEPLOY / "k8s"
+SOURCE = REPO / "addon" / "regproxy"
+REGISTRY_PORT = 5000
+OPS_PORT = 9090
+DUMMY_KEY = "ab" * 32
+
+
+# --- reading the files ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case
+    args: str  # the rest of the (joined) line
+
+
+def dockerfile_instructions(text: str) -> list[Instruction]:
+    """Instructions in order: comments and blank lines dropped, `\\` continuations joined."""
+    out: list[Instruction] = []
+    pending = ""
+    for raw in text.splitlines():
+        line = raw.strip()
+        if not pending and (not line or line.startswith("#")):
+            continue
+        if pending and line.startswith("#"):
+            continue  # a comment inside a continued instruction
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        full = (pending + line).strip()
+        pending = ""
+        keyword, _, args = full.partition(" ")
+        out.append(Instruction(keyword.upper(), args.strip()))
+    assert not pending, "the Dockerfile ends inside a continued line"
+    return out
+
+
+def dockerfile_env(instructions: list[Instruction]) -> dict[str, str]:
+    """Every `ENV K=V …` (the key=value form only)."""
+    env: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ENV":
+            for item in shlex.split(ins.args):
+                key, eq, value = item.partition("=")
+                assert eq, f"ENV without '=': {ins.args}"
+                env[key] = value
+    return env
+
+
+def dockerfile_cmd(instructions: list[Instruction]) -> list[str]:
+    cmds = [i for i in instructions if i.keyword == "CMD"]
+    assert len(cmds) == 1, cmds
+    argv = json.loads(cmds[0].args)  # exec form only: no shell between the server and its signals
+    assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
+    return argv
+
+
+def set_options(argv: list[str]) -> dict[str, str]:
+    """`--set NAME=VALUE` pairs of a mitmproxy command line."""
+    found: dict[str, str] = {}
+    for flag, value in itertools.pairwise(argv):
+        if flag == "--set":
+            name, _, v = value.partition("=")
+            found[name] = v
+    return found
+
+
+def flag_value(argv: list[str], flag: str) -> str:
+    i = argv.index(flag)
+    return argv[i + 1]
+
+
+def listen_port(spec: str) -> int:
+    """The port of a HOST:PORT (or the @HOST:PORT end of a --mode value)."""
+    return int(spec.rsplit(":", 1)[1])
+
+
+def manifest_documents() -> Iterator[tuple[str, dict[str, Any]]]:
+    for path in sorted(K8S.glob("*.yaml")):
+        if path.name == "kustomization.yaml":
+            continue
+        for doc in yaml.safe_load_all(path.read_text()):
+            if doc is not None:
+                assert isinstance(doc, dict), path
+                yield path.name, doc
+
+
+def source_text() -> str:
+    return "\n".join(p.read_text() for p in sorted(SOURCE.glob("*.py")))
+
+
+@pytest.fixture(scope="module")
+def instructions() -> list[Instruction]:
+    return dockerfile_instructions(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def cmd(instructions: list[Instruction]) -> list[str]:
+    return dockerfile_cmd(instructions)
+
+
+@pytest.fixture(scope="module")
+def docs() -> dict[str, dict[str, Any]]:
+    """kind/name -> document, over every manifest file."""
+    found: dict[str, dict[str, Any]] = {}
+    for _, doc in manifest_documents():
+        key = f"{doc['kind']}/{doc['metadata']['name']}"
+        assert key not in found, f"{key} defined twice"
+        found[key] = doc
+    return found
+
+
+@pytest.fixture(scope="module")
+def deployment(docs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    deployments = [d for k, d in docs.items() if k.startswith("Deployment/")]
+    assert len(deployments) == 1
+    return deployments[0]
+
+
+@pytest.fixture(scope="module")
+def container(deployment: dict[str, Any]) -> dict[str, Any]:
+    containers = deployment["spec"]["template"]["spec"]["containers"]
+    assert len(containers) == 1
+    c: dict[str, Any] = containers[0]
+    return c
+
+
+def named_ports(container: dict[str, Any]) -> dict[str, int]:
+    return {p["name"]: p["containerPort"] for p in container["ports"]}
+
+
+def resolve_port(container: dict[str, Any], port: int | str) -> int:
+    return port if isinstance(port, int) else named_ports(container)[port]
+
+
+# --- the Dockerfile ------------------------------------------------------------------------------
+
+
+def test_dockerfile_parser_joins_continuations_and_drops_comments() -> None:
+    text = '# c\nFROM x:1\n\nCMD ["a", \\\n  # inside\n  "b"]\nenv A=1 B="two words"\n'
+    ins = dockerfile_instructions(text)
+    assert [i.keyword for i in ins] == ["FROM", "CMD", "ENV"]
+    assert dockerfile_cmd(ins) == ["a", "b"]
+    assert dockerfile_env(ins) == {"A": "1", "B": "two words"}
+
+
+def test_base_image_is_the_official_python_slim_pinned_by_tag(instructions: list[Instruction]) -> None:
+    froms = [i.args for i in instructions if i.keyword == "FROM"]
+    assert len(froms) == 1
+    image, _, tag = froms[0].split("@")[0].partition(":")
+    assert image == "python"
+    assert re.fullmatch(r"3\.13(\.\d+)?-slim(-\w+)?", tag), tag
+
+
+def test_runs_as_a_non_root_numeric_user(instructions: list[Instruction]) -> None:
+    users = [i.args for i in instructions if i.keyword == "USER"]
+    assert users, "no USER: the image would run as root"
+    uid, _, gid = users[-1].partition(":")
+    assert uid.isdigit() and int(uid) != 0
+    assert not gid or (gid.isdigit() and int(gid) != 0)
+    # Nothing after USER needs root.
+    last_user = max(n for n, i in enumerate(instructions) if i.keyword == "USER")
+    assert not [i for i in instructions[last_user:] if i.keyword in ("RUN", "COPY", "ADD")]
+
+
+def test_every_copy_source_exists_in_the_repository(instructions: list[Instruction]) -> None:
+    copies = [shlex.split(i.args) for i in instructions if i.keyword in ("COPY", "ADD")]
+    assert copies
+    for parts in copies:
+        assert not any(p.startswith("--from") for p in parts)
+        *sources, _dest = [p for p in parts if not p.startswith("--")]
+        for src in sources:
+            assert (REPO / src).exists(), f"COPY {src}: not in the build context (the repository root)"
+    copied = {p[0].rstrip("/"): p[-1] for p in copies}
+    assert {"requirements.txt", "addon", "config.yaml"} <= set(copied)
+
+
+def test_dockerignore_keeps_what_copy_needs() -> None:
+    lines = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
+    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+    assert rules[0] == "*"
+    assert {"!requirements.txt", "!config.yaml", "!addon/"} <= set(rules)
+
+
+def test_exposes_the_registry_and_ops_ports(instructions: list[Instruction], cmd: list[str]) -> None:
+    exposed = {int(p.split("/")[0]) for i in instructions if i.keyword == "EXPOSE" for p in i.args.split()}
+    assert exposed == {REGISTRY_PORT, OPS_PORT}
+    assert flag_value(cmd, "--mode").endswith(f"@0.0.0.0:{REGISTRY_PORT}")
+    assert set_options(cmd)["registryproxy_ops_listen"] == f"0.0.0.0:{OPS_PORT}"
+
+
+def test_cmd_runs_the_lean_server_with_the_run_sh_arguments(instructions: list[Instruction], cmd: list[str]) -> None:
+    assert cmd[:4] == ["python", "-O", "-m", "regproxy.serve"]
+    env = dockerfile_env(instructions)
+    copied = {shlex.split(i.args)[0].rstrip("/"): shlex.split(i.args)[-1] for i in instructions if i.keyword == "COPY"}
+    assert PurePosixPath(env["PYTHONPATH"]) == PurePosixPath(copied["addon"])
+    assert (REPO / "addon" / "regproxy" / "serve.py").is_file()
+    # What ./run.sh passes the lean server (cli.mitm_args), but the config path comes from the environment.
+    expected = cli.mitm_args("UNUSED", "0.0.0.0", REGISTRY_PORT, script=False)
+    i = expected.index("registryproxy_config=UNUSED")
+    expected = expected[: i - 1] + expected[i + 1 :]
+    pairs = list(zip(cmd[4::2], cmd[5::2]))
+    assert len(cmd[4:]) % 2 == 0
+    for flag, value in zip(expected[::2], expected[1::2]):
+        assert (flag, value) in pairs, f"CMD lacks {flag} {value}"
+    assert "registryproxy_config" not in set_options(cmd)
+
+
+def lean_master_options() -> set[str]:
+    """Every option the lean server (regproxy.serve) knows, its addons' included."""
+    from regproxy.serve import RegistryProxyMaster
+
+    loop = asyncio.new_event_loop()
+    try:
+        opts = mitm_options.Options()
+        RegistryProxyMaster(opts, loop=loop, with_termlog=False)
+        return set(opts.keys())
+    finally:
+        loop.close()
+
+
+def test_cmd_options_exist(cmd: list[str]) -> None:
+    known = lean_master_options()
+    src = source_text()
+    for name in set_options(cmd):
+        assert name in known, f"--set {name}: the lean server has no such option"
+        if name.startswith("registryproxy_"):
+            assert re.search(rf"[\"']{name}[\"']", src), f"{name} is not named in the addon's source"
+
+
+def test_env_names_and_paths_agree_with_the_code(instructions: list[Instruction]) -> None:
+    env = dockerfile_env(instructions)
+    src = (SOURCE / "config.py").read_text() + (SOURCE / "addon.py").read_text()
+    for name in ("REGISTRYPROXY_CONFIG", "REGISTRYPROXY_SECRETKEY", "REGISTRYPROXY_SECRETKEY_FILE"):
+        assert f'"{name}"' in src, f"{name} is not read by config.py or addon.py"
+    copies = [shlex.split(i.args) for i in instructions if i.keyword == "COPY"]
+    config_dest = next(p[-1] for p in copies if p[0] == "config.yaml")
+    assert env["REGISTRYPROXY_CONFIG"] == config_dest
+    # mitmproxy writes its CA under confdir: under HOME/tmp, the path the Deployment makes writable.
+    assert set_options(dockerfile_cmd(instructions))["confdir"].startswith("/tmp/")
+
+
+# --- the Kubernetes manifests --------------------------------------------------------------------
+
+
+def test_manifests_hold_the_expected_objects(docs: dict[str, dict[str, Any]]) -> None:
+    kinds = sorted(k.split("/")[0] for k in docs)
+    assert kinds == ["ConfigMap", "Deployment", "Secret", "Service", "Service"]
+    for key, doc in docs.items():
+        assert doc["apiVersion"] in ("v1", "apps/v1"), key
+        assert doc["metadata"]["labels"]["app.kubernetes.io/name"] == "registryproxy", key
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+def test_deployment_runs_three_hardened_non_root_replicas(
+    deployment: dict[str, Any], container: dict[str, Any], instructions: list[Instruction]
+) -> None:
+    spec = deployment["spec"]
+    assert spec["replicas"] == 3
+    labels = spec["template"]["metadata"]["labels"]
+    assert spec["selector"]["matchLabels"].items() <= labels.items()
+    pod = spec["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    user = next(i.args for i in instructions if i.keyword == "USER")
+    assert str(pod["securityContext"]["runAsUser"]) == user.partition(":")[0]
+    sc = container["securityContext"]
+    assert sc["readOnlyRootFilesystem"] is True
+    assert sc["allowPrivilegeEscalation"] is False
+    assert sc["capabilities"]["drop"] == ["ALL"]
+    for kind in ("requests", "limits"):
+        assert {"cpu", "memory"} <= set(container["resources"][kind]), kind
+
+
+def test_ports_and_probes_agree_with_the_dockerfile_and_code(container: dict[str, Any], cmd: list[str]) -> None:
+    ports = named_ports(container)
+    assert sorted(ports.values()) == [REGISTRY_PORT, OPS_PORT]
+    assert ports["registry"] == listen_port(flag_value(cmd, "--mode"))
+    ops = listen_port(set_options(cmd)["registryproxy_ops_listen"])
+    src = source_text()
+    for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+        get = container[probe]["httpGet"]
+        assert get["path"] == path
+        assert resolve_port(container, get["port"]) == ops, probe
+        assert get.get("scheme", "HTTP") == "HTTP"  # the ops listener is plain HTTP
+        assert f'"{path}"' in src, f"{path} is not served by the addon"
+
+
+def test_services_expose_the_registry_and_keep_ops_internal(
+    docs: dict[str, dict[str, Any]], deployment: dict[str, Any], container: dict[str, Any]
+) -> None:
+    labels = deployment["spec"]["template"]["metadata"]["labels"]
+    services = {k: d for k, d in docs.items() if k.startswith("Service/")}
+    by_port: dict[int, dict[str, Any]] = {}
+    for key, svc in services.items():
+        assert svc["spec"]["selector"].items() <= labels.items(), key
+        for p in svc["spec"]["ports"]:
+            by_port[resolve_port(container, p["targetPort"])] = svc
+    assert set(by_port) == {REGISTRY_PORT, OPS_PORT}
+    assert by_port[REGISTRY_PORT] is not by_port[OPS_PORT], "the ops port shares the public Service"
+    assert by_port[OPS_PORT]["spec"].get("type", "ClusterIP") == "ClusterIP"
+
+
+def _mount_for(container: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volumeMount holding `path` (the longest mountPath that is a parent of it)."""
+    mounts = [m for m in container["volumeMounts"] if PurePosixPath(path).is_relative_to(m["mountPath"])]
+    assert mounts, f"nothing is mounted at {path}"
+    mount: dict[str, Any] = max(mounts, key=lambda m: len(m["mountPath"]))
+    return mount
+
+
+def _volume(deployment: dict[str, Any], name: str) -> dict[str, Any]:
+    vols = [v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == name]
+    assert len(vols) == 1, name
+    vol: dict[str, Any] = vols[0]
+    return vol
+
+
+def test_env_vars_point_at_what_the_deployment_mounts(
+    docs: dict[str, dict[str, Any]], deployment: dict[str, Any], container: dict[str, Any], cmd: list[str]
+) -> None:
+    env = {e["name"]: e["value"] for e in container["env"]}
+    assert set(env) >= {"REGISTRYPROXY_CONFIG", "REGISTRYPROXY_SECRETKEY_FILE"}
+    for var, kind, ref in (
+        ("REGISTRYPROXY_CONFIG", "configMap", "name"),
+        ("REGISTRYPROXY_SECRETKEY_FILE", "secret", "secretName"),
+    ):
+        path = PurePosixPath(env[var])
+        mount = _mount_for(container, str(path))
+        assert mount.get("readOnly") is True, var
+        assert "subPath" not in mount, f"{var}: a subPath mount is never updated"
+        vol = _volume(deployment, mount["name"])
+        assert kind in vol, f"{var} points into volume {mount['name']}, not a {kind}"
+        obj = docs[f"{kind[0].upper() + kind[1:]}/{vol[kind][ref]}"]
+        data = {**obj.get("data", {}), **obj.get("stringData", {})}
+        key = str(path.relative_to(mount["mountPath"]))
+        assert key in data, f"{var}: {kind} {vol[kind][ref]} has no key {key}"
+    secret_volume = _volume(deployment, _mount_for(container, env["REGISTRYPROXY_SECRETKEY_FILE"])["name"])
+    mode = secret_volume["secret"]["defaultMode"]
+    fs_group = deployment["spec"]["template"]["spec"]["securityContext"]["fsGroup"]
+    assert fs_group and mode & 0o040 and not mode & 0o007, oct(mode)  # group-readable, not world-readable
+    # mitmproxy's confdir is on a writable volume (the root filesystem is read-only).
+    confdir = _mount_for(container, set_options(cmd)["confdir"])
+    assert "emptyDir" in _volume(deployment, confdir["name"]) and not confdir.get("readOnly")
+
+
+def test_configmap_config_loads(docs: dict[str, dict[str, Any]], tmp_path: Path) -> None:
+    text = docs["ConfigMap/registryproxy-config"]["data"]["config.yaml"]
+    config = loads(text, {"REGISTRYPROXY_SECRETKEY": DUMMY_KEY})
+    assert config.port == REGISTRY_PORT and config.listen_addr == "0.0.0.0"
+    assert config.secretkeys == (bytes.fromhex(DUMMY_KEY),) and not config.generated_key
+    assert config.mappings
+    # The key from a mounted file, as the Deployment provides it (a Secret file may end in a newline).
+    key_file = tmp_path / "secretkey"
+    key_file.write_text(DUMMY_KEY + "\n")
+    from_file = loads(text, {"REGISTRYPROXY_SECRETKEY_FILE": str(key_file)})
+    assert from_file.secretkeys == (bytes.fromhex(DUMMY_KEY),) and not from_file.generated_key
+    assert "secretkey" not in yaml.safe_load(text), "the ConfigMap must not hold the secret key"
+
+
+def test_secret_placeholder_is_marked_and_refused(docs: dict[str, dict[str, Any]]) -> None:
+    placeholder = docs["Secret/registryproxy-secretkey"]["stringData"]["secretkey"]
+    assert "REPLACE" in placeholder
+    with pytest.raises(ConfigError):
+        parse_secret_key(placeholder, "REGISTRYPROXY_SECRETKEY_FILE")
