@@ -56,7 +56,7 @@ defaults
     timeout connect 5s
     timeout client 10m
     timeout server 10m
-    option redispatch
+    option redispatch 1
     retries 2
 
 frontend registryproxy
