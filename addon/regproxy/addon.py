@@ -54,7 +54,7 @@ from .errors import RegistryError, for_upstream_status
 from .mapping import Match, Matcher, redact_name
 from .names import TAG_RE, Route, RouteKind, is_valid_name, parse_route
 from .redact import Redactor, capability_keys
-from .scopes import repository_scope
+from .scopes import pull_names, repository_scope
 from .tokens import AccessToken, TokenCodec, TokenError
 from .tokenservice import TokenService, parse_token_request, public_base
 from .upstream import RegistryClient
@@ -109,6 +109,14 @@ _LINK_RE = re.compile(r"\s*<([^>]*)>\s*(;.*)?")
 
 
 @dataclass
+class Held:
+    """Parts of a response the flow shows redacted (None: the part shown is the real one)."""
+
+    headers: http.Headers | None = None
+    body: bytes | None = None
+
+
+@dataclass
 class FlowState:
     """What the addon decided about one flow (kept out of the flow so it is never stored)."""
 
@@ -123,7 +131,8 @@ class FlowState:
     token: str = "-"
     token_refusal: str | None = None  # for metrics: why a presented or requested token was refused
     upstream_status: int | None = None
-    upstream_auth: str | None = field(default=None, repr=False)  # added in `request`, after display
+    upstream_auth: str | None = field(default=None, repr=False)  # added by `Courier`, after display
+    auth_pending: bool = False
     upstream_sent: float = 0.0
     error_body: bytes | None = None
     watchdog: asyncio.TimerHandle | None = None
@@ -133,8 +142,9 @@ class FlowState:
     bytes_streamed: int = 0
     busy: bool = False  # counted as a request in progress on its client connection
     # What the client must be sent, while hooks after this addon see the redacted response.
-    sent: tuple[http.Headers, bytes | None] | None = field(default=None, repr=False)
-    shown: tuple[http.Headers, bytes | None] | None = field(default=None, repr=False)
+    held: Held = field(default_factory=lambda: Held(), repr=False)
+    ready: bool = False  # `Courier` puts `held` in at the next update: the response is sent next
+    shown: Held | None = field(default=None, repr=False)  # the redacted parts, to show again once sent
 
     def settle(self) -> None:
         """The upstream answered (or failed): stop waiting for it."""
@@ -567,8 +577,7 @@ class RegistryProxy:
             st.busy = True
             watch.busy += 1
         if st.kind == "upstream" and flow.response is None:
-            if st.upstream_auth:
-                flow.request.headers["Authorization"] = st.upstream_auth
+            st.auth_pending = True  # `Courier` adds it after every hook (and mitmweb) has seen the flow
             st.upstream_sent = time.monotonic()
             return
         if st.kind != "token" or flow.response or self.state is None:
@@ -582,6 +591,15 @@ class RegistryProxy:
                 # Parsed: the flow keeps no password or refresh token.
                 req.content = state.redactor.text(req.get_text(strict=False) or "").encode()
             parsed = parse_token_request(req.method, st.query, form)
+            labels = sorted(
+                {
+                    m.mapping.label
+                    for n in pull_names(list(parsed.scopes))
+                    if (m := state.matcher.match(n, _client_host(req)))
+                }
+            )
+            if labels:
+                st.log_path = f"{TOKEN_PATH} ({', '.join(labels)})"
             answer = await state.tokens.answer(parsed, st.base, _client_host(req))
         except RegistryError as e:
             st.token = f"refused: {e.message or e.code}"
@@ -597,9 +615,14 @@ class RegistryProxy:
         st = self._flows.get(flow)
         if st is None or st.kind != "upstream" or flow.response is None or st.match is None or st.route is None:
             return
+        self._rewrite_response_headers(flow, st, st.match, st.route)
+        # A streamed response's headers are sent right after this hook (and its update).
+        self._hide(flow, st, ready=st.streamed)
+
+    def _rewrite_response_headers(self, flow: http.HTTPFlow, st: FlowState, match: Match, route: Route) -> None:
+        assert flow.response is not None
         st.settle()
         resp = flow.response
-        match, route = st.match, st.route
         st.upstream_status = resp.status_code
         if st.upstream_sent:
             self.metrics.upstream_latency(match.mapping.label, time.monotonic() - st.upstream_sent)
@@ -660,6 +683,7 @@ class RegistryProxy:
         st = self._flows.get(flow)
         if st is None or flow.response is None:
             return
+        self._unhide(flow, st)
         self._streaming.discard(flow)
         resp = flow.response
         if st.kind == "upstream" and st.match is not None:
@@ -669,47 +693,77 @@ class RegistryProxy:
             elif st.route is not None and st.route.kind is RouteKind.TAGS and resp.status_code == 200:
                 self._rewrite_tags_body(flow, st.match, st.page)
         self._log(flow, st)
-        self._hide(flow, st)
+        self._hide(flow, st, ready=True)
 
     @fail_closed
     def error(self, flow: http.HTTPFlow) -> None:
         st = self._flows.get(flow)
         if st is None:
             return
+        self._unhide(flow, st)
         st.settle()
         self._streaming.discard(flow)
         self._log(flow, st)
-        self._hide(flow, st)
+        self._hide(flow, st, ready=False)
 
     # --- secrets in flows --------------------------------------------------------------
 
-    def _hide(self, flow: http.HTTPFlow, st: FlowState) -> None:
+    def _hide(self, flow: http.HTTPFlow, st: FlowState, *, ready: bool) -> None:
         """Leave no secret in the flow for the hooks after this one (display, saving, dumping).
 
         The request's secrets were sent already (or never will be): they go for good. The
-        response's may still have to be sent: they are kept in `st.sent` for `Courier`.
+        response's may still have to be sent: they are held in `st.held`, and with `ready` (the
+        response is sent right after this hook) `Courier` puts them back in the next update.
         """
+        st.auth_pending = False
         if "authorization" in flow.request.headers:
             flow.request.headers["Authorization"] = "[redacted]"
-        redactor = self.state.redactor if self.state is not None else Redactor()
         resp = flow.response
         if resp is None:
             return
-        real = (resp.headers.copy(), resp.raw_content)
-        _scrub(resp, redactor)
-        if (resp.headers.fields, resp.raw_content) != (real[0].fields, real[1]):
-            st.sent = real
-            st.shown = (resp.headers.copy(), resp.raw_content)
+        redactor = self.state.redactor if self.state is not None else Redactor()
+        if st.held.headers is None:
+            shown = _scrubbed_headers(resp.headers, redactor)
+            if shown.fields != resp.headers.fields:
+                st.held.headers, resp.headers = resp.headers, shown
+        if st.held.body is None and resp.raw_content:
+            body = _scrubbed_body(resp.raw_content, redactor)
+            if body != resp.raw_content:
+                st.held.body, resp.raw_content = resp.raw_content, body
+        st.ready = ready and (st.held.headers is not None or st.held.body is not None)
+
+    def _unhide(self, flow: http.HTTPFlow, st: FlowState) -> None:
+        """Back to the real response, for a hook of this addon to work on (and hide again)."""
+        held, st.held = st.held, Held()
+        st.ready = False
+        if flow.response is not None:
+            if held.headers is not None:
+                flow.response.headers = held.headers
+            if held.body is not None:
+                flow.response.raw_content = held.body
 
     def deliver(self, flow: http.HTTPFlow) -> None:
-        """`Courier`: the hooks after this addon's have run; put back what the client must be sent."""
+        """`Courier`, after every hook has seen the flow: put in what is about to be sent."""
         st = self._flows.get(flow)
-        if st is None or st.sent is None or flow.response is None:
+        if st is None:
             return
-        flow.response.headers, flow.response.raw_content = st.sent
-        st.sent = None
-        loop = asyncio.get_running_loop()
-        loop.call_soon(self._rehide, weakref.ref(flow), 0)
+        if st.auth_pending:
+            st.auth_pending = False
+            if st.upstream_auth and flow.live and flow.response is None:
+                flow.request.headers["Authorization"] = st.upstream_auth
+        resp = flow.response
+        if st.ready and resp is not None:
+            st.ready = False
+            held, st.held = st.held, Held()
+            st.shown = Held(
+                resp.headers if held.headers is not None else None,
+                resp.raw_content if held.body is not None else None,
+            )
+            if held.headers is not None:
+                resp.headers = held.headers
+            if held.body is not None:
+                resp.raw_content = held.body
+            asyncio.get_running_loop().call_soon(self._rehide, weakref.ref(flow), 0)
 
     def _rehide(self, ref: weakref.ref[http.HTTPFlow], tries: int) -> None:
         """Once the response has been sent, the flow shows the redacted one again."""
@@ -720,8 +774,11 @@ class RegistryProxy:
         if flow.live and tries < 300:
             asyncio.get_running_loop().call_later(0.01, self._rehide, ref, tries + 1)
             return
-        flow.response.headers, flow.response.raw_content = st.shown
-        st.shown = None
+        shown, st.shown = st.shown, None
+        if shown.headers is not None:
+            flow.response.headers = shown.headers
+        if shown.body is not None:
+            flow.response.raw_content = shown.body
         with contextlib.suppress(Exception):
             ctx.master.addons.trigger(hooks.UpdateHook([flow]))
 
@@ -772,6 +829,9 @@ class RegistryProxy:
             flow.response.headers["Content-Length"] = str(len(body))
         else:
             flow.response = http.Response.make(status, body, all_headers)
+        if st is not None:
+            st.held = Held()
+            self._hide(flow, st, ready=False)  # mitmweb shows the flow from this hook on
 
     def _rewrite_tags_body(self, flow: http.HTTPFlow, match: Match, page: dict[str, str]) -> None:
         assert flow.response is not None
@@ -954,18 +1014,25 @@ class RegistryProxy:
 
 
 class Courier:
-    """Runs after every other addon: puts back, for the send, what `RegistryProxy._hide` hid."""
+    """The last addon: puts in, for the send, what `RegistryProxy` kept out of the flow.
+
+    mitmproxy runs the `update` hook after every flow hook, and mitmweb pushes the flow to the
+    browser in it; the request or response is sent right after. So this acts in `update`, after
+    mitmweb (and everything else) has seen the flow without its secrets.
+    """
 
     name = "registryproxy-courier"
 
     def __init__(self, proxy: RegistryProxy) -> None:
         self.proxy = proxy
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        try:
-            self.proxy.deliver(flow)
-        except Exception as e:  # noqa: BLE001 - fail closed: the client gets the redacted answer
-            logger.error("internal error delivering a response (%s)", type(e).__name__)
+    def update(self, flows: list[Any]) -> None:
+        for flow in flows:
+            if isinstance(flow, http.HTTPFlow):
+                try:
+                    self.proxy.deliver(flow)
+                except Exception as e:  # noqa: BLE001 - fail closed: what is sent stays redacted
+                    logger.error("internal error delivering a flow (%s)", type(e).__name__)
 
 
 def _add_courier(proxy: RegistryProxy) -> None:
@@ -982,23 +1049,25 @@ def _remove_courier() -> None:
         addons.remove(existing)
 
 
-def _scrub(message: http.Message, redactor: Redactor) -> None:
-    """Redact secrets from a message's headers and (small, text) body, in place."""
+def _scrubbed_headers(headers: http.Headers, redactor: Redactor) -> http.Headers:
+    """The headers with secrets redacted (a redirect's query too: it may be a storage signature)."""
     fields = []
-    for k, v in message.headers.fields:
+    for k, v in headers.fields:
         text = v.decode("latin-1")
         if k.lower() == b"location":
-            # A redirect to storage may carry a signed query: a credential while it lasts.
             base, sep, _ = text.partition("?")
             text = f"{base}?[redacted]" if sep else base
         fields.append((k, redactor.text(text).encode("latin-1")))
-    message.headers = http.Headers(fields)
-    raw = message.raw_content
-    if raw and len(raw) <= MAX_SCRUBBED_BODY:
-        text = raw.decode("utf-8", "surrogateescape")
-        redacted = redactor.text(text)
-        if redacted != text:
-            message.raw_content = redacted.encode("utf-8", "surrogateescape")
+    return http.Headers(fields)
+
+
+def _scrubbed_body(raw: bytes, redactor: Redactor) -> bytes:
+    """A small body with secrets redacted; larger ones (blobs) are never held in a flow."""
+    if len(raw) > MAX_SCRUBBED_BODY:
+        return raw
+    text = raw.decode("utf-8", "surrogateescape")
+    redacted = redactor.text(text)
+    return raw if redacted == text else redacted.encode("utf-8", "surrogateescape")
 
 
 def _close_client(client_id: str) -> None:
@@ -1078,9 +1147,15 @@ def _service(base: str) -> str:
 
 
 def _content_length(msg: http.Message) -> int:
+    """The body length a message announces; unknown (chunked, or an HTTP/2 or 3 request body
+    without content-length) counts as unbounded."""
     value = msg.headers.get("content-length")
     if value is None:
-        return 0 if "transfer-encoding" not in msg.headers else 1 << 62
+        if "transfer-encoding" in msg.headers:
+            return 1 << 62
+        if isinstance(msg, http.Request) and (msg.is_http2 or msg.is_http3) and msg.method not in ("GET", "HEAD"):
+            return 1 << 62
+        return 0
     try:
         return int(value)
     except ValueError:

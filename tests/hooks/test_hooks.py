@@ -228,8 +228,10 @@ def test_forwarded_request_is_rewritten_with_only_pull_headers(proxy: tuple[Regi
 
 
 async def _responseheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
+    """`responseheaders`, then `Courier` putting back what is about to be sent."""
     addon.responseheaders(f)
     addon._streaming.discard(f)
+    addon.deliver(f)
 
 
 async def _requestheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
@@ -240,6 +242,8 @@ async def _requestheaders(addon: RegistryProxy, f: http.HTTPFlow) -> None:
         # What mitmweb shows of the request (hooks between the two) holds no upstream credential.
         assert "authorization" not in f.request.headers
         await addon.request(f)
+        assert "authorization" not in f.request.headers
+        addon.deliver(f)  # `Courier`, in the `update` after every other addon has seen the flow
     if st is not None:
         st.settle()
 
@@ -444,3 +448,28 @@ def test_mitmproxy_error_pages_become_registry_errors() -> None:
     head, _, body = raw.partition(b"\r\n\r\n")
     assert b"application/json" in head
     assert json.loads(body)["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_what_is_sent_is_kept_out_of_the_flow_until_courier_and_after_the_send(
+    proxy: tuple[RegistryProxy, Any],
+) -> None:
+    """Hooks after the addon's (mitmweb, -w, mitmdump's dump) see no signed redirect query."""
+    addon, _ = proxy
+    f = _forwarded(addon, "/v2/bp/true/blobs/sha256:" + "a" * 64)
+    f.response = http.Response.make(307, b"", {"Location": "https://cdn.example.net/blob?X-Amz-Signature=SECRET"})
+
+    async def go() -> None:
+        addon.responseheaders(f)
+        addon._streaming.discard(f)
+        assert f.response is not None
+        assert "SECRET" not in f.response.headers["location"]  # what every later hook sees
+        addon.deliver(f)
+        assert f.response.headers["location"].endswith("X-Amz-Signature=SECRET")  # what is sent
+        f.live = False  # sent
+        for _ in range(50):
+            await asyncio.sleep(0.01)
+            if "SECRET" not in f.response.headers["location"]:
+                break
+        assert f.response.headers["location"] == "https://cdn.example.net/blob?[redacted]"
+
+    asyncio.run(go())
