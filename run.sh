@@ -9,6 +9,7 @@
 #   ./run.sh capability           print a new capability prefix and the config lines to use it
 #   ./run.sh demo [--web]         offline demo: a local registry, the proxy, pulls through both mappings
 #   ./run.sh bench [--quick]      the benchmark (see README, "Performance")
+#   ./run.sh screenshot [--out F] refresh the mitmweb screenshot in the README (headless Chromium)
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -52,7 +53,7 @@ ensure_venv() {
 }
 
 # Debian packages the end-to-end tests use (real registry, real clients).
-test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium)
+test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium fonts-noto-color-emoji)
 
 # Extra Debian packages the benchmark uses (nginx and haproxy as references, wrk as load generator).
 bench_packages=(nginx haproxy wrk curl)
@@ -111,6 +112,13 @@ case "$cmd" in
     cd "$here"
     exec env PYTHONPATH="$here/addon:$here/tests" "$venv/bin/python" tests/bench/bench.py "$@"
     ;;
+  screenshot)
+    shift
+    install_test_packages
+    ensure_venv "$here/tests/requirements.txt"
+    cd "$here"
+    exec env PYTHONPATH="$here/addon:$here/tests" "$venv/bin/python" tests/screenshot/shoot.py "$@"
+    ;;
   web)
     shift
     ensure_venv "$here/requirements.txt"
@@ -131,7 +139,7 @@ case "$cmd" in
     run_proxy "$@"
     ;;
   *)
-    echo "run.sh: unknown command '$cmd' (use: run, web, demo, bench, test, keygen, capability)" >&2
+    echo "run.sh: unknown command '$cmd' (use: run, web, demo, bench, screenshot, test, keygen, capability)" >&2
     exit 2
     ;;
 esac
