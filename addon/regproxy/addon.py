@@ -242,8 +242,8 @@ class RegistryProxy:
         )
         loader.add_option(
             "registryproxy_client_timeout",
-            float,
-            60.0,
+            int,
+            60,
             "Seconds a client connection may take to send a complete request (headers and the small "
             "bodies the proxy reads), or may sit idle between requests, before it is closed.",
         )
@@ -981,13 +981,16 @@ class RegistryProxy:
                 "name": st.log_path,
                 "mapping": mapping,
                 "status": status,
-                "upstream_status": upstream,
+                "upstream_status": None if upstream == "-" else upstream,
                 "bytes": int(size) if size.isdigit() else None,
                 "duration_ms": round(elapsed, 1),
                 "token": st.token,
             }
-            line = json.dumps(record, separators=(",", ":"))
-            self._access_log.info(self.state.redactor.text(line) if self.state else line)
+            if self.state is not None:
+                # Redact values, not the line: the redactor hides any JSON "token" member wholesale.
+                redact = self.state.redactor.text
+                record = {k: redact(v) if isinstance(v, str) else v for k, v in record.items()}
+            self._access_log.info(json.dumps(record, separators=(",", ":")))
         else:
             logger.info(
                 "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",

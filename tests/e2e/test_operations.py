@@ -342,6 +342,10 @@ def test_json_access_log_has_one_object_per_request_and_no_secret(
         assert rec["time"].endswith("+00:00")
         assert isinstance(rec["token"], str) and isinstance(rec["name"], str)
     assert len({rec["request_id"] for rec in records}) == len(records)
+    tokens = {rec["token"] for rec in records}
+    assert {"ok", "none", "invalid_token"} <= tokens, tokens
+    assert any(t.startswith("issued pull on") for t in tokens), tokens
+    assert all(rec["upstream_status"] is None or isinstance(rec["upstream_status"], int | str) for rec in records)
     assert {rec["mapping"] for rec in records} == {"-", "tok/", "redir/", cap_label}
     assert any(rec["name"] == "/metrics" and rec["status"] == 200 for rec in records)
     assert any(rec["status"] == 307 and rec["mapping"] == "redir/" for rec in records)

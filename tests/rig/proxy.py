@@ -6,7 +6,6 @@ mitmdump 12.3.1 prints, once listening (reverse mode, default target 127.0.0.1:9
 
 from __future__ import annotations
 
-import os
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -77,24 +76,19 @@ def start_proxy(
     config_path.write_text(yaml.safe_dump(dict(config), sort_keys=False))
     conf = confdir if confdir is not None else tmp_dir / "mitmproxy-conf"
     conf.mkdir(parents=True, exist_ok=True)
-    argv = [
-        str(mitmdump_binary()),
-        "-s",
-        str(script),
-        "--mode",
-        f"reverse:{DEAD_TARGET}@{LOOPBACK}:0",
-        "--set",
-        "connection_strategy=lazy",
-        "--set",
-        f"registryproxy_config={config_path}",
-        "--set",
-        "flow_detail=0",
-        "--set",
-        "termlog_verbosity=" + os.environ.get("RP_TERMLOG", "info"),
-        "--set",
-        f"confdir={conf}",
-        *extra_args,
-    ]
+    defaults = {
+        "connection_strategy": "lazy",
+        "registryproxy_config": str(config_path),
+        "flow_detail": "0",
+        "termlog_verbosity": "info",
+        "confdir": str(conf),
+    }
+    overridden = {a.split("=", 1)[0] for a in extra_args if "=" in a}
+    argv = [str(mitmdump_binary()), "-s", str(script), "--mode", f"reverse:{DEAD_TARGET}@{LOOPBACK}:0"]
+    for key, value in defaults.items():
+        if key not in overridden:  # mitmdump refuses an option set twice
+            argv += ["--set", f"{key}={value}"]
+    argv += extra_args
     proc = Proc("mitmdump").start(argv, env=clean_env(env), cwd=tmp_dir)
     try:
         m = proc.wait_for_output(LISTENING, timeout)
