@@ -559,9 +559,6 @@ class RegistryProxy:
         req.data.port = upstream.port
         req.path = f"/v2/{match.upstream_name}{route.suffix}{qs}"
         st.kind = "upstream"
-        st.watchdog = asyncio.get_running_loop().call_later(
-            state.config.upstream_timeout, self._upstream_stalled, weakref.ref(flow)
-        )
         flow.comment = (
             f"registryproxy: {st.log_path} via {match.mapping.label} -> {upstream.netloc}/{match.upstream_name}"
         )
@@ -579,6 +576,10 @@ class RegistryProxy:
         if st.kind == "upstream" and flow.response is None:
             st.auth_pending = True  # `Courier` adds it after every hook (and mitmweb) has seen the flow
             st.upstream_sent = time.monotonic()
+            # From here on the upstream has `upstream_timeout` to connect and answer with headers.
+            st.watchdog = asyncio.get_running_loop().call_later(
+                self._timeout(), self._upstream_stalled, weakref.ref(flow)
+            )
             return
         if st.kind != "token" or flow.response or self.state is None:
             return
