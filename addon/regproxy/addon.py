@@ -325,7 +325,8 @@ class RegistryProxy:
         for flow in list(self._flows):
             if "authorization" in flow.request.headers:
                 flow.request.headers["Authorization"] = "[redacted]"
-        _remove_courier()
+        # The courier stays: removing an addon while mitmproxy iterates its chain for this very
+        # hook could skip another addon's `done` (a script reload replaces it in `running`).
         if self.client is not None:
             await self.client.aclose()
 
