@@ -37,6 +37,9 @@ TOKEN_REUSE_FRACTION = 0.5
 MAX_TOKEN_RESPONSE = 256 * 1024
 MAX_UPSTREAM_TOKEN = 32 * 1024
 DEFAULT_EXPIRES_IN = 60
+# An `expires_in` above this (ten years) is not a token's life but a broken or hostile answer.
+MAX_EXPIRES_IN = 10 * 365 * 24 * 3600
+MAX_TRUSTED_LIFETIME = 24 * 3600.0
 
 
 class UpstreamError(Exception):
@@ -163,9 +166,11 @@ class RegistryClient:
 
     async def _discover(self, upstream: Upstream) -> AuthMethod:
         try:
-            resp = await self._client().get(f"{upstream.origin}/v2/")
-            await resp.aclose()
-        except httpx.TimeoutException:
+            # Only the status and the challenge matter: the body is never read (a hostile upstream
+            # could send gigabytes), and the whole exchange is bounded, not just each read.
+            async with asyncio.timeout(self.timeout), self._client().stream("GET", f"{upstream.origin}/v2/") as resp:
+                pass
+        except (httpx.TimeoutException, TimeoutError):
             raise UpstreamError("upstream registry timed out", timeout=True) from None
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise UpstreamError(f"upstream registry unreachable ({type(e).__name__})") from None
@@ -228,7 +233,11 @@ class RegistryClient:
         self.token_fetches += 1
         ok = False
         try:
-            async with self._client().stream("GET", method.realm, params=params, headers=headers) as resp:
+            # Bounded as a whole: a token service that dribbles its answer never trips the per-read timeout.
+            async with (
+                asyncio.timeout(self.timeout),
+                self._client().stream("GET", method.realm, params=params, headers=headers) as resp,
+            ):
                 if resp.status_code != 200:
                     if resp.status_code in (401, 403):
                         raise UpstreamError(
@@ -243,7 +252,7 @@ class RegistryClient:
             token = parse_token_response(bytes(body), started)
             ok = True
             return token
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             raise UpstreamError("upstream token service timed out", timeout=True) from None
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             raise UpstreamError(f"upstream token service unreachable ({type(e).__name__})") from None
@@ -259,7 +268,7 @@ def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
     """Read a token server's JSON answer (`token` or `access_token`, `expires_in`, `issued_at`)."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays ("[[[[…")
         raise UpstreamError("upstream token response is not JSON") from None
     if not isinstance(data, dict):
         raise UpstreamError("upstream token response is not a JSON object")
@@ -268,12 +277,15 @@ def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
         raise UpstreamError("upstream token response has no usable token")
     if any(c in token for c in " \r\n\t\0,\"'"):
         raise UpstreamError("upstream token response has no usable token")
-    expires_in = data.get("expires_in", DEFAULT_EXPIRES_IN)
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int) or expires_in <= 0:
-        expires_in = DEFAULT_EXPIRES_IN
+    expires_in = data.get("expires_in")
+    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
+        expires_in = DEFAULT_EXPIRES_IN  # absent or not a number: the token spec's default
+    elif not 0 < expires_in <= MAX_EXPIRES_IN:  # NaN fails this too
+        raise UpstreamError("upstream token response has an impossible expires_in")
     # Expiry counts from when the request was sent, on this clock: the upstream's
     # `issued_at` is not trusted, so clock skew can only shorten a token, never extend it.
-    return UpstreamToken(token, requested_at + expires_in, requested_at)
+    # A very long life is believed for a day at most, so that a cached token is fetched again.
+    return UpstreamToken(token, requested_at + min(float(expires_in), MAX_TRUSTED_LIFETIME), requested_at)
 
 
 def _method_from(ch: UpstreamChallenge | None) -> AuthMethod | None:

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 from regproxy.config import Mapping, Upstream
 from regproxy.upstream import (
     DEFAULT_EXPIRES_IN,
+    MAX_EXPIRES_IN,
     MAX_TOKEN_RESPONSE,
     MAX_UPSTREAM_TOKEN,
     AuthMethod,
@@ -142,9 +143,38 @@ def test_expires_in_defaults_to_60() -> None:
     assert parse_token_response(body(token="abc"), 1000.0).expires_at == 1000.0 + DEFAULT_EXPIRES_IN
 
 
-@pytest.mark.parametrize("expires_in", [0, -5, "300", True, None, [300], 1.5])
-def test_bad_expires_in_defaults(expires_in: object) -> None:
+@pytest.mark.parametrize("expires_in", ["300", True, None, [300]])
+def test_expires_in_that_is_not_a_number_defaults(expires_in: object) -> None:
     assert parse_token_response(body(token="abc", expires_in=expires_in), 1000.0).expires_at == 1060.0
+
+
+@pytest.mark.parametrize(
+    "raw_expires_in", [b"0", b"-5", b"-1e9", b"0.0", b"NaN", b"Infinity", b"-Infinity", b"1e400", b"9" * 400]
+)
+def test_impossible_expires_in_is_refused(raw_expires_in: bytes) -> None:
+    """Zero, negative, not finite, or beyond any token's life (a 400-digit integer once raised OverflowError)."""
+    with pytest.raises(UpstreamError, match="expires_in"):
+        parse_token_response(b'{"token":"abc","expires_in":' + raw_expires_in + b"}", 1000.0)
+
+
+def test_very_long_expires_in_is_believed_for_a_day_at_most() -> None:
+    """A cached upstream token is fetched again within a day, whatever the upstream claims."""
+    assert parse_token_response(body(token="abc", expires_in=365 * 86400), 1000.0).expires_at == 1000.0 + 86400
+    assert parse_token_response(body(token="abc", expires_in=MAX_EXPIRES_IN), 0.0).expires_at == 86400
+    with pytest.raises(UpstreamError):
+        parse_token_response(body(token="abc", expires_in=MAX_EXPIRES_IN + 1), 0.0)
+
+
+def test_fractional_expires_in_is_kept() -> None:
+    assert parse_token_response(body(token="abc", expires_in=1.5), 1000.0).expires_at == 1001.5
+
+
+def test_deeply_nested_json_is_refused_not_raised() -> None:
+    """json.loads raises RecursionError (not ValueError) on deep nesting; it fits in MAX_TOKEN_RESPONSE."""
+    with pytest.raises(UpstreamError, match="not JSON"):
+        parse_token_response(b"[" * 200_000, 0.0)
+    with pytest.raises(UpstreamError, match="not JSON"):
+        parse_token_response(b'{"token":' + b'{"a":' * 100_000, 0.0)
 
 
 def test_issued_at_is_not_trusted() -> None:
@@ -551,3 +581,48 @@ def test_reusable_needs_half_the_life_left() -> None:
     t = UpstreamToken("t", expires_at=1300.0, issued_at=1000.0)
     assert t.reusable(1000.0) and t.reusable(1150.0)
     assert not t.reusable(1151.0) and not t.reusable(1400.0)
+
+
+# --- hostile upstreams (found by tests/e2e/test_attacks.py) ---
+
+
+def _endless(counter: list[int], delay: float = 0.0, size: int = 1 << 16) -> Callable[[], Any]:
+    async def gen() -> Any:
+        while True:
+            counter[0] += 1
+            if delay:
+                await asyncio.sleep(delay)
+            yield b"x" * size
+
+    return gen
+
+
+def test_discovery_never_reads_the_ping_body() -> None:
+    """A /v2/ answer with an endless body: the challenge is read, the body is not."""
+    pulled = [0]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(401, headers={"WWW-Authenticate": bearer()}, content=_endless(pulled)())
+
+    method = run(discover(make_client(handler, [])))
+    assert method.kind == "bearer"
+    assert pulled[0] <= 1
+
+
+def test_dribbled_token_answer_is_bounded_as_a_whole() -> None:
+    """Each chunk comes well within the read timeout; the whole answer never does."""
+    pulled = [0]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/v2/":
+            return httpx.Response(401, headers={"WWW-Authenticate": bearer()})
+        return httpx.Response(200, content=_endless(pulled, delay=0.05, size=1)())
+
+    client = make_client(handler, [])
+    client.timeout = 0.5
+    started = time.monotonic()
+    with pytest.raises(UpstreamError) as info:
+        run(fetch(client, mapping(), ["org/app"]))
+    assert info.value.timeout
+    assert time.monotonic() - started < 3
+    assert pulled[0] > 2  # it did dribble: each chunk came in time
