@@ -726,7 +726,7 @@ class RegistryProxy:
         redactor = self.state.redactor if self.state is not None else Redactor()
         if st.held.headers is None:
             shown = _scrubbed_headers(resp.headers, redactor)
-            if shown.fields != resp.headers.fields:
+            if shown is not None:
                 st.held.headers, resp.headers = resp.headers, shown
         if st.held.body is None and resp.raw_content:
             body = _scrubbed_body(resp.raw_content, redactor)
@@ -1054,16 +1054,29 @@ def _remove_courier() -> None:
         addons.remove(existing)
 
 
-def _scrubbed_headers(headers: http.Headers, redactor: Redactor) -> http.Headers:
-    """The headers with secrets redacted (a redirect's query too: it may be a storage signature)."""
+def _scrubbed_headers(headers: http.Headers, redactor: Redactor) -> http.Headers | None:
+    """The headers with secrets redacted (a redirect's query too: it may be a storage signature);
+    None when there is nothing to redact."""
+    location = headers.get("location")
+    if (location is None or "?" not in location) and not redactor.needed(
+        b"\n".join(v for _, v in headers.fields).decode("latin-1")
+    ):
+        return None
     fields = []
+    changed = False
     for k, v in headers.fields:
         text = v.decode("latin-1")
+        shown = text
         if k.lower() == b"location":
-            base, sep, _ = text.partition("?")
-            text = f"{base}?[redacted]" if sep else base
-        fields.append((k, redactor.text(text).encode("latin-1")))
-    return http.Headers(fields)
+            base, sep, _ = shown.partition("?")
+            shown = f"{base}?[redacted]" if sep else base
+        shown = redactor.text(shown)
+        if shown != text:
+            changed = True
+            fields.append((k, shown.encode("latin-1")))
+        else:
+            fields.append((k, v))
+    return http.Headers(fields) if changed else None
 
 
 def _scrubbed_body(raw: bytes, redactor: Redactor) -> bytes:
