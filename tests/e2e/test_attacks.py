@@ -773,8 +773,6 @@ def test_replayed_forged_and_foreign_tokens_get_401(
     seen = [rec.authorization for rec in taps["token"].access_records()]
     assert seen and all(a is not None and a.startswith("Bearer ey") for a in seen), seen
     assert all(good not in (a or "") for a in seen)
-    n = len(bad_tokens) * 2 + 5
-    assert n == 2 * (20 + len(forged_claims)) + 5
     assert_still_serving(ap)
 
 
