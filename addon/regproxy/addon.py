@@ -549,6 +549,9 @@ class RegistryProxy:
         if req.is_http2 or req.is_http3:
             req.authority = upstream.netloc  # HTTP/2's Host; mitmproxy turns it into Host for HTTP/1
         else:
+            # Origin-form upstream, whatever form the client's target had: an absolute-form target
+            # (`GET http://other.example/v2/…`) must not name another host to the upstream.
+            req.authority = ""
             fields.insert(0, (b"Host", upstream.netloc.encode()))
         st.upstream_auth = upstream_auth  # added in `request`, once mitmweb has shown the request
         req.headers = http.Headers(fields)
@@ -635,6 +638,7 @@ class RegistryProxy:
         upstream_challenge = resp.headers.get("www-authenticate")
         if resp.status_code == 401 and upstream_challenge and self.client is not None:
             self.client.learn(match.mapping.upstream, upstream_challenge)
+            self.client.drop_tokens(match.mapping)  # a cached upstream token may be what was refused
 
         fields = [(k, v) for k, v in resp.headers.fields if k.lower() in FORWARD_RESPONSE_HEADERS]
         resp.headers = http.Headers(fields)
@@ -1212,10 +1216,12 @@ def _rewrite_location(location: str, request_url: str, st: FlowState) -> str | N
     if parts.scheme not in ("http", "https"):
         return None
     upstream = st.match.mapping.upstream
-    if f"{parts.scheme}://{parts.netloc}" == upstream.origin and parts.path.startswith("/v2/"):
-        local = _local_path(parts.path, st)
+    if f"{parts.scheme}://{parts.netloc}" == upstream.origin:
+        local = _local_path(parts.path, st) if parts.path.startswith("/v2/") else None
         if local is None:
-            return None
+            # Elsewhere on the upstream: fine to follow for a namespace, but it would name the
+            # upstream to the holder of a capability URL.
+            return None if st.match.mapping.capability or parts.path.startswith("/v2/") else absolute
         return local + (f"?{parts.query}" if parts.query else "")
     return absolute
 

@@ -114,7 +114,7 @@ class TokenCodec:
                 for g in payload["g"]
             )
             return AccessToken(audience, grants, int(payload["iat"]), int(payload["_exp"]))
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise TokenError("malformed claims") from None
 
     def issue_refresh(self, audience: str, subject: str, lifetime: int) -> str:

@@ -151,6 +151,11 @@ class RegistryClient:
     def forget(self, upstream: Upstream) -> None:
         self._auth.pop(upstream.origin, None)
 
+    def drop_tokens(self, mapping: Mapping) -> None:
+        """The upstream refused a token of this mapping's: fetch new ones from now on."""
+        for key in [k for k in self._tokens if k[0] == mapping]:
+            del self._tokens[key]
+
     async def auth_method(self, upstream: Upstream) -> AuthMethod:
         cached = self._auth.get(upstream.origin)
         if cached and time.monotonic() - cached[0] < AUTH_CACHE_SECONDS:

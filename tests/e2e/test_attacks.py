@@ -507,6 +507,8 @@ QUERY_TRICKS: list[bytes] = [
     b"/v2/anon/app/tags/list?n=1&n=../../x&last=%2F..%2F",
     b"/v2/anon/app/tags/list?last=v1%0d%0aX-Injected:%201",
     b"/v2/anon/app/manifests/v1?ns=../../library&digest=..",
+    # An absolute-form target naming another host: served from the mapping's upstream, in origin form.
+    b"http://evil.example/v2/anon/app/manifests/v1",
 ]
 
 
