@@ -17,7 +17,7 @@ loopback registry (test_ctr_without_hosts_dir_uses_plain_http_on_loopback). dock
 "plain" proxy too, without verifying any certificate (test_docker_loopback_pull_is_tls_unverified).
 
 Observation tests use a dedicated proxy with the matrix mappings and a small observer script loaded
-after the addon (OBSERVER below), which logs one `RIGOBS {json}` line a request: method, path,
+before the addon (OBSERVER below), which logs one `RIGOBS {json}` line a request: method, client path,
 status, TLS version, ALPN, HTTP version, user agent, token grant type (never a credential).
 """
 
@@ -48,7 +48,8 @@ BLOB_PATH = re.compile(r"^/v2/platform/app/blobs/(sha256:[0-9a-f]{64})$")
 STORED_BLOB_PATH = re.compile(r"/blobs/sha256/[0-9a-f]{2}/([0-9a-f]{64})/data$")
 OBSERVED = re.compile(r"RIGOBS (\{.*\})$", re.MULTILINE)
 
-OBSERVER = '''"""Test observer, loaded after the registryproxy addon: one RIGOBS line a request."""
+OBSERVER = '''"""Test observer, loaded before the registryproxy addon (which hides the client's credentials
+and paths from every addon after it): one RIGOBS line a request."""
 import json
 import logging
 
@@ -58,14 +59,11 @@ log = logging.getLogger("rig.observer")
 def requestheaders(flow):
     req = flow.request
     path = req.path.partition("?")[0]
-    info = {"client_path": None}
-    if path in ("/v2/", "/token"):  # answered by the proxy itself: the client's own request
+    info = {"client_path": path}  # the client's own request, before the addon rewrites it
+    if path in ("/v2/", "/token"):  # answered by the proxy itself
         auth = req.headers.get("authorization", "")
-        info = {
-            "client_path": path,
-            "auth_scheme": auth.split(" ", 1)[0] if auth else None,
-            "offline_token": req.query.get("offline_token"),
-        }
+        info["auth_scheme"] = auth.split(" ", 1)[0] if auth else None
+        info["offline_token"] = req.query.get("offline_token")
     if "/manifests/" in path:
         info["accept"] = req.headers.get_all("accept")
     flow.metadata["rig_observed"] = info
@@ -152,7 +150,9 @@ def observed_proxy(
     tmp = tmp_path_factory.mktemp("observed")
     script = tmp / "rig_observer.py"
     script.write_text(OBSERVER)
-    p = proxy.start_proxy(matrix.matrix_config(upstreams), tmp / "proxy", extra_args=["-s", str(script)])
+    p = proxy.start_proxy(
+        matrix.matrix_config(upstreams), tmp / "proxy", extra_args=["-s", str(proxy.ADDON_SCRIPT)], script=script
+    )
     yield p
     p.stop()
 
@@ -350,7 +350,7 @@ def test_ctr_token_requests(
     anonymous = _by(_observed(observed_proxy, since), "containerd/")
     assert not any(r["path"] == "/v2/" for r in anonymous), "containerd pinged /v2/"
     first = anonymous[0]
-    assert (first["method"], first["path"], first["status"]) == ("HEAD", f"{name}/manifests/v2s2", 401), first
+    assert (first["method"], first["path"], first["status"]) == ("HEAD", f"/v2/{name}/manifests/v2s2", 401), first
     accepts = [r["accept"] for r in anonymous if "accept" in r]
     assert accepts and all(len(a) == 1 and a[0].endswith("*/*") for a in accepts), accepts
     tokens = _token_requests(anonymous)
@@ -488,7 +488,8 @@ def test_docker_login_pull_logout_pull(
         assert f"{name}@{digest}" in docker_empty.repo_digests(f"{name}:v1")
         seen = _by(_observed(observed_proxy, since), "docker/")
         assert _token_requests(seen) == [("POST", "refresh_token")], seen
-        assert re.search(r"^.*POST /token mapping=- status=200 .*$", observed_proxy.output()[since:], re.MULTILINE)
+        token_line = r"^.*POST /token \(tok/\) mapping=- status=200 .*$"  # names the mapping of its scope
+        assert re.search(token_line, observed_proxy.output()[since:], re.MULTILINE)
     finally:
         logout = docker_empty.docker("logout", host)
     assert logout.returncode == 0, logout.describe()
