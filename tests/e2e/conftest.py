@@ -131,3 +131,11 @@ def matrix_tls_proxy(
     )
     yield p
     p.stop()
+
+
+@pytest.fixture
+def issued_upstream_tokens(upstreams: dict[str, registry.Upstream]) -> Callable[[], list[str]]:
+    """The upstream tokens and refresh tokens the rig's issuers hand out from now on: secrets to look for."""
+    issuers = [u.token_issuer for u in upstreams.values() if u.token_issuer is not None]
+    marks = [len(i.issued()) for i in issuers]
+    return lambda: [t for i, m in zip(issuers, marks, strict=True) for t in i.issued()[m:]]

@@ -22,7 +22,7 @@ import struct
 import sys
 import threading
 import zlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -157,26 +157,6 @@ class Scene:
 
 
 @pytest.fixture(scope="module")
-def issued_upstream_tokens(upstreams: dict[str, registry.Upstream]) -> Iterator[list[str]]:
-    """Every token the token upstream's issuer signs while this module runs (it runs in this process)."""
-    issuer = upstreams["token"].token_issuer
-    assert issuer is not None
-    issued: list[str] = []
-    original: Callable[..., str] = issuer.issue_token
-
-    def recording(*args: Any, **kw: Any) -> str:
-        tok = original(*args, **kw)
-        issued.append(tok)
-        return tok
-
-    setattr(issuer, "issue_token", recording)  # noqa: B010 - an instance attribute, removed below
-    try:
-        yield issued
-    finally:
-        del issuer.issue_token
-
-
-@pytest.fixture(scope="module")
 def drop_after_ping() -> Iterator[ServerThread]:
     server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), DropAfterPing), "drop-after-ping")
     yield server
@@ -226,10 +206,11 @@ def scene(
     web: MitmWeb,
     upstreams: dict[str, registry.Upstream],
     image_digests: dict[str, dict[tuple[str, str], str]],
-    issued_upstream_tokens: list[str],
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Scene:
     basic, tok = upstreams["basic"], upstreams["token"]
+    assert tok.token_issuer is not None
+    issued_before = len(tok.token_issuer.issued())
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RP_WEB_CAP_PASSWORD", tok.password or "")
         cfg = load_file(str(web.config_path))
@@ -255,7 +236,7 @@ def scene(
         "PASETO": b"v4.local.",
         "the forged client token": FORGED.encode(),
     }
-    s.upstream_tokens = list(issued_upstream_tokens)
+    s.upstream_tokens = tok.token_issuer.issued()[issued_before:]  # signed while the module ran
     return s
 
 

@@ -271,35 +271,11 @@ def test_ops_listener_takes_the_operations_paths_off_the_registry_port(
 # --- 3. JSON access log ------------------------------------------------------------------------
 
 
-@pytest.fixture
-def issued_upstream_tokens(upstreams: dict[str, registry.Upstream], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every upstream token (and upstream refresh token) the rig's token issuers issue during the test."""
-    issued: list[str] = []
-    for u in upstreams.values():
-        iss = u.token_issuer
-        if iss is None:
-            continue
-
-        def issue(*a: Any, _orig: Any = iss.issue_token, **kw: Any) -> str:
-            tok: str = _orig(*a, **kw)
-            issued.append(tok)
-            return tok
-
-        def refresh(user: str, _orig: Any = iss.new_refresh_token) -> str:
-            tok: str = _orig(user)
-            issued.append(tok)
-            return tok
-
-        monkeypatch.setattr(iss, "issue_token", issue)
-        monkeypatch.setattr(iss, "new_refresh_token", refresh)
-    return issued
-
-
 def test_json_access_log_has_one_object_per_request_and_no_secret(
     make_proxy: ProxyFactory,
     upstreams: dict[str, registry.Upstream],
     image_digests: dict[str, standard.Digests],
-    issued_upstream_tokens: list[str],
+    issued_upstream_tokens: Callable[[], list[str]],
     tmp_path: Path,
 ) -> None:
     p = make_proxy(ops_config(upstreams), ["--set", "registryproxy_log_format=json"], env=ops_env(upstreams))
@@ -321,7 +297,7 @@ def test_json_access_log_has_one_object_per_request_and_no_secret(
     )
     assert pw.status_code == 200
     received += [pw.json()["token"], pw.json()["refresh_token"]]
-    assert issued_upstream_tokens, "the proxy fetched no upstream token"
+    assert issued_upstream_tokens(), "the proxy fetched no upstream token"
 
     # Every request is logged: as many JSON lines as requests counted (plus the scrape's own line).
     _, s = scrape(p.url)
@@ -356,7 +332,7 @@ def test_json_access_log_has_one_object_per_request_and_no_secret(
         assert not line or line.startswith(("{", "[")), line
 
     output = p.output()
-    secrets = {KEY_A, CAP, "client-secret-x1", *received, *issued_upstream_tokens}
+    secrets = {KEY_A, CAP, "client-secret-x1", *received, *issued_upstream_tokens()}
     for u in upstreams.values():
         if u.password:
             secrets |= {u.password, u.basic_auth_header() or ""}

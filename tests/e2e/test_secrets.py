@@ -17,7 +17,7 @@ from __future__ import annotations
 import base64
 import re
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -113,30 +113,6 @@ def started_procs() -> Iterator[list[proxy.ProxyProc]]:
     for p in started:
         p.stop()
         sys.stdout.write(f"--- {p.proc.name} output ({p.host}):\n{p.output()}\n")
-
-
-@pytest.fixture
-def issued_upstream_tokens(upstreams: dict[str, registry.Upstream], monkeypatch: pytest.MonkeyPatch) -> list[str]:
-    """Every upstream token (and upstream refresh token) the rig's token issuers issue during the test."""
-    issued: list[str] = []
-    for u in upstreams.values():
-        iss = u.token_issuer
-        if iss is None:
-            continue
-
-        def issue(*a: Any, _orig: Any = iss.issue_token, **kw: Any) -> str:
-            tok: str = _orig(*a, **kw)
-            issued.append(tok)
-            return tok
-
-        def refresh(user: str, _orig: Any = iss.new_refresh_token) -> str:
-            tok: str = _orig(user)
-            issued.append(tok)
-            return tok
-
-        monkeypatch.setattr(iss, "issue_token", issue)
-        monkeypatch.setattr(iss, "new_refresh_token", refresh)
-    return issued
 
 
 def _basic(user: str, password: str) -> str:
@@ -244,7 +220,7 @@ def test_a_whole_session_leaves_no_secret_in_output_or_saved_flows(
     started_procs: list[proxy.ProxyProc],
     upstreams: dict[str, registry.Upstream],
     image_digests: dict[str, standard.Digests],
-    issued_upstream_tokens: list[str],
+    issued_upstream_tokens: Callable[[], list[str]],
     tmp_path: Path,
 ) -> None:
     flows_file = tmp_path / "flows.mitm"
@@ -267,7 +243,7 @@ def test_a_whole_session_leaves_no_secret_in_output_or_saved_flows(
     assert any("[redacted]" in t for t in texts)
     if master == "stock":
         assert "<< 200 OK" in output  # mitmdump's flow dump at flow_detail=4
-    assert issued_upstream_tokens, "the proxy fetched no upstream token"
+    assert issued_upstream_tokens(), "the proxy fetched no upstream token"
 
     secrets: dict[str, str] = {
         "the secret key": KEY_HEX,
@@ -280,7 +256,7 @@ def test_a_whole_session_leaves_no_secret_in_output_or_saved_flows(
         if u.password:
             secrets[f"the {u.kind} upstream's password"] = u.password
             secrets[f"the {u.kind} upstream's Basic credentials"] = (u.basic_auth_header() or "").split()[1]
-    secrets |= {f"upstream token #{i}": t for i, t in enumerate(issued_upstream_tokens)}
+    secrets |= {f"upstream token #{i}": t for i, t in enumerate(issued_upstream_tokens())}
     secrets |= {f"client token #{i}": t for i, t in enumerate(received)}
     places = {"the proxy's output": output.encode(), "the flow file": raw}
     places |= {f"saved flow #{i}": t.encode() for i, t in enumerate(texts)}

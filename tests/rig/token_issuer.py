@@ -117,6 +117,8 @@ class TokenIssuer:
         self._lock = threading.Lock()
         self._requests: list[TokenRequest] = []
         self._refresh_tokens: dict[str, str] = {}
+        # Every token and refresh token handed out, in order; never cleared (secrets for tests to look for).
+        self._issued: list[str] = []
         self._server: ServerThread | None = None
 
     # -- life cycle ---------------------------------------------------------------------------
@@ -156,6 +158,11 @@ class TokenIssuer:
     def clear(self) -> None:
         with self._lock:
             self._requests.clear()
+
+    def issued(self) -> list[str]:
+        """Every token and refresh token this issuer has handed out (`clear` keeps them)."""
+        with self._lock:
+            return list(self._issued)
 
     def _record(self, req: TokenRequest) -> None:
         with self._lock:
@@ -216,7 +223,10 @@ class TokenIssuer:
             "jti": uuid.uuid4().hex,
             "access": access,
         }
-        return jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.key_id})
+        token = jwt.encode(claims, self._key, algorithm="ES256", headers={"kid": self.key_id})
+        with self._lock:
+            self._issued.append(token)
+        return token
 
     def public_key_pem(self) -> bytes:
         return self._key.public_key().public_bytes(
@@ -227,6 +237,7 @@ class TokenIssuer:
         tok = secrets.token_urlsafe(24)
         with self._lock:
             self._refresh_tokens[tok] = user
+            self._issued.append(tok)
         return tok
 
     def refresh_user(self, tok: str) -> str | None:
