@@ -265,8 +265,8 @@ class RegistryClient:
             if self.on_token_fetch is not None:
                 try:
                     self.on_token_fetch(mapping.upstream.netloc, ok)
-                except Exception:
-                    logger.warning("token fetch observer failed", exc_info=True)
+                except Exception as e:  # noqa: BLE001 - metrics must never fail a token fetch
+                    logger.warning("token fetch observer failed (%s)", type(e).__name__)
 
 
 def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
