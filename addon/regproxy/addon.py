@@ -493,9 +493,9 @@ class RegistryProxy:
         st.route = route
         st.log_path = redact_name(route.name) + route.suffix if route.name else path
 
+        # Read here; from now on the client's Authorization is never shown (`_reply`) nor sent
+        # upstream (the upstream request's headers are rebuilt from FORWARD_REQUEST_HEADERS).
         token, token_error = self._read_token(req, st, base)
-        if "authorization" in req.headers:
-            req.headers["Authorization"] = "[redacted]"  # read; never shown nor sent upstream
         if route.kind is RouteKind.PING or route.kind is RouteKind.CATALOG:
             if token is None:
                 st.token = token_error or "none"
@@ -631,9 +631,6 @@ class RegistryProxy:
         st.upstream_status = resp.status_code
         if st.upstream_sent:
             self.metrics.upstream_latency(match.mapping.label, time.monotonic() - st.upstream_sent)
-        # The outgoing credential has been sent: keep it out of stored and displayed flows.
-        if "authorization" in flow.request.headers:
-            flow.request.headers["Authorization"] = "[redacted]"
 
         upstream_challenge = resp.headers.get("www-authenticate")
         if resp.status_code == 401 and upstream_challenge and self.client is not None:
