@@ -1,7 +1,7 @@
 """registryproxy's entry script for mitmproxy: `mitmdump -s addon/registryproxy.py`.
 
-A thin entry: mitmproxy loads scripts outside `sys.modules`, so the addon lives in the
-`regproxy` package beside this file (see regproxy/addon.py).
+A thin entry: mitmproxy loads scripts outside `sys.modules`, so the addons live in the
+`regproxy` package beside this file; the chain and its order are in regproxy/chain.py.
 """
 
 import os
@@ -11,6 +11,6 @@ _here = os.path.dirname(os.path.abspath(__file__))
 if _here not in sys.path:
     sys.path.insert(0, _here)
 
-from regproxy.addon import RegistryProxy
+from regproxy import chain
 
-addons = [RegistryProxy()]
+addons = chain.addons()

@@ -9,36 +9,11 @@ import sys
 from pathlib import Path
 
 from .config import ConfigError, load_file
+from .launch import ADDON_DIR, mitm_args, new_capability
+from .workers import run_workers
 
-ADDON_DIR = Path(__file__).resolve().parent.parent
 REPO = ADDON_DIR.parent
 CONFIG_ENV = "REGISTRYPROXY_CONFIG"
-
-
-def mitm_args(config_path: str, listen_addr: str, port: int, script: bool = True) -> list[str]:
-    """The mitmproxy arguments that make it registryproxy, listening where the config says.
-
-    `script` loads the addon with `-s` (stock mitmdump/mitmweb); the lean master has it built in.
-    """
-    listen = f"[{listen_addr}]:{port}" if ":" in listen_addr else f"{listen_addr}:{port}"
-    return [
-        *(["-s", str(ADDON_DIR / "registryproxy.py")] if script else []),
-        # Reverse mode to a dead default target: the addon routes every request itself.
-        "--mode",
-        f"reverse:http://127.0.0.1:9@{listen}",
-        "--set",
-        "connection_strategy=lazy",
-        "--set",
-        "keep_host_header=true",
-        "--set",
-        f"registryproxy_config={config_path}",
-    ]
-
-
-def new_capability() -> str:
-    """128 bits from a CSPRNG, written in the familiar 8-4-4-4-12 hex form."""
-    h = secrets.token_hex(16)
-    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -94,8 +69,6 @@ def main(argv: list[str] | None = None) -> int:
         # mitmproxy's per-message debug type checks (the addon's asserts only narrow types).
         worker = [sys.executable, "-O", "-m", "regproxy.serve"]
     if args.workers > 1:
-        from .workers import run_workers
-
         return run_workers(args.workers, config, config_path, worker, extra, script=args.stock)
     if args.workers < 1:
         print("registryproxy: --workers must be at least 1", file=sys.stderr)

@@ -77,3 +77,10 @@ def install() -> None:
     setattr(_http3, "format_error", error_body)  # noqa: B010
     setattr(server.ConnectionHandler, "open_connection", _open_connection)  # noqa: B010
     _installed = True
+
+
+class RegistryErrors:
+    """The addon that installs these patches when the chain loads."""
+
+    def load(self, loader: object) -> None:
+        install()

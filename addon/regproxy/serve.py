@@ -4,8 +4,9 @@
 each of them; on small requests that dispatch is about half of mitmproxy's busy time. This
 master keeps the proxy core (core options, proxy server, next-layer and TLS selection, error
 check), the two addons an operator may still ask for on the command line (`-s` scripts and
-`-w` flow saving; the flows it sees hold no secret, see regproxy.addon), and the registryproxy
-addon itself. It takes mitmdump's command line, so `./run.sh` passes the same arguments to either.
+`-w` flow saving; the flows it sees hold no secret, see regproxy.veil), and the registryproxy
+addon chain itself (regproxy.chain). It takes mitmdump's command line, so `./run.sh` passes the
+same arguments to either.
 
 Run as `python -m regproxy.serve [mitmdump arguments]` (this is what `./run.sh` does);
 `mitmdump -s addon/registryproxy.py` keeps working unchanged.
@@ -21,7 +22,7 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, save, sc
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.main import run
 
-from .addon import RegistryProxy
+from . import chain
 
 
 class RegistryProxyMaster(master.Master):
@@ -32,15 +33,15 @@ class RegistryProxyMaster(master.Master):
         with_termlog: bool = True,
     ) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=with_termlog)
-        # Order matters: hooks run in this order, and registryproxy must see every flow before
-        # flow saving (`-w`) does, as it does under mitmdump, where scripts come before Save.
+        # Order matters: hooks run in this order, and the registryproxy chain must see every flow
+        # before flow saving (`-w`) does, as it does under mitmdump, where scripts come before Save.
         self.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
             script.ScriptLoader(),
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
-            RegistryProxy(),
+            *chain.addons(),
             save.Save(),
             errorcheck.ErrorCheck(),
         )

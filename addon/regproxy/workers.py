@@ -30,17 +30,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from .config import SECRET_KEY_ENV, Config
-from .metrics import LISTEN_OPTION, MULTIPROC_ENV, reset_multiprocess_dir
+from .launch import free_port, mitm_args
+from .metrics import MULTIPROC_ENV, reset_multiprocess_dir
+from .ops import LISTEN_OPTION
 
 WORKER_TIMEOUT = 30.0
 HEALTH_PATH = "/readyz"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def haproxy_config(listen_addr: str, port: int, worker_ports: Sequence[int]) -> str:
@@ -115,8 +110,6 @@ def run_workers(
             file=sys.stderr,
         )
         return 1
-    from .cli import mitm_args
-
     if sets_option(extra, LISTEN_OPTION):
         print(
             f"registryproxy: --workers: {LISTEN_OPTION} is not supported (N workers cannot share one ops "

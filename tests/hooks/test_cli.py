@@ -1,11 +1,12 @@
-"""./run.sh's commands: key and capability generation, and the mitmproxy arguments it builds."""
+"""./run.sh's commands (cli.py): key and capability generation, and the mitmproxy arguments a proxy is
+started with (launch.py)."""
 
 from __future__ import annotations
 
 import re
 
 import pytest
-from regproxy import cli
+from regproxy import cli, launch
 from regproxy.config import loads
 from regproxy.names import is_valid_name, looks_like_capability
 
@@ -30,12 +31,12 @@ def test_capability_is_128_random_bits_and_a_working_config(capsys: pytest.Captu
 
 
 def test_capabilities_differ() -> None:
-    assert len({cli.new_capability() for _ in range(100)}) == 100
+    assert len({launch.new_capability() for _ in range(100)}) == 100
 
 
 def test_mitm_args_listen_where_the_config_says() -> None:
-    args = cli.mitm_args("/c.yaml", "0.0.0.0", 5000)
+    args = launch.mitm_args("/c.yaml", "0.0.0.0", 5000)
     assert args[args.index("--mode") + 1] == "reverse:http://127.0.0.1:9@0.0.0.0:5000"
     assert "connection_strategy=lazy" in args and "registryproxy_config=/c.yaml" in args
-    v6 = cli.mitm_args("/c.yaml", "::", 5000)
+    v6 = launch.mitm_args("/c.yaml", "::", 5000)
     assert v6[v6.index("--mode") + 1] == "reverse:http://127.0.0.1:9@[::]:5000"

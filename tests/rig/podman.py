@@ -252,9 +252,9 @@ def probe_script(directory: Path) -> Path:
         f"for _p in ({str(_ADDON_DIR)!r}, {str(_TESTS_DIR)!r}):\n"
         "    if _p not in sys.path:\n"
         "        sys.path.insert(0, _p)\n"
-        "from regproxy.addon import RegistryProxy\n"
+        "from regproxy import chain\n"
         "from rig.podman import Probe\n"
-        "addons = [Probe(), RegistryProxy()]\n"
+        "addons = [Probe(), *chain.addons()]\n"
     )
     return path
 

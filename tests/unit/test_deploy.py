@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 from mitmproxy import options as mitm_options
-from regproxy import cli
+from regproxy import launch
 from regproxy.config import ConfigError, loads, parse_secret_key
 
 REPO = Path(__file__).resolve().parents[2]
@@ -225,8 +225,8 @@ def test_cmd_runs_the_lean_server_with_the_run_sh_arguments(instructions: list[I
     copied = {shlex.split(i.args)[0].rstrip("/"): shlex.split(i.args)[-1] for i in instructions if i.keyword == "COPY"}
     assert PurePosixPath(env["PYTHONPATH"]) == PurePosixPath(copied["addon"])
     assert (REPO / "addon" / "regproxy" / "serve.py").is_file()
-    # What ./run.sh passes the lean server (cli.mitm_args), but the config path comes from the environment.
-    expected = cli.mitm_args("UNUSED", "0.0.0.0", REGISTRY_PORT, script=False)
+    # What ./run.sh passes the lean server (launch.mitm_args), but the config path comes from the environment.
+    expected = launch.mitm_args("UNUSED", "0.0.0.0", REGISTRY_PORT, script=False)
     i = expected.index("registryproxy_config=UNUSED")
     expected = expected[: i - 1] + expected[i + 1 :]
     pairs = list(zip(cmd[4::2], cmd[5::2]))
@@ -260,9 +260,9 @@ def test_cmd_options_exist(cmd: list[str]) -> None:
 
 def test_env_names_and_paths_agree_with_the_code(instructions: list[Instruction]) -> None:
     env = dockerfile_env(instructions)
-    src = (SOURCE / "config.py").read_text() + (SOURCE / "addon.py").read_text()
+    src = (SOURCE / "config.py").read_text() + (SOURCE / "configuration.py").read_text()
     for name in ("REGISTRYPROXY_CONFIG", "REGISTRYPROXY_SECRETKEY", "REGISTRYPROXY_SECRETKEY_FILE"):
-        assert f'"{name}"' in src, f"{name} is not read by config.py or addon.py"
+        assert f'"{name}"' in src, f"{name} is not read by config.py or configuration.py"
     copies = [shlex.split(i.args) for i in instructions if i.keyword == "COPY"]
     config_dest = next(p[-1] for p in copies if p[0] == "config.yaml")
     assert env["REGISTRYPROXY_CONFIG"] == config_dest

@@ -1,0 +1,56 @@
+"""The registryproxy addon chain: declared once, in order. The order is the design.
+
+mitmproxy calls each hook on every addon in turn, so each step below sees what the steps before
+it did. Both `addon/registryproxy.py` (`mitmdump -s`) and the lean master (`regproxy.serve`) take
+this list; under mitmdump the script's addons run where the script loader stands, before the
+display (mitmweb's view), flow saving (`-w`) and mitmdump's dump.
+"""
+
+from __future__ import annotations
+
+from .accesslog import AccessLog
+from .client_timeout import ClientTimeout
+from .configuration import Configuration
+from .failures import RegistryErrors
+from .flowstate import FlowStates
+from .metrics import Metrics
+from .operations import Operations
+from .rewrite import ResponseRewrite
+from .routing import Router
+from .token_endpoint import TokenEndpoint
+from .upstream_watch import UpstreamWatch
+from .veil import FlowSecrets, Unveil, Veil
+
+
+def addons() -> list[object]:
+    """A new chain: the addons of one proxy process, sharing one configuration and one set of metrics."""
+    metrics = Metrics()
+    config = Configuration(metrics)
+    secrets = FlowSecrets(config)
+    return [
+        # Every new flow gets its state before anyone looks at it.
+        FlowStates(),
+        # The chain works on the real response: put back what `Veil` hid after the last hook.
+        Unveil(secrets),
+        # mitmproxy's own error pages become registry errors (patches installed on load).
+        RegistryErrors(),
+        # Health and metrics answer even without a configuration, so they come before its 503.
+        Operations(metrics, config.ready),
+        # The configuration (and reload); answers 503 to everything else until one is valid.
+        config,
+        # Counts a request as in progress from its `request` hook; independent of the rest.
+        ClientTimeout(),
+        # `/token` is claimed before routing, which treats every other path as a registry route.
+        TokenEndpoint(config, metrics),
+        Router(config),
+        # upstream TLS trust
+        # The upstream's answer in local terms; it decides whether the body streams...
+        ResponseRewrite(config, metrics),
+        # ...and the watch wraps a streaming body, so it comes after; it also times the upstream.
+        UpstreamWatch(config, metrics),
+        # The outcome, once every step above has had its say: log line, metrics, mitmweb mark.
+        AccessLog(config, metrics),
+        # Last: whatever runs after the chain (mitmweb, -w, the dump) sees no secret. Its `Courier`
+        # goes to the very end of the master's chain, to put back what is sent in the last update.
+        Veil(secrets),
+    ]

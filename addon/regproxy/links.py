@@ -1,0 +1,94 @@
+"""Where the upstream points, said in the proxy's names: Location, Link, tags lists, query strings.
+
+An upstream names its own repositories (`/v2/backplane/true/...`) in redirects, pagination links
+and tags lists; the client must see the local name (`/v2/bp/true/...`), and the holder of a
+capability URL must never learn the upstream's name. Pure functions over a `Match`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
+
+from .mapping import Match
+from .names import TAG_RE, Route, RouteKind
+
+_LINK_RE = re.compile(r"\s*<([^>]*)>\s*(;.*)?")
+_ARTIFACT_TYPE_RE = re.compile(r"[\w.+/-]{1,255}")
+
+
+def upstream_params(route: Route, query: str) -> list[tuple[str, str]]:
+    """The query parameters sent upstream: only those a pull route defines, validated."""
+    if not query or route.kind not in (RouteKind.TAGS, RouteKind.REFERRERS):
+        return []
+    keep = []
+    for k, v in parse_qsl(query, keep_blank_values=False)[:8]:
+        if route.kind is RouteKind.TAGS:
+            ok = (k == "n" and v.isdigit() and len(v) <= 6) or (k == "last" and TAG_RE.fullmatch(v) is not None)
+        else:
+            ok = k == "artifactType" and _ARTIFACT_TYPE_RE.fullmatch(v) is not None
+        if ok:
+            keep.append((k, v))
+    return keep
+
+
+def local_path(path: str, match: Match) -> str | None:
+    """An upstream API path of this match's repository, as the local path; None if it is not one."""
+    prefix = f"/v2/{match.upstream_name}/"
+    if not path.startswith(prefix):
+        return None
+    return f"/v2/{match.local_name}/{path[len(prefix) :]}"
+
+
+def rewrite_location(location: str, request_url: str, match: Match) -> str | None:
+    """A redirect target made absolute; one back into the upstream API becomes the local path.
+    None: drop the header."""
+    absolute = urljoin(request_url, location.strip())
+    parts = urlsplit(absolute)
+    if parts.scheme not in ("http", "https"):
+        return None
+    if f"{parts.scheme}://{parts.netloc}" == match.mapping.upstream.origin:
+        local = local_path(parts.path, match) if parts.path.startswith("/v2/") else None
+        if local is None:
+            # Elsewhere on the upstream: fine to follow for a namespace, but it would name the
+            # upstream to the holder of a capability URL.
+            return None if match.mapping.capability or parts.path.startswith("/v2/") else absolute
+        return local + (f"?{parts.query}" if parts.query else "")
+    return absolute
+
+
+def rewrite_link(value: str, match: Match) -> str | None:
+    """`<…/v2/upstream/name/tags/list?…>; rel="next"` with the local name; None to drop it."""
+    m = _LINK_RE.fullmatch(value)
+    if m is None:
+        return None
+    parts = urlsplit(m[1])
+    local = local_path(parts.path, match)
+    if local is None:
+        return None
+    target = local + (f"?{parts.query}" if parts.query else "")
+    return f"<{target}>{m[2] or ''}"
+
+
+def rewrite_tags(body: bytes, match: Match, page: dict[str, str], has_link: bool) -> tuple[bytes, str | None] | None:
+    """A tags list with the local name, and paged here if the upstream ignored `n` (distribution 2.8
+    does): the new body and the `Link` to add, if any. None: the body is not a tags list."""
+    try:
+        data = json.loads(body or b"")
+    except ValueError:
+        return None
+    if not isinstance(data, dict) or not isinstance(data.get("tags", []), list | None):
+        return None
+    data["name"] = match.local_name
+    tags = data.get("tags") or []
+    n = int(page["n"]) if "n" in page else None
+    link = None
+    if n is not None and len(tags) > n and not has_link:
+        last = page.get("last")
+        rest = sorted(t for t in tags if isinstance(t, str) and (last is None or t > last))
+        data["tags"] = rest[:n]
+        if len(rest) > n > 0:
+            query = urlencode({"n": n, "last": rest[n - 1]})
+            link = f'</v2/{match.local_name}/tags/list?{query}>; rel="next"'
+    return json.dumps(data, separators=(",", ":")).encode(), link

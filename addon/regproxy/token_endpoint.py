@@ -1,0 +1,76 @@
+"""The proxy's own token endpoint (`/token`): PASETO tokens wrapping the upstreams' tokens.
+
+`requestheaders` claims the path and keeps the query for `request` (which has the body of a
+POST grant and may await upstream token services); the flow itself keeps neither the query (a
+scope can name a capability) nor the client's Authorization, before anything shows it.
+"""
+
+from __future__ import annotations
+
+import json
+import weakref
+
+from mitmproxy import http
+
+from . import answers, flowstate
+from .answers import TOKEN_PATH, fail_closed
+from .configuration import Configuration
+from .errors import RegistryError
+from .messages import client_host, client_tls, content_length
+from .metrics import Metrics
+from .scopes import pull_names
+from .tokenservice import parse_token_request, public_base
+
+
+class TokenEndpoint:
+    def __init__(self, config: Configuration, metrics: Metrics) -> None:
+        self.config = config
+        self.metrics = metrics
+        self._queries: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+
+    @fail_closed
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        st = flowstate.of(flow)
+        state = self.config.state
+        if flow.response or st is None or state is None or flow.request.path.partition("?")[0] != TOKEN_PATH:
+            return
+        req = flow.request
+        st.kind, st.log_path = "token", TOKEN_PATH
+        st.base = public_base(state.config, client_host(req), client_tls(flow))
+        self._queries[flow] = list(req.query.fields)
+        req.path = TOKEN_PATH
+        if "authorization" in req.headers:
+            req.headers["Authorization"] = "[redacted]"
+        if req.method not in ("GET", "POST"):
+            answers.reply_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
+        elif content_length(req) > answers.MAX_LOCAL_BODY:
+            answers.reply_error(flow, RegistryError(413, "SIZE_INVALID", "token request too large"))
+
+    @fail_closed
+    async def request(self, flow: http.HTTPFlow) -> None:
+        st = flowstate.of(flow)
+        state = self.config.state
+        if st is None or st.kind != "token" or flow.response or state is None:
+            return
+        req = flow.request
+        host = client_host(req)
+        try:
+            form = None
+            if req.method == "POST":
+                form = list(req.urlencoded_form.fields)
+                # Parsed: the flow keeps no password or refresh token.
+                req.content = state.redactor.text(req.get_text(strict=False) or "").encode()
+            parsed = parse_token_request(req.method, self._queries.pop(flow, []), form)
+            names = pull_names(list(parsed.scopes))
+            labels = sorted({m.mapping.label for n in names if (m := state.matcher.match(n, host))})
+            if labels:
+                st.log_path = f"{TOKEN_PATH} ({', '.join(labels)})"
+            answer = await state.tokens.answer(parsed, st.base, host)
+        except RegistryError as e:
+            st.token = f"refused: {e.message or e.code}"
+            st.token_refusal = e.code.lower()
+            answers.reply_error(flow, e)
+            return
+        st.token = answer.outcome
+        self.metrics.token_issued(parsed.grant_type or "anonymous")
+        answers.reply(flow, 200, json.dumps(answer.body).encode(), {"Cache-Control": "no-store"})

@@ -1,0 +1,99 @@
+"""The addon chain in-process, through mitmproxy's own test helpers (no network).
+
+`Chain` dispatches a hook to every addon in chain order, as mitmproxy's master does, followed
+by the `update` in which `veil.Courier` puts back what is about to be sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from mitmproxy import hooks, http
+from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.test import taddons, tflow
+from regproxy import chain
+from regproxy.configuration import Configuration, State
+from regproxy.veil import Courier, FlowSecrets, Veil
+
+T = TypeVar("T")
+
+HOOKS: dict[str, type[hooks.Hook]] = {
+    "requestheaders": http_layers.HttpRequestHeadersHook,
+    "request": http_layers.HttpRequestHook,
+    "responseheaders": http_layers.HttpResponseHeadersHook,
+    "response": http_layers.HttpResponseHook,
+    "error": http_layers.HttpErrorHook,
+}
+
+
+@dataclass
+class Chain:
+    addons: list[object]
+    tctx: taddons.context
+
+    def find(self, cls: type[T]) -> T:
+        return next(a for a in self.addons if isinstance(a, cls))
+
+    @property
+    def config(self) -> Configuration:
+        return self.find(Configuration)
+
+    @property
+    def state(self) -> State:
+        state = self.config.state
+        assert state is not None
+        return state
+
+    async def hook(self, name: str, f: http.HTTPFlow, *, update: bool = True) -> None:
+        """One flow hook on every addon in order, then (as mitmproxy does) the update."""
+        event: Any = HOOKS[name](f)
+        await self.tctx.master.addons.trigger_event(event)
+        if update:
+            await self.update(f)
+
+    async def update(self, f: http.HTTPFlow) -> None:
+        await self.tctx.master.addons.trigger_event(hooks.UpdateHook([f]))
+
+    def run(self, name: str, f: http.HTTPFlow, *, update: bool = True) -> None:
+        asyncio.run(self.hook(name, f, update=update))
+
+
+@pytest.fixture
+def make_chain(tmp_path: Path) -> Iterator[Any]:
+    """`make_chain(config_text)`: the chain loaded with that configuration."""
+    contexts: list[taddons.context] = []
+
+    def make(config_text: str) -> Chain:
+        cfg = tmp_path / f"config{len(contexts)}.yaml"
+        cfg.write_text(config_text)
+        addons = chain.addons()
+        ctx = taddons.context(*addons)
+        tctx = ctx.__enter__()
+        contexts.append(ctx)
+        secrets = next(a for a in addons if isinstance(a, Veil)).secrets
+        assert isinstance(secrets, FlowSecrets)
+        tctx.master.addons.add(Courier(secrets))  # what `Veil.running` does in a real master
+        tctx.options.update(registryproxy_config=str(cfg))
+        return Chain(addons, tctx)
+
+    yield make
+    for ctx in reversed(contexts):
+        ctx.__exit__(None, None, None)
+
+
+def request_flow(
+    path: str, method: str = "GET", headers: list[tuple[str, str]] | None = None, host: str = "reg.test"
+) -> http.HTTPFlow:
+    """A client's plain-HTTP request as mitmproxy's reverse mode hands it to the chain."""
+    fields = [(b"Host", host.encode())] + [(k.encode(), v.encode()) for k, v in headers or []]
+    req = http.Request(
+        "127.0.0.1", 9, method.encode(), b"http", b"", path.encode(), b"HTTP/1.1", http.Headers(fields), b"", None, 0, 0
+    )
+    f = tflow.tflow(req=req)
+    f.client_conn.timestamp_tls_setup = None  # a plain-HTTP client
+    return f
