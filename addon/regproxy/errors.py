@@ -3,6 +3,10 @@
 Every error the proxy answers, whether it decided it itself or rebuilt it from an
 upstream answer, goes through `RegistryError`, so error bodies have one shape and
 never carry upstream text (which can name the upstream repository).
+
+The spec (v1.1, "Error Codes") says the code of a JSON 4xx body MUST be one of its own
+(`SPEC_CODES`): the 4xx answers made here from a status alone use only those. The codes
+distribution adds stay usable for 5xx answers (`UNAVAILABLE`, `UNKNOWN`).
 """
 
 from __future__ import annotations
@@ -31,6 +35,25 @@ MESSAGES: dict[str, str] = {
     "UNAVAILABLE": "upstream registry unavailable",
     "UNKNOWN": "unknown error",
 }
+# The codes the OCI distribution spec lists; a JSON 4xx body's code MUST be one of these.
+SPEC_CODES = frozenset(
+    {
+        "BLOB_UNKNOWN",
+        "BLOB_UPLOAD_INVALID",
+        "BLOB_UPLOAD_UNKNOWN",
+        "DIGEST_INVALID",
+        "MANIFEST_BLOB_UNKNOWN",
+        "MANIFEST_INVALID",
+        "MANIFEST_UNKNOWN",
+        "NAME_INVALID",
+        "NAME_UNKNOWN",
+        "SIZE_INVALID",
+        "UNAUTHORIZED",
+        "DENIED",
+        "UNSUPPORTED",
+        "TOOMANYREQUESTS",
+    }
+)
 
 
 @dataclass(eq=False)
@@ -69,7 +92,8 @@ def for_upstream_status(status: int, route_kind: str) -> RegistryError:
     if status == 405:
         return RegistryError(405, "UNSUPPORTED")
     if status == 416:
-        return RegistryError(416, "RANGE_INVALID")
+        # A Range past the blob's end: the spec has no range code; its length code is the closest.
+        return RegistryError(416, "SIZE_INVALID", "requested range not satisfiable")
     if status == 429:
         return RegistryError(429, "TOOMANYREQUESTS")
     if status == 400:
@@ -79,6 +103,8 @@ def for_upstream_status(status: int, route_kind: str) -> RegistryError:
         return RegistryError(504, "UNAVAILABLE", "upstream registry timed out")
     if status >= 500:
         return RegistryError(502, "UNAVAILABLE", f"upstream registry answered {status}")
+    if status >= 400:
+        return RegistryError(status, "UNSUPPORTED", f"upstream registry answered {status}")
     return RegistryError(status, "UNKNOWN")
 
 
@@ -92,4 +118,6 @@ def for_proxy_failure(status: int) -> RegistryError:
         return RegistryError(504, "UNAVAILABLE", "upstream registry timed out")
     if status >= 500:
         return RegistryError(502, "UNAVAILABLE", "upstream registry unreachable or failed to answer")
+    if status >= 400:
+        return RegistryError(status, "UNSUPPORTED", "malformed request")
     return RegistryError(status, "UNKNOWN")

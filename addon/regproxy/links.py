@@ -72,8 +72,9 @@ def rewrite_link(value: str, match: Match) -> str | None:
 
 
 def rewrite_tags(body: bytes, match: Match, page: dict[str, str], has_link: bool) -> tuple[bytes, str | None] | None:
-    """A tags list with the local name, and paged here if the upstream ignored `n` (distribution 2.8
-    does): the new body and the `Link` to add, if any. None: the body is not a tags list."""
+    """A tags list with the local name, in lexical order, after `last`, and paged here if the upstream
+    ignored `n` (distribution 2.8 does): the new body and the `Link` to add, if any. Sorting and `last`
+    change nothing for an upstream that honours them. None: the body is not a tags list."""
     try:
         data = json.loads(body or b"")
     except ValueError:
@@ -81,14 +82,15 @@ def rewrite_tags(body: bytes, match: Match, page: dict[str, str], has_link: bool
     if not isinstance(data, dict) or not isinstance(data.get("tags", []), list | None):
         return None
     data["name"] = match.local_name
-    tags = data.get("tags") or []
+    last = page.get("last")
+    tags = sorted(t for t in data.get("tags") or [] if isinstance(t, str) and (last is None or t > last))
     n = int(page["n"]) if "n" in page else None
     link = None
     if n is not None and len(tags) > n and not has_link:
-        last = page.get("last")
-        rest = sorted(t for t in tags if isinstance(t, str) and (last is None or t > last))
-        data["tags"] = rest[:n]
-        if len(rest) > n > 0:
-            query = urlencode({"n": n, "last": rest[n - 1]})
+        if n > 0:
+            query = urlencode({"n": n, "last": tags[n - 1]})
             link = f'</v2/{match.local_name}/tags/list?{query}>; rel="next"'
+        tags = tags[:n]
+    if data.get("tags") is not None:
+        data["tags"] = tags
     return json.dumps(data, separators=(",", ":")).encode(), link

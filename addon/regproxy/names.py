@@ -4,6 +4,18 @@ Paths are decided on strictly: a route is recognised only when its name matches 
 distribution grammar exactly. That grammar has no `%`, `\\`, empty, `.` or `..`
 components, so anything percent-encoded, dotted or otherwise unnormalised is refused
 before any mapping is looked at and can never leave a mapped remote prefix.
+
+References are decided on as strictly, and answered as the OCI distribution spec's pull
+workflow wants (before any token or mapping is looked at, so the answer is the same bytes
+whatever repository the path names, mapped or not):
+- a manifest reference that is neither a tag nor a digest of a known algorithm names no
+  manifest: `404 MANIFEST_UNKNOWN` for GET and HEAD (the conformance suite asks for
+  `.INVALID_MANIFEST_NAME`), the same bytes as a missing tag the upstream answers 404 to;
+- a blob or referrers digest that is not one is `400 DIGEST_INVALID` (the spec's answer for
+  referrers; distribution answers blobs the same way).
+A digest is accepted only in the exact form of its algorithm (lower-case hex of the hash's
+length), so nothing malformed reaches an upstream: distribution 2.8 answers 500 to a
+manifest request for `sha256:<not 64 hex>` or an algorithm it does not know.
 """
 
 from __future__ import annotations
@@ -18,7 +30,11 @@ from .errors import RegistryError
 COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
 NAME_RE = re.compile(rf"{COMPONENT}(?:/{COMPONENT})*")
 TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
-DIGEST_RE = re.compile(r"[a-z0-9]+(?:[.+_-][a-z0-9]+)*:[a-zA-Z0-9=_-]{32,}")
+# The digest algorithms content can be addressed by, each with the exact length of its lower-case
+# hex: those the OCI image spec registers (sha256, sha512, blake3) and sha384, which distribution
+# accepts too. Anything else names no content, here or upstream.
+DIGEST_ALGORITHMS: dict[str, int] = {"sha256": 64, "sha384": 96, "sha512": 128, "blake3": 64}
+DIGEST_RE = re.compile("|".join(f"{alg}:[0-9a-f]{{{n}}}" for alg, n in DIGEST_ALGORITHMS.items()))
 MAX_NAME_LENGTH = 255
 
 # A capability key: a UUID, or a long run of lower-case letters and digits with digits in it.
@@ -38,7 +54,7 @@ def is_valid_reference(ref: str) -> bool:
 
 
 def is_valid_digest(ref: str) -> bool:
-    return len(ref) <= 256 and DIGEST_RE.fullmatch(ref) is not None
+    return DIGEST_RE.fullmatch(ref) is not None
 
 
 def looks_like_capability(segment: str) -> bool:
@@ -84,8 +100,10 @@ _SAFE_PATH = re.compile(r"/[A-Za-z0-9._:/=+-]*")
 def parse_route(path: str) -> Route:
     """Recognise a registry API path (without its query string).
 
-    Raises `RegistryError` for anything that is not a well-formed registry route:
-    404 for unknown paths, 400 for a name or reference that breaks the grammar.
+    Raises `RegistryError` for anything that is not a well-formed registry route: 404 for
+    unknown paths, 400 NAME_INVALID for a name that breaks the grammar, 404 MANIFEST_UNKNOWN
+    for a manifest reference that is neither a tag nor a digest, 400 DIGEST_INVALID for a blob
+    or referrers digest that is not one.
     """
     if path in ("/v2", "/v2/"):
         return Route(RouteKind.PING)
@@ -101,7 +119,8 @@ def parse_route(path: str) -> Route:
         if not is_valid_name(name):
             raise RegistryError(400, "NAME_INVALID")
         if kind is RouteKind.MANIFEST and not is_valid_reference(ref):
-            raise RegistryError(400, "TAG_INVALID", "invalid tag or digest")
+            # No manifest has such a reference: the answer to a missing one, byte for byte.
+            raise RegistryError(404, "MANIFEST_UNKNOWN")
         if kind is RouteKind.UPLOAD and not _UPLOAD_ID_RE.fullmatch(ref):
             raise RegistryError(404, "BLOB_UPLOAD_UNKNOWN")
         if kind in (RouteKind.BLOB, RouteKind.REFERRERS) and not is_valid_digest(ref):

@@ -93,15 +93,23 @@ class ResponseRewrite:
         resp.headers = http.Headers([(k, v) for k, v in resp.headers.fields if k.lower() in FORWARD_RESPONSE_HEADERS])
 
         if resp.status_code >= 400:
-            err = for_upstream_status(resp.status_code, route.kind.value)
+            upstream_status = resp.status_code
+            err = for_upstream_status(upstream_status, route.kind.value)
             resp.status_code = err.status
             resp.reason = ""
             body = err.body()
+            content_range = resp.headers.get("content-range")
             resp.headers = http.Headers(
                 Content_Type=answers.JSON_TYPE,
                 Content_Length=str(len(body)),
                 Docker_Distribution_Api_Version="registry/2.0",
             )
+            if flow.request.http_version.startswith("HTTP/1"):
+                # The client has its whole answer before the upstream's body is over (which it may never
+                # be as announced): the connection must not carry another request.
+                resp.headers["Connection"] = "close"
+            if upstream_status == 416 and content_range is not None and content_range.startswith("bytes */"):
+                resp.headers["Content-Range"] = content_range  # the blob's size, as a client needs it
             if err.status == 401:
                 scope = repository_scope(match.local_name)
                 resp.headers["WWW-Authenticate"] = answers.challenge_header(st.base, scope, "invalid_token")
@@ -133,9 +141,15 @@ class ResponseRewrite:
 
 
 def _replace_body(body: bytes) -> Callable[[bytes], bytes]:
-    """A stream function that discards the upstream body and sends `body` instead."""
+    """A stream function that discards the upstream body and sends `body` instead, at once: an upstream
+    error body may never end as announced (distribution's 416 announces the blob's length)."""
+    sent = False
 
     def stream(data: bytes) -> bytes:
-        return b"" if data else body
+        nonlocal sent
+        if sent:
+            return b""
+        sent = True
+        return body
 
     return stream

@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from regproxy.errors import RegistryError
+from regproxy.errors import RegistryError, for_upstream_status
 from regproxy.names import (
+    DIGEST_ALGORITHMS,
     MAX_NAME_LENGTH,
+    TAG_RE,
     Route,
     RouteKind,
     is_valid_digest,
@@ -79,17 +81,43 @@ def test_invalid_tags(tag: str) -> None:
     assert not is_valid_reference(tag)
 
 
-@pytest.mark.parametrize("digest", [DIGEST, "sha512:" + "0" * 128, "multi+part.algo_x:" + "A=_-" * 8])
+@pytest.mark.parametrize(
+    "digest",
+    [DIGEST, "sha256:" + "0123456789abcdef" * 4, "sha384:" + "0" * 96, "sha512:" + "0" * 128, "blake3:" + "f" * 64],
+)
 def test_valid_digests(digest: str) -> None:
     assert is_valid_digest(digest)
     assert is_valid_reference(digest)
 
 
 @pytest.mark.parametrize(
-    "digest", ["sha256:", "sha256:" + "a" * 31, "SHA256:" + "a" * 64, ":" + "a" * 64, "sha256:" + "a" * 300]
+    "digest",
+    [
+        "sha256:",
+        "sha256:zzz",
+        "sha256:" + "a" * 31,
+        "sha256:" + "a" * 63,
+        "sha256:" + "a" * 65,
+        "sha256:" + "z" * 64,  # not hex: distribution 2.8 answers 500 to a manifest GET for it
+        "sha256:" + "A" * 64,  # upper-case hex: not the canonical form
+        "sha256:" + "a" * 300,
+        "SHA256:" + "a" * 64,
+        ":" + "a" * 64,
+        "sha256" + "a" * 64,
+        "sha256::" + "a" * 64,
+        "sha512:" + "a" * 64,  # the right hex for another algorithm
+        "sha384:" + "a" * 64,
+        "blake3:" + "a" * 128,
+        "md5:" + "a" * 32,  # unsupported algorithms
+        "sha1:" + "a" * 40,
+        "foo:" + "a" * 64,
+        "multi+part.algo_x:" + "A=_-" * 8,  # the OCI grammar, but no registered algorithm
+        "sha256:" + "a" * 64 + "\n",
+    ],
 )
 def test_invalid_digests(digest: str) -> None:
     assert not is_valid_digest(digest)
+    assert is_valid_reference(digest) == (TAG_RE.fullmatch(digest) is not None)  # "sha256aa…" is a tag
 
 
 @pytest.mark.parametrize("segment", [UUID, UUID.replace("-", ""), "abcdefghij0123456789", "a1" * 12])
@@ -235,19 +263,73 @@ def test_too_long_name_is_name_invalid() -> None:
     assert info.value.code == "NAME_INVALID"
 
 
-@pytest.mark.parametrize("ref", [".x", "-x", "a" * 129, "sha256:short", ".."])
-def test_bad_manifest_reference_is_tag_invalid(ref: str) -> None:
+BAD_REFERENCES = [
+    ".INVALID_MANIFEST_NAME",  # what the OCI conformance suite's pull tests ask for
+    ".x",
+    "-x",
+    "a" * 129,
+    "..",
+    ".",
+    "sha256:",
+    "sha256:short",
+    "sha256:zzz",
+    "sha256:" + "z" * 64,
+    "sha256:" + "a" * 63,
+    "sha256:" + "A" * 64,
+    "sha512:" + "a" * 64,
+    "md5:" + "a" * 32,
+    "foo:" + "a" * 64,
+    "a:b",
+    "=",
+]
+
+
+@pytest.mark.parametrize("ref", BAD_REFERENCES)
+def test_bad_manifest_reference_is_404_manifest_unknown(ref: str) -> None:
+    """Neither a tag nor a digest: no manifest has it (OCI pull: 404 for GET and HEAD), answered here."""
     with pytest.raises(RegistryError) as info:
         parse_route(f"/v2/a/manifests/{ref}")
-    assert (info.value.status, info.value.code) == (400, "TAG_INVALID")
+    assert (info.value.status, info.value.code) == (404, "MANIFEST_UNKNOWN")
+
+
+@pytest.mark.parametrize("name", ["a", "bp/app", f"{UUID}/app", "library/nginx"])
+def test_bad_manifest_reference_answer_does_not_depend_on_the_name(name: str) -> None:
+    with pytest.raises(RegistryError) as here:
+        parse_route(f"/v2/{name}/manifests/.INVALID_MANIFEST_NAME")
+    with pytest.raises(RegistryError) as there:
+        parse_route("/v2/x/manifests/.INVALID_MANIFEST_NAME")
+    assert (here.value.status, here.value.body()) == (there.value.status, there.value.body())
+    # The same bytes as the answer to a missing manifest an upstream answered 404 to.
+    assert here.value.body() == for_upstream_status(404, RouteKind.MANIFEST.value).body()
+
+
+def test_bad_name_is_decided_before_a_bad_reference() -> None:
+    with pytest.raises(RegistryError) as info:
+        parse_route("/v2/A/manifests/.INVALID_MANIFEST_NAME")
+    assert info.value.code == "NAME_INVALID"
+
+
+@pytest.mark.parametrize(
+    "ref", [DIGEST, "sha512:" + "0" * 128, "latest", "v1.2.3", "_x", "A-b_c.d", "a" * 128, "sha256-" + "a" * 64]
+)
+def test_good_manifest_references_route(ref: str) -> None:
+    route = parse_route(f"/v2/a/manifests/{ref}")
+    assert (route.kind, route.reference, route.suffix) == (RouteKind.MANIFEST, ref, f"/manifests/{ref}")
 
 
 @pytest.mark.parametrize("kind", ["blobs", "referrers"])
-@pytest.mark.parametrize("ref", ["latest", "sha256:abc", ".."])
+@pytest.mark.parametrize("ref", ["latest", "..", ".", *[r for r in BAD_REFERENCES if ":" in r]])
 def test_bad_blob_or_referrers_digest_is_digest_invalid(kind: str, ref: str) -> None:
     with pytest.raises(RegistryError) as info:
         parse_route(f"/v2/a/{kind}/{ref}")
     assert (info.value.status, info.value.code) == (400, "DIGEST_INVALID")
+
+
+@pytest.mark.parametrize("kind", ["blobs", "referrers"])
+@pytest.mark.parametrize("digest", [DIGEST, "sha384:" + "1" * 96, "sha512:" + "2" * 128, "blake3:" + "3" * 64])
+def test_blob_and_referrers_routes_take_every_known_algorithm(kind: str, digest: str) -> None:
+    route = parse_route(f"/v2/a/{kind}/{digest}")
+    assert (route.reference, route.suffix) == (digest, f"/{kind}/{digest}")
 
 
 @pytest.mark.parametrize("ref", ["..", "."])
@@ -293,10 +375,20 @@ def test_parse_route_returns_only_valid_names(path: str) -> None:
     try:
         route = parse_route(path)
     except RegistryError as e:
-        assert e.status in (400, 404)
+        assert (e.status, e.code) in {
+            (400, "NAME_INVALID"),
+            (400, "DIGEST_INVALID"),
+            (404, "NAME_UNKNOWN"),
+            (404, "MANIFEST_UNKNOWN"),
+            (404, "BLOB_UPLOAD_UNKNOWN"),
+        }
         return
     if route.is_repository:
         assert is_valid_name(route.name)
+        if route.kind is RouteKind.MANIFEST:
+            assert is_valid_reference(route.reference)
+        if route.kind in (RouteKind.BLOB, RouteKind.REFERRERS):
+            assert is_valid_digest(route.reference)
         assert "%" not in route.name and "\\" not in route.name and "\x00" not in route.name
         assert path == f"/v2/{route.name}{route.suffix}"
     else:
@@ -351,3 +443,35 @@ def test_valid_names_are_normalised(name: str) -> None:
 @given(valid_names)
 def test_generated_names_are_valid(name: str) -> None:
     assert is_valid_name(name)
+
+
+_ref_pieces = [*"aAz09._-:=+", "sha256:", "sha512:", "md5:", "0" * 32, "f" * 64, "..", ".INVALID"]
+references = st.one_of(
+    st.lists(st.sampled_from(_ref_pieces), min_size=1, max_size=8).map("".join),
+    st.text(alphabet="abcdef0123456789ABCDEFxyz:", min_size=1, max_size=140),
+)
+
+
+@given(valid_names, references)
+def test_a_manifest_reference_routes_or_is_404_manifest_unknown(name: str, ref: str) -> None:
+    """A safe-looking reference is never a 400: it routes (valid) or names no manifest (404)."""
+    try:
+        route = parse_route(f"/v2/{name}/manifests/{ref}")
+    except RegistryError as e:
+        assert (e.status, e.code) == (404, "MANIFEST_UNKNOWN")
+        assert not is_valid_reference(ref)
+        return
+    assert (route.name, route.reference) == (name, ref)
+    assert is_valid_reference(ref)
+
+
+@given(references)
+def test_digests_are_exactly_algorithm_and_lower_hex_of_its_length(ref: str) -> None:
+    algorithm, sep, encoded = ref.partition(":")
+    expected = (
+        sep == ":"
+        and algorithm in DIGEST_ALGORITHMS
+        and len(encoded) == DIGEST_ALGORITHMS[algorithm]
+        and all(c in "0123456789abcdef" for c in encoded)
+    )
+    assert is_valid_digest(ref) == expected
