@@ -20,7 +20,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from rig import matrix, proxy, registry, standard, tls
+from rig import https_upstream, matrix, proxy, registry, standard, tls, wan
 
 Digests = standard.Digests
 TestImages = standard.TestImages
@@ -72,6 +72,38 @@ def upstreams(_rig: _Rig) -> dict[str, registry.Upstream]:
 def image_digests(_rig: _Rig) -> dict[str, Digests]:
     """kind -> {(name, tag): the Docker-Content-Digest that upstream serves}."""
     return _rig.digests
+
+
+@pytest.fixture(scope="session")
+def https_rig(tmp_path_factory: pytest.TempPathFactory, test_images: TestImages) -> Iterator[https_upstream.HttpsRig]:
+    """kind ("https-anon", "https-basic", "https-token", "https-redirect") -> a running HTTPS upstream
+    with the same content as `upstreams`: `.url` (`https://localhost:P`, the proxy's `registry:`),
+    `.push_creds`, `.ca_cert`, `.cert_dir`, access/token/blob logs, and a delay relay in front of each
+    server (delay 0: `set_delay`/`delayed(D)` add distance, `connections()` counts, `clear_logs()`).
+    A test that changes the delay puts it back (`with up.delayed(D):`). Started on first use."""
+    base = tmp_path_factory.mktemp("rig-https")
+    ca = tls.make_ca(base / "ca")
+    started: dict[str, https_upstream.HttpsUpstream] = {}
+    try:
+        for kind in https_upstream.HTTPS_KINDS:
+            started[kind] = https_upstream.start_https_upstream(kind, base / kind, delay=0.0, ca=ca)
+        with ThreadPoolExecutor(max_workers=len(started)) as pool:
+            futures = {k: pool.submit(standard.populate, u, test_images) for k, u in started.items()}
+            digests = {k: f.result(timeout=300) for k, f in futures.items()}
+        for u in started.values():
+            u.clear_logs()
+        yield https_upstream.HttpsRig(started, digests, ca)
+    finally:
+        for u in started.values():
+            u.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def wan_image(tmp_path_factory: pytest.TempPathFactory) -> wan.WanImage:
+    """The standard WAN image (8 layers x 4 MiB, rig/wan.py), built on first use; `ensure(upstream)`
+    pushes it as platform/wan:8x4m and returns the digest."""
+    return wan.WanImage(tmp_path_factory.mktemp("rig-wan") / "layout")
 
 
 @pytest.fixture

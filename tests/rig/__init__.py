@@ -6,13 +6,16 @@ Import the submodules (`from rig import registry, images, clients, proxy`) or th
 from . import (
     blobserver,
     clients,
+    https_upstream,
     images,
     procs,
     proxy,
     registry,
+    relay,
     standard,
     tap,
     token_issuer,
+    wan,
 )
 from .blobserver import BlobRequest, BlobServer
 from .clients import CopyResult, skopeo_copy, skopeo_inspect
@@ -41,12 +44,14 @@ __all__ = [
     "build_index",
     "clients",
     "free_port",
+    "https_upstream",
     "images",
     "manifest_digest",
     "procs",
     "proxy",
     "push",
     "registry",
+    "relay",
     "skopeo_copy",
     "skopeo_inspect",
     "standard",
@@ -54,4 +59,5 @@ __all__ = [
     "start_upstream",
     "tap",
     "token_issuer",
+    "wan",
 ]

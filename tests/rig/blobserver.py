@@ -4,18 +4,23 @@ It serves a directory (the registry's storage root) for GET and HEAD, with Conte
 Range (`bytes=a-b`, `bytes=a-`, `bytes=-n`) answered by 206 + Content-Range. Like S3 with a signed
 URL, it refuses (403) any request that carries an `Authorization` header. Every request is
 recorded as (method, path, had_authorization).
+
+With `tls` (a server SSLContext) it speaks HTTPS; `public_url` (settable before the registry's
+configuration is written) replaces the base URL built from the bound address, e.g. the address of a
+relay in front of it.
 """
 
 from __future__ import annotations
 
 import re
+import ssl
 import threading
 import urllib.parse
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .procs import LOOPBACK, ServerThread
+from .procs import LOOPBACK, ServerThread, http_server
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 256 * 1024
@@ -28,9 +33,18 @@ class BlobRequest(NamedTuple):
 
 
 class BlobServer:
-    def __init__(self, root: Path, host: str = LOOPBACK) -> None:
+    def __init__(
+        self,
+        root: Path,
+        host: str = LOOPBACK,
+        *,
+        tls: ssl.SSLContext | None = None,
+        public_url: str | None = None,
+    ) -> None:
         self.root = root.resolve()
         self.host = host
+        self.tls = tls
+        self.public_url = public_url
         self._lock = threading.Lock()
         self._requests: list[BlobRequest] = []
         self._statuses: list[int] = []
@@ -38,7 +52,7 @@ class BlobServer:
 
     def start(self) -> BlobServer:
         self.root.mkdir(parents=True, exist_ok=True)
-        server = ThreadingHTTPServer((self.host, 0), _make_handler(self))
+        server = http_server(self.host, _make_handler(self), self.tls)
         self._server = ServerThread(server, "blob-server")
         return self
 
@@ -56,7 +70,9 @@ class BlobServer:
     @property
     def url(self) -> str:
         """Base URL with a trailing slash (what the registry's redirect middleware wants)."""
-        return f"http://{self.host}:{self.port}/"
+        if self.public_url is not None:
+            return self.public_url.rstrip("/") + "/"
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}/"
 
     def requests(self) -> list[BlobRequest]:
         with self._lock:

@@ -62,6 +62,7 @@ def skopeo_copy(
     creds: str | None = None,
     tls_verify: bool = False,
     *,
+    cert_dir: Path | None = None,
     tag: str = "latest",
     preserve_digests: bool = True,
     extra_args: tuple[str, ...] = (),
@@ -69,7 +70,8 @@ def skopeo_copy(
 ) -> CopyResult:
     """`skopeo copy [--all] docker://SRC oci:DEST_DIR:TAG`; never raises for skopeo's failures.
 
-    `src_ref` may be "HOST/NAME:TAG" or "docker://HOST/NAME:TAG"; `creds` is "user:pass".
+    `src_ref` may be "HOST/NAME:TAG" or "docker://HOST/NAME:TAG"; `creds` is "user:pass";
+    `cert_dir` (a directory holding the CA as `ca.crt`) is passed as `--src-cert-dir`.
     """
     ref = src_ref if "://" in src_ref else f"docker://{src_ref}"
     argv = [
@@ -78,6 +80,8 @@ def skopeo_copy(
         "--quiet",
         f"--src-tls-verify={'true' if tls_verify else 'false'}",
     ]
+    if cert_dir is not None:
+        argv += ["--src-cert-dir", str(cert_dir)]
     if creds is not None:
         argv += ["--src-creds", creds]
     if all:

@@ -240,8 +240,8 @@ def push(
         return digestfile.read_text().strip()
 
 
-def _client() -> httpx.Client:
-    return httpx.Client(timeout=30, trust_env=False, follow_redirects=False)
+def _client(upstream: Upstream) -> httpx.Client:
+    return httpx.Client(timeout=30, trust_env=False, follow_redirects=False, verify=upstream.httpx_verify())
 
 
 def _accept_headers(accept: Sequence[str]) -> list[tuple[str, str]]:
@@ -253,7 +253,7 @@ def get_manifest(
 ) -> tuple[bytes, str, str]:
     """(body, content type, Docker-Content-Digest) of a manifest, read directly from upstream."""
     headers = _accept_headers(accept) + list(upstream.auth_headers([f"repository:{name}:pull"]).items())
-    with _client() as c:
+    with _client(upstream) as c:
         r = c.get(f"{upstream.url}/v2/{name}/manifests/{ref}", headers=headers)
     if r.status_code != 200:
         raise RigError(f"GET manifest {name}:{ref} on {upstream.kind}: {r.status_code} {r.text}")
@@ -271,7 +271,7 @@ def add_tags(upstream: Upstream, name: str, source_tag: str, tags: Collection[st
         "Content-Type": content_type,
         **upstream.auth_headers([f"repository:{name}:pull,push"]),
     }
-    with _client() as c:
+    with _client(upstream) as c:
         for tag in tags:
             r = c.put(
                 f"{upstream.url}/v2/{name}/manifests/{tag}",
@@ -286,7 +286,7 @@ def add_tags(upstream: Upstream, name: str, source_tag: str, tags: Collection[st
 def manifest_digest(upstream: Upstream, name: str, ref: str, accept: Sequence[str] = MANIFEST_TYPES) -> str:
     """The Docker-Content-Digest upstream answers to HEAD on the manifest (credentials as needed)."""
     headers = _accept_headers(accept) + list(upstream.auth_headers([f"repository:{name}:pull"]).items())
-    with _client() as c:
+    with _client(upstream) as c:
         r = c.head(f"{upstream.url}/v2/{name}/manifests/{ref}", headers=headers)
     digest: str | None = r.headers.get("docker-content-digest")
     if r.status_code != 200 or not digest:
@@ -313,7 +313,7 @@ def add_repos(
     blob_digests = [manifest["config"]["digest"]] + [layer["digest"] for layer in manifest["layers"]]
     scopes = [f"repository:{source_name}:pull"] + [f"repository:{n}:pull,push" for n in names]
     auth = upstream.auth_headers(scopes)  # one token for all of them
-    with _client() as c:
+    with _client(upstream) as c:
         for name in names:
             for d in blob_digests:
                 r = c.post(

@@ -19,8 +19,9 @@ import base64
 import os
 import re
 import shutil
+import ssl
 import subprocess
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -78,7 +79,14 @@ class Upstream:
     tap: RequestTap
     token_issuer: TokenIssuer | None = None
     blob_server: BlobServer | None = None
+    ca_cert: Path | None = None  # the CA that signed an https upstream's certificates (see https_upstream.py)
     _stopped: bool = field(default=False, repr=False)
+
+    def httpx_verify(self) -> ssl.SSLContext | bool:
+        """`verify=` for httpx: a context trusting `ca_cert` when set (https upstreams), else True."""
+        if self.ca_cert is None:
+            return True
+        return ssl.create_default_context(cafile=str(self.ca_cert))
 
     @property
     def push_creds(self) -> str | None:
@@ -109,6 +117,7 @@ class Upstream:
             headers=headers,
             timeout=10,
             trust_env=False,
+            verify=self.httpx_verify(),
         )
         r.raise_for_status()
         tok: str = r.json()["token"]
@@ -116,12 +125,10 @@ class Upstream:
 
     def auth_headers(self, scopes: Collection[str] = ()) -> dict[str, str]:
         """Headers that authorize a direct request for `scopes` (e.g. "repository:a/b:pull")."""
-        if self.kind == "basic":
-            basic = self.basic_auth_header()
-            return {"Authorization": basic} if basic else {}
         if self.token_issuer is not None:
             return {"Authorization": "Bearer " + self.token(scopes)}
-        return {}
+        basic = self.basic_auth_header()  # "basic" kinds; None for anonymous ones
+        return {"Authorization": basic} if basic else {}
 
     def access_log(self) -> list[AccessLogEntry]:
         """Every request that reached the registry: (method, path with query, had_authorization)."""
@@ -226,6 +233,41 @@ def registry_config(
     return cfg
 
 
+def registry_env() -> dict[str, str]:
+    """The environment for `docker-registry`: no *_PROXY, no REGISTRY_* (distribution reads every
+    REGISTRY_* variable as a setting: REGISTRY_AUTH_FILE, set for podman, would become auth.file),
+    no AWS_CA_BUNDLE (makes the s3 driver panic)."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
+    env.pop("AWS_CA_BUNDLE", None)
+    return env
+
+
+def launch_registry(
+    name: str,
+    workdir: Path,
+    config_path: Path,
+    make_config: Callable[[int], dict[str, Any]],
+    timeout: float = 20.0,
+) -> tuple[Proc, int]:
+    """Write `make_config(port)` to `config_path` for a free port and run `docker-registry serve` on
+    it until it listens; another port when someone took that one first. Returns (proc, port)."""
+    for attempt in range(3):
+        port = free_port()
+        config_path.write_text(yaml.safe_dump(make_config(port), sort_keys=False))
+        proc = Proc(name)
+        proc.start([registry_binary(), "serve", str(config_path)], env=registry_env(), cwd=workdir)
+        try:
+            proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
+            proc.wait_for_port(LOOPBACK, port, timeout)
+            return proc, port
+        except RigError:
+            proc.stop()
+            # Someone took the port between free_port() and the bind: try another one.
+            if attempt == 2 or "address already in use" not in proc.output():
+                raise
+    raise AssertionError("unreachable")
+
+
 def start_upstream(
     kind: str,
     workdir: Path,
@@ -264,34 +306,13 @@ def start_upstream(
     if kind == "redirect":
         blobs = BlobServer(storage_root).start()
 
-    # distribution reads REGISTRY_* variables as settings (REGISTRY_AUTH_FILE, set for podman, would
-    # become auth.file): the registry gets none of them.
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
-    env.pop("AWS_CA_BUNDLE", None)  # makes the s3 driver panic; harmless to drop here
     config_path = workdir / "config.yml"
     try:
-        for attempt in range(3):
-            port = free_port()
-            cfg = registry_config(
-                kind,
-                port,
-                storage_root,
-                htpasswd=htpasswd,
-                issuer=issuer,
-                blob_server=blobs,
-            )
-            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            proc = Proc(f"registry-{kind}")
-            proc.start([registry_binary(), "serve", str(config_path)], env=env, cwd=workdir)
-            try:
-                proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
-                proc.wait_for_port(LOOPBACK, port, timeout)
-                break
-            except RigError:
-                proc.stop()
-                # Someone took the port between free_port() and the bind: try another one.
-                if attempt == 2 or "address already in use" not in proc.output():
-                    raise
+
+        def make_config(port: int) -> dict[str, Any]:
+            return registry_config(kind, port, storage_root, htpasswd=htpasswd, issuer=issuer, blob_server=blobs)
+
+        proc, port = launch_registry(f"registry-{kind}", workdir, config_path, make_config, timeout)
         try:
             tap = RequestTap(port)
         except BaseException:

@@ -12,6 +12,10 @@ Endpoints (the path is always /token, `realm` is its full URL):
 Bad credentials answer 401. Anonymous callers get `pull` on public repositories only; an
 authenticated user gets the actions it asked for (pull, push, delete, *), or only `pull` when it
 is listed in `readonly_users`. Every request is recorded (see `requests()`).
+
+With `tls` (a server SSLContext) it speaks HTTPS. `public_url` (settable before the registry's
+configuration is written) replaces the URL built from the bound address, e.g. `https://localhost:P`
+or the address of a relay in front of it; `realm` follows it.
 """
 
 from __future__ import annotations
@@ -22,13 +26,14 @@ import datetime as dt
 import hashlib
 import json
 import secrets
+import ssl
 import threading
 import time
 import urllib.parse
 import uuid
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +43,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .procs import LOOPBACK, ServerThread
+from .procs import LOOPBACK, ServerThread, http_server
 
 KNOWN_ACTIONS = ("pull", "push", "delete", "*")
 
@@ -99,8 +104,12 @@ class TokenIssuer:
         expires_in: int = 300,
         allow_post: bool = True,
         host: str = LOOPBACK,
+        tls: ssl.SSLContext | None = None,
+        public_url: str | None = None,
     ) -> None:
         self.users = dict(users)
+        self.tls = tls
+        self.public_url = public_url
         self.service = service
         self.issuer = issuer
         self.public_repos = set(public_repos)
@@ -123,7 +132,7 @@ class TokenIssuer:
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self) -> TokenIssuer:
-        server = ThreadingHTTPServer((self.host, 0), _make_handler(self))
+        server = http_server(self.host, _make_handler(self), self.tls)
         self._server = ServerThread(server, "token-issuer")
         return self
 
@@ -140,7 +149,10 @@ class TokenIssuer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        """`public_url` when set, else http(s)://HOST:PORT (no trailing slash)."""
+        if self.public_url is not None:
+            return self.public_url.rstrip("/")
+        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
 
     @property
     def realm(self) -> str:
