@@ -13,7 +13,7 @@ import sys
 import time
 from datetime import UTC, datetime
 
-from mitmproxy import ctx, http
+from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
 from . import flowstate
@@ -27,6 +27,7 @@ logger = logging.getLogger("registryproxy")
 
 MARK_FAILED = ":red_circle:"
 MARK_REFUSED = ":warning:"
+LOG_FORMATS = ("text", "json")
 
 
 class AccessLog:
@@ -47,7 +48,7 @@ class AccessLog:
             str,
             "text",
             "The per-request log line: text (readable) or json (one JSON object a line, on stdout).",
-            choices=("text", "json"),
+            choices=LOG_FORMATS,
         )
         _connection_logs(False)
 
@@ -55,6 +56,12 @@ class AccessLog:
         if "registryproxy_connection_logs" in updated:
             _connection_logs(ctx.options.registryproxy_connection_logs)
         if "registryproxy_log_format" in updated:
+            if ctx.options.registryproxy_log_format not in LOG_FORMATS:
+                # mitmproxy enforces `choices` on its command line only, not for --set or an update.
+                raise exceptions.OptionsError(
+                    f"registryproxy_log_format: must be one of {', '.join(LOG_FORMATS)}, "
+                    f"not {ctx.options.registryproxy_log_format!r}"
+                )
             self._json = _json_access_log() if ctx.options.registryproxy_log_format == "json" else None
 
     @fail_closed

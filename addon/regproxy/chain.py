@@ -18,6 +18,7 @@ from .operations import Operations
 from .rewrite import ResponseRewrite
 from .routing import Router
 from .token_endpoint import TokenEndpoint
+from .upstream_tls import UpstreamTls
 from .upstream_watch import UpstreamWatch
 from .veil import FlowSecrets, Unveil, Veil
 
@@ -43,7 +44,9 @@ def addons() -> list[object]:
         # `/token` is claimed before routing, which treats every other path as a registry route.
         TokenEndpoint(config, metrics),
         Router(config),
-        # upstream TLS trust
+        # TLS to the upstream with the mapping's trust (system store + ca_file, or tls_verify: false);
+        # the master runs the chain before TlsConfig, which leaves a connection set up here alone.
+        UpstreamTls(lambda: config.state.config if config.state is not None else None),
         # The upstream's answer in local terms; it decides whether the body streams...
         ResponseRewrite(config, metrics),
         # ...and the watch wraps a streaming body, so it comes after; it also times the upstream.

@@ -4,6 +4,11 @@ The original project's format keeps working (`listen_addr`, `port`, `secretkey`,
 `proxies` with `registry`, `remote`, `auth`), as do its later spellings
 (`listen_port`, `secret_key`, `proxy_fqdn`). Validation is strict: any problem raises
 `ConfigError` with one line that names the key and never echoes a secret.
+
+Upstream trust (`ca_file` at the top level and per mapping, `tls_verify` per mapping; see
+trust.py) becomes each mapping's `Trust`; mappings of one https upstream must agree on it. The
+forward proxy for the proxy's own connections is read from the environment (egress.py) into
+`Config.egress`.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from .egress import Egress, EgressError
 from .names import is_valid_name, looks_like_capability
+from .trust import DefaultStore, Trust, TrustError, default_store, read_ca_file
 
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
@@ -70,6 +77,8 @@ class Mapping:
     auth: str | None = field(default=None, repr=False)
     hosts: tuple[str, ...] = ()
     capability: bool = False
+    # How the upstream (and its token realm) is verified: ca_file, tls_verify (see trust.py).
+    trust: Trust = field(default_factory=Trust)
 
     @property
     def label(self) -> str:
@@ -120,6 +129,10 @@ class Config:
     token_ttl: int = 300
     refresh_ttl: int = 7 * 24 * 3600
     upstream_timeout: float = 30.0
+    # Forward proxies for the proxy's own connections (HTTPS_PROXY, HTTP_PROXY, NO_PROXY).
+    egress: Egress = field(default_factory=Egress)
+    # The store every mapping's trust starts from (None: not resolved, e.g. a Config built by hand).
+    trust_store: DefaultStore | None = None
 
     @property
     def domains(self) -> frozenset[str]:
@@ -143,8 +156,20 @@ _TOP_KEYS = {
     "token_ttl",
     "refresh_ttl",
     "upstream_timeout",
+    "ca_file",
 }
-_MAPPING_KEYS = {"registry", "remote", "auth", "username", "password", "password_env", "hosts", "capability"}
+_MAPPING_KEYS = {
+    "registry",
+    "remote",
+    "auth",
+    "username",
+    "password",
+    "password_env",
+    "hosts",
+    "capability",
+    "ca_file",
+    "tls_verify",
+}
 
 
 def load_file(path: str | os.PathLike[str], environ: AnyMapping[str, str] | None = None) -> Config:
@@ -155,22 +180,30 @@ def load_file(path: str | os.PathLike[str], environ: AnyMapping[str, str] | None
         raise ConfigError(f"config file {os.fspath(path)}: cannot read: {e.strerror or e}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"config file {os.fspath(path)}: not UTF-8 text") from None
-    return loads(text, environ)
+    return loads(text, environ, base_dir=Path(path).resolve().parent)
 
 
-def loads(text: str, environ: AnyMapping[str, str] | None = None) -> Config:
-    """Parse and validate configuration text."""
+def loads(
+    text: str, environ: AnyMapping[str, str] | None = None, base_dir: str | os.PathLike[str] | None = None
+) -> Config:
+    """Parse and validate configuration text (relative `ca_file` paths are relative to `base_dir`)."""
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         raise ConfigError(f"config: not valid YAML{where}") from None
-    return parse(data, os.environ if environ is None else environ)
+    return parse(data, os.environ if environ is None else environ, base_dir)
 
 
-def parse(data: Any, environ: AnyMapping[str, str]) -> Config:
-    """Validate an already-parsed YAML document."""
+def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[str] | None = None) -> Config:
+    """Validate an already-parsed YAML document.
+
+    `environ` gives password_env variables, the secret key fallbacks, the forward proxy
+    (HTTPS_PROXY, HTTP_PROXY, NO_PROXY) and the system CA store's location (SSL_CERT_FILE,
+    SSL_CERT_DIR). Relative `ca_file` paths are relative to `base_dir` (the config file's
+    directory when loaded from a file), else to the working directory.
+    """
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping of keys to values")
     for key in data:
@@ -200,11 +233,27 @@ def parse(data: Any, environ: AnyMapping[str, str]) -> Config:
     if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not 1 <= timeout <= 600:
         raise ConfigError("upstream_timeout: must be a number of seconds between 1 and 600")
 
+    try:
+        egress = Egress.from_environ(environ)
+    except EgressError as e:
+        raise ConfigError(str(e)) from None
+    try:
+        store = default_store(environ)
+    except TrustError as e:
+        raise ConfigError(str(e)) from None
+    base = Path(base_dir) if base_dir is not None else None
+    top_ca = _ca_file(data, "ca_file", base)
+    default_trust = _TrustChoice(
+        Trust(True, top_ca[0], top_ca[1], store) if top_ca else Trust(store=store), "ca_file" if top_ca else None
+    )
+
     proxies = data.get("proxies")
     if not isinstance(proxies, dict) or not proxies:
         raise ConfigError("proxies: must be a non-empty mapping of local names to upstreams")
-    mappings = tuple(_mapping(k, v, environ) for k, v in proxies.items())
+    chosen = [_mapping(k, v, environ, default_trust, base) for k, v in proxies.items()]
+    mappings = tuple(m for m, _ in chosen)
     _check_collisions(mappings)
+    _check_shared_upstreams(chosen)
     return Config(
         listen_addr=listen_addr,
         port=port,
@@ -215,6 +264,8 @@ def parse(data: Any, environ: AnyMapping[str, str]) -> Config:
         token_ttl=token_ttl,
         refresh_ttl=refresh_ttl,
         upstream_timeout=float(timeout),
+        egress=egress,
+        trust_store=store,
     )
 
 
@@ -341,7 +392,84 @@ def parse_registry(value: object, where: str) -> Upstream:
     return Upstream(parts.scheme, host, port)
 
 
-def _mapping(key: object, value: object, environ: AnyMapping[str, str]) -> Mapping:
+@dataclass(frozen=True)
+class _TrustChoice:
+    """A mapping's trust and the key that decided it (None: the default store, nothing configured)."""
+
+    trust: Trust
+    key: str | None
+
+
+def _ca_file(data: dict[str, Any], where: str, base: Path | None) -> tuple[str, bytes] | None:
+    """A `ca_file` setting: its resolved path and certificates, or None when absent."""
+    key = where.rsplit(".", 1)[-1]
+    value = data.get(key)
+    if value is None:
+        return None
+    if not isinstance(value, str) or not value.strip() or any(c in value for c in "\r\n\0"):
+        raise ConfigError(f"{where}: must be the path of a PEM file of CA certificates")
+    path = Path(value.strip()).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        pem = read_ca_file(path)
+    except TrustError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return str(path), pem
+
+
+def _trust(
+    value: dict[str, Any], where: str, upstream: Upstream, default: _TrustChoice, base: Path | None
+) -> _TrustChoice:
+    verify = value.get("tls_verify", True)
+    if not isinstance(verify, bool):
+        raise ConfigError(f"{where}.tls_verify: must be true or false")
+    own_ca = _ca_file(value, f"{where}.ca_file", base)
+    if upstream.scheme != "https":
+        if own_ca is not None:
+            raise ConfigError(f"{where}.ca_file: the registry is plain http; ca_file applies to https registries")
+        if not verify:
+            raise ConfigError(f"{where}.tls_verify: the registry is plain http; tls_verify applies to https registries")
+        return default
+    if not verify:
+        if own_ca is not None:
+            raise ConfigError(f"{where}.ca_file: conflicts with tls_verify: false (nothing would be verified)")
+        return _TrustChoice(Trust(False, store=default.trust.store), f"{where}.tls_verify")
+    if own_ca is not None:
+        return _TrustChoice(Trust(True, own_ca[0], own_ca[1], default.trust.store), f"{where}.ca_file")
+    return default
+
+
+def _check_shared_upstreams(chosen: list[tuple[Mapping, _TrustChoice]]) -> None:
+    """Mappings of one https upstream must trust it the same way.
+
+    mitmproxy reuses an upstream connection for the next request of the same client connection,
+    whichever mapping that request is for, and the upstream's auth discovery is cached per
+    upstream: a connection verified for one mapping must be good enough for every other.
+    """
+    first: dict[str, tuple[Mapping, _TrustChoice]] = {}
+    for m, choice in chosen:
+        if m.upstream.scheme != "https":
+            continue
+        seen = first.setdefault(m.upstream.origin, (m, choice))
+        other, other_choice = seen
+        if other is m or choice.trust.same_as(other_choice.trust):
+            continue
+        mine = choice.key or f"proxies.{_show(m.key)} (default store)"
+        theirs = other_choice.key or f"proxies.{_show(other.key)} (default store)"
+        if choice.key == "ca_file":
+            mine = f"proxies.{_show(m.key)} (top-level ca_file)"
+        if other_choice.key == "ca_file":
+            theirs = f"proxies.{_show(other.key)} (top-level ca_file)"
+        raise ConfigError(
+            f"{mine}: trusts {m.upstream.origin} differently from {theirs}; mappings of one upstream "
+            "share its connections, so give them the same ca_file and tls_verify"
+        )
+
+
+def _mapping(
+    key: object, value: object, environ: AnyMapping[str, str], default_trust: _TrustChoice, base: Path | None
+) -> tuple[Mapping, _TrustChoice]:
     if not isinstance(key, str):
         raise ConfigError(f"proxies.{_show(key)}: the key must be a repository name or a namespace ending in /")
     where = f"proxies.{_show(key)}"
@@ -385,7 +513,8 @@ def _mapping(key: object, value: object, environ: AnyMapping[str, str]) -> Mappi
         capability = any(looks_like_capability(s) for s in name.split("/"))
     elif not isinstance(capability, bool):
         raise ConfigError(f"{where}.capability: must be true or false")
-    return Mapping(
+    trust = _trust(value, where, upstream, default_trust, base)
+    mapping = Mapping(
         key=key,
         prefix=tuple(name.split("/")),
         namespace=namespace,
@@ -394,7 +523,9 @@ def _mapping(key: object, value: object, environ: AnyMapping[str, str]) -> Mappi
         auth=_auth(value, where, environ),
         hosts=tuple(norm_hosts),
         capability=capability,
+        trust=trust.trust,
     )
+    return mapping, trust
 
 
 def _auth(value: dict[str, Any], where: str, environ: AnyMapping[str, str]) -> str | None:

@@ -78,11 +78,13 @@ class Configuration:
         )
 
     def configure(self, updated: set[str]) -> None:
-        if "registryproxy_config" not in updated and self.state is not None:
+        if "registryproxy_config" not in updated:
             return
+        path = _config_path()
         try:
-            self._install(self._load(_config_path()))
+            self._install(self._load(path))
         except ConfigError as e:
+            self._stat = _stat(path)  # the watcher tries again when the file changes
             raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
@@ -188,10 +190,10 @@ class Configuration:
         """Reload when the configuration file changes (its size, mtime or inode)."""
         while True:
             await asyncio.sleep(CONFIG_POLL_SECONDS)
-            if self.state is None or not ctx.options.registryproxy_watch_config:
+            if not ctx.options.registryproxy_watch_config:
                 continue
             try:
-                current = _stat(self.state.path)
+                current = _stat(self.state.path if self.state is not None else _config_path())
                 if current is not None and current != self._stat:
                     self.reload("file changed")
             except Exception as e:  # noqa: BLE001 - the watcher must keep running

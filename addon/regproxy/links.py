@@ -15,6 +15,7 @@ from .mapping import Match
 from .names import TAG_RE, Route, RouteKind
 
 _LINK_RE = re.compile(r"\s*<([^>]*)>\s*(;.*)?")
+_LINK_SPLIT_RE = re.compile(r",\s*(?=<)")
 _ARTIFACT_TYPE_RE = re.compile(r"[\w.+/-]{1,255}")
 
 
@@ -45,10 +46,14 @@ def rewrite_location(location: str, request_url: str, match: Match) -> str | Non
     """A redirect target made absolute; one back into the upstream API becomes the local path.
     None: drop the header."""
     absolute = urljoin(request_url, location.strip())
-    parts = urlsplit(absolute)
+    try:
+        parts = urlsplit(absolute)
+        port = parts.port
+    except ValueError:
+        return None
     if parts.scheme not in ("http", "https"):
         return None
-    if f"{parts.scheme}://{parts.netloc}" == match.mapping.upstream.origin:
+    if _same_origin(parts.scheme, parts.hostname or "", port, match):
         local = local_path(parts.path, match) if parts.path.startswith("/v2/") else None
         if local is None:
             # Elsewhere on the upstream: fine to follow for a namespace, but it would name the
@@ -58,12 +63,35 @@ def rewrite_location(location: str, request_url: str, match: Match) -> str | Non
     return absolute
 
 
+def _same_origin(scheme: str, host: str, port: int | None, match: Match) -> bool:
+    """Whether scheme://host:port is the mapping's upstream, however it is spelled (case, default port)."""
+    upstream = match.mapping.upstream
+    default = 443 if scheme == "https" else 80
+    return (
+        scheme == upstream.scheme
+        and host.lower().strip("[]") == upstream.host.lower().strip("[]")
+        and (port or default) == upstream.port
+    )
+
+
 def rewrite_link(value: str, match: Match) -> str | None:
-    """`<…/v2/upstream/name/tags/list?…>; rel="next"` with the local name; None to drop it."""
+    """`<…/v2/upstream/name/tags/list?…>; rel="next"` with the local name; None to drop it. A header
+    may hold several links (RFC 8288): each is rewritten, and one that cannot be is dropped."""
+    rewritten = [x for x in (_rewrite_one_link(v, match) for v in _LINK_SPLIT_RE.split(value)) if x is not None]
+    return ", ".join(rewritten) if rewritten else None
+
+
+def _rewrite_one_link(value: str, match: Match) -> str | None:
     m = _LINK_RE.fullmatch(value)
-    if m is None:
+    if m is None or "<" in (m[2] or ""):
         return None
-    parts = urlsplit(m[1])
+    try:
+        parts = urlsplit(m[1])
+        port = parts.port
+    except ValueError:
+        return None
+    if (parts.scheme or parts.netloc) and not _same_origin(parts.scheme, parts.hostname or "", port, match):
+        return None  # a link elsewhere than the upstream's API
     local = local_path(parts.path, match)
     if local is None:
         return None

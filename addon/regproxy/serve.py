@@ -33,15 +33,16 @@ class RegistryProxyMaster(master.Master):
         with_termlog: bool = True,
     ) -> None:
         super().__init__(opts, event_loop=loop, with_termlog=with_termlog)
-        # Order matters: hooks run in this order, and the registryproxy chain must see every flow
-        # before flow saving (`-w`) does, as it does under mitmdump, where scripts come before Save.
+        # Order matters: hooks run in this order. The registryproxy chain stands where mitmdump's script
+        # loader runs `-s` scripts: before flow saving (`-w`), which must see only flows without secrets,
+        # and before TlsConfig, which leaves alone an upstream TLS connection the chain has set up.
         self.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
             script.ScriptLoader(),
+            *chain.addons(),
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
-            *chain.addons(),
             save.Save(),
             errorcheck.ErrorCheck(),
         )

@@ -44,6 +44,7 @@ class TokenEndpoint:
         if req.method not in ("GET", "POST"):
             answers.reply_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
         elif content_length(req) > answers.MAX_LOCAL_BODY:
+            # Refused before mitmproxy reads the body: `reply` closes the connection unread (the log says so).
             answers.reply_error(flow, RegistryError(413, "SIZE_INVALID", "token request too large"))
 
     @fail_closed

@@ -10,14 +10,17 @@ import asyncio
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pytest
 from mitmproxy import hooks, http
-from mitmproxy.proxy.layers import http as http_layers
+from mitmproxy.proxy.layers.http import _hooks as http_layers
 from mitmproxy.test import taddons, tflow
-from regproxy import chain
+from prometheus_client import CollectorRegistry
+from regproxy import chain, flowstate
 from regproxy.configuration import Configuration, State
+from regproxy.flowstate import FlowState, FlowStates
+from regproxy.metrics import Metrics
 from regproxy.veil import Courier, FlowSecrets, Veil
 
 T = TypeVar("T")
@@ -97,3 +100,45 @@ def request_flow(
     f = tflow.tflow(req=req)
     f.client_conn.timestamp_tls_setup = None  # a plain-HTTP client
     return f
+
+
+# --- for the tests of one addon alone -------------------------------------------------
+
+
+class MakeConfig(Protocol):
+    def __call__(self, config_text: str, metrics: Metrics | None = None) -> Configuration: ...
+
+
+@pytest.fixture
+def make_config(tmp_path: Path) -> MakeConfig:
+    """`make_config(config_text, metrics)`: a `Configuration` loaded from that text in a context of
+    its own, to hand to the addon under test."""
+
+    def make(config_text: str, metrics: Metrics | None = None) -> Configuration:
+        cfg = tmp_path / f"alone{len(list(tmp_path.glob('alone*.yaml')))}.yaml"
+        cfg.write_text(config_text)
+        config = Configuration(metrics or new_metrics())
+        with taddons.context(config) as tctx:
+            tctx.options.update(registryproxy_config=str(cfg))
+        assert config.state is not None
+        return config
+
+    return make
+
+
+def new_metrics() -> Metrics:
+    """Metrics of their own (no process collector, nothing shared with another test)."""
+    return Metrics(CollectorRegistry(auto_describe=True))
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    """A sample's current value; 0 for one never counted."""
+    return metrics.registry.get_sample_value(name, labels) or 0.0
+
+
+def with_state(f: http.HTTPFlow) -> FlowState:
+    """The flow's state, as `FlowStates` (first in the chain) gives it."""
+    FlowStates().requestheaders(f)
+    st = flowstate.of(f)
+    assert st is not None
+    return st

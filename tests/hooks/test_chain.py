@@ -13,7 +13,6 @@ from mitmproxy import http
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import taddons
 from regproxy import failures
-from regproxy.configuration import Configuration
 from regproxy.tokens import Grant, TokenCodec
 
 REPO = Path(__file__).resolve().parents[2]
@@ -146,8 +145,7 @@ def test_bad_tokens_get_401_with_fresh_challenge(proxy: Chain, mutate: str) -> N
     value = {
         "tamper": f"Bearer {good[:-6]}AAAAAA",
         "foreign": "Bearer "
-        + TokenCodec((b"\x22" * 32,))
-        .issue_access(BASE, (Grant(mid(addon, "bp/"), ("bp/true",), "UPSTREAM"),), 60),
+        + TokenCodec((b"\x22" * 32,)).issue_access(BASE, (Grant(mid(addon, "bp/"), ("bp/true",), "UPSTREAM"),), 60),
         "domain": f"Bearer {token(addon, Grant(mid(addon, 'bp/'), ('bp/true',), 'UPSTREAM'), audience='http://other.test')}",
         "garbage": "Bearer eyJhbGciOiJub25lIn0.e30.",
         "basic": "Basic dXNlcjpwYXNz",

@@ -10,6 +10,7 @@ import pytest
 import yaml
 from hypothesis import given
 from hypothesis import strategies as st
+from regproxy import trust
 from regproxy.config import (
     DOCKER_HUB_API_HOST,
     SECRET_KEY_ENV,
@@ -20,6 +21,8 @@ from regproxy.config import (
     parse,
     parse_registry,
 )
+from regproxy.egress import Egress, ProxySpec
+from rig import badcerts
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 KEY2 = "ff" * 32
@@ -585,3 +588,211 @@ def test_wrong_length_hex_key_is_refused(value: str) -> None:
 @given(st.uuids().map(str), st.sampled_from(["ftp://x", "", "https://a/b"]))
 def test_uuid_keys_never_appear_in_errors(uuid: str, registry: str) -> None:
     assert uuid not in config_error(with_mapping(f"{uuid}/app", registry=registry, remote="x"))
+
+
+# --- upstream trust: ca_file, tls_verify ---
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> badcerts.Pki:
+    return badcerts.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return badcerts.make_pki(tmp_path_factory.mktemp("other-pki"), "another CA").ca_cert
+
+
+def two(a: dict[str, Any], b: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return base(proxies={"a/": a, "b/": b}, **top)
+
+
+def test_default_trust_is_the_system_store() -> None:
+    config = parse(base(), {})
+    (m,) = config.mappings
+    assert m.trust.verify and m.trust.ca_file is None and m.trust.ca_pem == b""
+    assert m.trust.store is config.trust_store
+    assert config.trust_store is not None and config.trust_store.source in ("system", "certifi")
+
+
+def test_top_level_ca_file_applies_to_every_https_mapping(pki: badcerts.Pki) -> None:
+    data = two(
+        {"registry": "https://reg.example.com:5443", "remote": "x"},
+        {"registry": "http://plain.example.com", "remote": "y"},
+        ca_file=str(pki.ca_cert),
+    )
+    a, b = parse(data, {}).mappings
+    assert a.trust.ca_file == str(pki.ca_cert)
+    assert a.trust.ca_pem == trust.read_ca_file(pki.ca_cert)
+    assert b.trust.verify  # plain http: the top-level file is simply not used
+
+
+def test_mapping_ca_file_replaces_the_top_level_one(pki: badcerts.Pki, other_ca: Path) -> None:
+    data = two(
+        {"registry": "https://a.example.com", "remote": "x", "ca_file": str(other_ca)},
+        {"registry": "https://b.example.com", "remote": "y"},
+        ca_file=str(pki.ca_cert),
+    )
+    a, b = parse(data, {}).mappings
+    assert a.trust.ca_file == str(other_ca)
+    assert b.trust.ca_file == str(pki.ca_cert)
+
+
+def test_relative_ca_file_is_relative_to_the_config_file(pki: badcerts.Pki, tmp_path: Path) -> None:
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "ca.pem").write_bytes(pki.ca_cert.read_bytes())
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(with_mapping(registry="https://r.example.com", remote="x", ca_file="certs/ca.pem")))
+    (m,) = load_file(path, environ={}).mappings
+    assert m.trust.ca_file == str(tmp_path / "certs" / "ca.pem")
+
+
+def test_tls_verify_false() -> None:
+    (m,) = parse(with_mapping(registry="https://lab.example.com", remote="x", tls_verify=False), {}).mappings
+    assert not m.trust.verify
+
+
+def test_tls_verify_false_ignores_the_top_level_ca_file(pki: badcerts.Pki) -> None:
+    data = with_mapping(registry="https://lab.example.com", remote="x", tls_verify=False)
+    data["ca_file"] = str(pki.ca_cert)
+    (m,) = parse(data, {}).mappings
+    assert not m.trust.verify and m.trust.ca_pem == b""
+
+
+@pytest.mark.parametrize("value", [5, True, "", "  ", ["a.pem"], {"x": 1}, "a\nb.pem"])
+def test_ca_file_of_the_wrong_type(value: object) -> None:
+    assert config_error(base(ca_file=value)) == "ca_file: must be the path of a PEM file of CA certificates"
+    message = config_error(with_mapping(registry="https://r.example.com", remote="x", ca_file=value))
+    assert message.startswith("proxies.bp/.ca_file: must be the path of a PEM file")
+
+
+def test_ca_file_missing_unreadable_or_without_certificate(tmp_path: Path) -> None:
+    assert config_error(base(ca_file=str(tmp_path / "nope.pem"))) == f"ca_file: {tmp_path / 'nope.pem'}: no such file"
+    empty = tmp_path / "empty.pem"
+    empty.write_text("not a certificate")
+    message = config_error(with_mapping(registry="https://r.example.com", remote="x", ca_file=str(empty)))
+    assert message.startswith(f"proxies.bp/.ca_file: {empty}: no PEM certificate in it")
+    assert config_error(base(ca_file=str(tmp_path))).endswith("is a directory, not a PEM file")
+
+
+@pytest.mark.parametrize("value", ["no", "false", 0, None, [False]])
+def test_tls_verify_must_be_a_boolean(value: object) -> None:
+    message = config_error(with_mapping(registry="https://r.example.com", remote="x", tls_verify=value))
+    assert message == "proxies.bp/.tls_verify: must be true or false"
+
+
+def test_ca_file_with_tls_verify_false_is_refused(pki: badcerts.Pki) -> None:
+    data = with_mapping(registry="https://r.example.com", remote="x", ca_file=str(pki.ca_cert), tls_verify=False)
+    assert config_error(data) == "proxies.bp/.ca_file: conflicts with tls_verify: false (nothing would be verified)"
+
+
+def test_trust_settings_on_a_plain_http_registry_are_refused(pki: badcerts.Pki) -> None:
+    message = config_error(with_mapping(registry="http://r.example.com", remote="x", ca_file=str(pki.ca_cert)))
+    assert message.startswith("proxies.bp/.ca_file: the registry is plain http")
+    message = config_error(with_mapping(registry="http://r.example.com", remote="x", tls_verify=False))
+    assert message.startswith("proxies.bp/.tls_verify: the registry is plain http")
+    (m,) = parse(with_mapping(registry="http://r.example.com", remote="x", tls_verify=True), {}).mappings
+    assert m.trust.verify
+
+
+def test_mappings_of_one_upstream_must_trust_it_alike(pki: badcerts.Pki) -> None:
+    up = "https://reg.example.com:5443"
+    message = config_error(two({"registry": up, "remote": "x"}, {"registry": up, "remote": "y", "tls_verify": False}))
+    assert message.startswith(
+        "proxies.b/.tls_verify: trusts https://reg.example.com:5443 differently from proxies.a/ (default store)"
+    )
+    message = config_error(
+        two({"registry": up, "remote": "x", "ca_file": str(pki.ca_cert)}, {"registry": up, "remote": "y"})
+    )
+    assert message.startswith(
+        "proxies.b/ (default store): trusts https://reg.example.com:5443 differently from proxies.a/.ca_file"
+    )
+
+
+def test_inherited_ca_file_is_named_as_such(pki: badcerts.Pki, other_ca: Path) -> None:
+    up = "https://reg.example.com"
+    data = two({"registry": up, "remote": "x"}, {"registry": up, "remote": "y", "ca_file": str(other_ca)})
+    data["ca_file"] = str(pki.ca_cert)
+    message = config_error(data)
+    assert message.startswith(
+        "proxies.b/.ca_file: trusts https://reg.example.com differently from proxies.a/ (top-level ca_file)"
+    )
+
+
+def test_docker_hub_aliases_are_one_upstream(pki: badcerts.Pki) -> None:
+    data = two(
+        {"registry": "docker.io", "remote": "x"}, {"registry": "index.docker.io", "remote": "y", "tls_verify": False}
+    )
+    assert "https://registry-1.docker.io differently" in config_error(data)
+
+
+def test_same_certificates_from_two_paths_agree(pki: badcerts.Pki, tmp_path: Path) -> None:
+    copy = tmp_path / "copy.pem"
+    copy.write_bytes(pki.ca_cert.read_bytes())
+    up = "https://reg.example.com"
+    data = two(
+        {"registry": up, "remote": "x", "ca_file": str(pki.ca_cert)},
+        {"registry": up, "remote": "y", "ca_file": str(copy)},
+    )
+    a, b = parse(data, {}).mappings
+    assert a.trust.same_as(b.trust)
+
+
+def test_other_ports_and_plain_http_are_other_upstreams() -> None:
+    data = two(
+        {"registry": "https://r.example.com", "remote": "x"},
+        {"registry": "https://r.example.com:5443", "remote": "y", "tls_verify": False},
+    )
+    parse(data, {})
+    data = two(
+        {"registry": "https://r.example.com", "remote": "x", "tls_verify": False},
+        {"registry": "http://r.example.com", "remote": "y"},
+    )
+    parse(data, {})
+
+
+def test_conflict_errors_hide_capability_keys(pki: badcerts.Pki) -> None:
+    up = "https://reg.example.com"
+    data = base(
+        proxies={
+            f"{UUID}/app": {"registry": up, "remote": "x"},
+            "b/": {"registry": up, "remote": "y", "tls_verify": False},
+        }
+    )
+    message = config_error(data)
+    data = base(
+        proxies={
+            "b/": {"registry": up, "remote": "y", "tls_verify": False},
+            f"{UUID}/app": {"registry": up, "remote": "x"},
+        }
+    )
+    message += config_error(data)
+    assert UUID not in message and "<capability>" in message
+
+
+def test_trust_does_not_change_a_mappings_identity(pki: badcerts.Pki) -> None:
+    """Tokens survive a reload that only changes how the upstream is verified."""
+    plain = parse(with_mapping(registry="https://r.example.com", remote="x"), {}).mappings[0]
+    with_ca = parse(with_mapping(registry="https://r.example.com", remote="x", ca_file=str(pki.ca_cert)), {}).mappings[
+        0
+    ]
+    assert plain.identity == with_ca.identity and plain != with_ca
+
+
+def test_bad_system_store_variable_is_refused(tmp_path: Path) -> None:
+    assert config_error(base(), {"SSL_CERT_FILE": str(tmp_path / "gone.pem")}).startswith("SSL_CERT_FILE: ")
+
+
+# --- egress (forward proxy from the environment) ---
+
+
+def test_egress_is_read_from_the_environment() -> None:
+    config = parse(base(), {"HTTPS_PROXY": "http://proxy.corp:3128", "NO_PROXY": "internal.example"})
+    assert config.egress == Egress(ProxySpec("http", "proxy.corp", 3128), None, ("internal.example",))
+    assert parse(base(), {}).egress == Egress()
+
+
+def test_bad_egress_variable_is_refused_without_its_credentials() -> None:
+    message = config_error(base(), {"https_proxy": "socks5://robot:hunter2@proxy:1080"})
+    assert message.startswith("https_proxy: SOCKS proxies are not supported")
+    assert "hunter2" not in message

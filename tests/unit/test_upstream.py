@@ -6,13 +6,17 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Coroutine
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import httpx
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from regproxy import trust
 from regproxy.config import Mapping, Upstream
+from regproxy.egress import Egress, ProxySpec
+from regproxy.trust import Trust
 from regproxy.upstream import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,
@@ -25,6 +29,8 @@ from regproxy.upstream import (
     parse_token_response,
     realm_allowed,
 )
+from rig import badcerts
+from rig.procs import ServerThread
 
 HTTPS_UP = Upstream("https", "registry.example.com", 443)
 HTTP_UP = Upstream("http", "127.0.0.1", 5000)
@@ -626,3 +632,235 @@ def test_dribbled_token_answer_is_bounded_as_a_whole() -> None:
     assert info.value.timeout
     assert time.monotonic() - started < 3
     assert pulled[0] > 2  # it did dribble: each chunk came in time
+
+
+# --- trust: real TLS to the registry and its realm (each mapping's ca_file / tls_verify) ---
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> badcerts.Pki:
+    return badcerts.make_pki(tmp_path_factory.mktemp("pki"))
+
+
+def tls_mapping(port: int, t: Trust, host: str = "localhost", label: str = "tls/") -> Mapping:
+    return Mapping(
+        key=label,
+        prefix=(label.rstrip("/"),),
+        namespace=True,
+        upstream=Upstream("https", host, port),
+        remote="org",
+        auth="Basic dXNlcjpwYXNz",
+        trust=t,
+    )
+
+
+def ca_trust(pki: badcerts.Pki) -> Trust:
+    return Trust(True, str(pki.ca_cert), trust.read_ca_file(pki.ca_cert), trust.default_store())
+
+
+async def discover_with(m: Mapping) -> AuthMethod:
+    client = RegistryClient(timeout=5.0, egress=Egress())
+    try:
+        return await client.auth_method(m.upstream, m)
+    finally:
+        await client.aclose()
+
+
+def tls_failure_lines(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "upstream TLS" in r.getMessage()]
+
+
+def test_ca_file_makes_a_private_registry_trusted(pki: badcerts.Pki, caplog: pytest.LogCaptureFixture) -> None:
+    with badcerts.TlsHttpServer(pki.good()) as server:
+        assert run(discover_with(tls_mapping(server.port, ca_trust(pki)))) == AuthMethod("none")
+        assert run(discover_with(tls_mapping(server.port, ca_trust(pki), host="127.0.0.1"))) == AuthMethod("none")
+        assert server.paths == ["/v2/", "/v2/"]
+    assert tls_failure_lines(caplog) == []
+
+
+@pytest.mark.parametrize(
+    ("problem", "category"),
+    [("no ca_file", "unknown CA"), ("wrong host", "host name mismatch"), ("expired", "expired certificate")],
+)
+def test_certificate_failures_are_502_material_with_one_precise_log_line(
+    pki: badcerts.Pki, caplog: pytest.LogCaptureFixture, problem: str, category: str
+) -> None:
+    cert = {"no ca_file": pki.good, "wrong host": pki.wrong_host, "expired": pki.expired}[problem]()
+    t = Trust(store=trust.default_store()) if problem == "no ca_file" else ca_trust(pki)
+    with badcerts.TlsHttpServer(cert) as server, pytest.raises(UpstreamError) as info:
+        port = server.port
+        run(discover_with(tls_mapping(port, t)))
+    # The client's answer (the 502 body) names the kind of failure, never OpenSSL's words (a host name).
+    assert str(info.value) == f"upstream registry unreachable (TLS: {category})"
+    assert not info.value.timeout
+    (line,) = tls_failure_lines(caplog)
+    assert line.startswith(f"registryproxy: upstream TLS to localhost:{port} failed for mapping tls/: {category} (")
+    assert "dXNlcjpwYXNz" not in caplog.text
+
+
+def test_tls_verify_false_connects_to_anything(pki: badcerts.Pki) -> None:
+    with badcerts.TlsHttpServer(pki.wrong_host()) as server:
+        assert run(discover_with(tls_mapping(server.port, Trust(False)))) == AuthMethod("none")
+
+
+def test_realm_on_the_same_tls_host_uses_the_mappings_trust(pki: badcerts.Pki) -> None:
+    with badcerts.TlsHttpServer(pki.good(), status=401) as server:
+        server.challenge = f'Bearer realm="https://localhost:{server.port}/token",service="tls"'
+        m = tls_mapping(server.port, ca_trust(pki))
+
+        async def go() -> UpstreamToken | None:
+            client = RegistryClient(timeout=5.0, egress=Egress())
+            try:
+                return await client.fetch_token(m, ["org/app"])
+            finally:
+                await client.aclose()
+
+        token = run(go())
+        assert token is not None and token.token == "tls-token"
+        assert server.paths[0] == "/v2/" and server.paths[1].startswith("/token?")
+
+
+def test_realm_with_a_bad_certificate_fails_with_the_realms_reason(
+    pki: badcerts.Pki, caplog: pytest.LogCaptureFixture
+) -> None:
+    with badcerts.TlsHttpServer(pki.good(), status=401) as registry_srv, badcerts.TlsHttpServer(pki.expired()) as realm:
+        realm_port = realm.port
+        registry_srv.challenge = f'Bearer realm="https://localhost:{realm_port}/token",service="tls"'
+        m = tls_mapping(registry_srv.port, ca_trust(pki))
+
+        async def go() -> None:
+            client = RegistryClient(timeout=5.0, egress=Egress())
+            try:
+                await client.fetch_token(m, ["org/app"])
+            finally:
+                await client.aclose()
+
+        with pytest.raises(UpstreamError, match=r"^upstream token service unreachable \(TLS: expired certificate\)$"):
+            run(go())
+        assert realm.paths == []
+    (line,) = tls_failure_lines(caplog)
+    assert f"to localhost:{realm_port} failed for mapping tls/: expired certificate" in line
+
+
+def test_one_client_per_trust(pki: badcerts.Pki) -> None:
+    client = RegistryClient(timeout=5.0, egress=Egress())
+    a = client._client("https://r.example.com/v2/", ca_trust(pki))
+    assert client._client("https://other.example.com/v2/", ca_trust(pki)) is a
+    assert client._client("https://r.example.com/v2/", Trust(False)) is not a
+    run(client.aclose())
+    assert client._clients == {}
+
+
+def test_capability_mappings_are_logged_by_label(pki: badcerts.Pki, caplog: pytest.LogCaptureFixture) -> None:
+    key = "0ebb01be-0a22-4639-898c-bc8c2d20942d/app"
+    with badcerts.TlsHttpServer(pki.good()) as server:
+        up = Upstream("https", "localhost", server.port)
+        m = Mapping(key, tuple(key.split("/")), False, up, "org/app", capability=True)  # default trust
+        with pytest.raises(UpstreamError):
+            run(discover_with(m))
+    assert key not in caplog.text and m.label in caplog.text
+
+
+# --- egress: the forward proxy the environment names ---
+
+
+class _ForwardProxy:
+    """Records what reaches it; answers absolute-form GETs 200 and refuses CONNECT (403)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str | None]] = []
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _answer(self, status: int) -> None:
+                outer.requests.append((self.requestline, self.headers.get("Proxy-Authorization")))
+                self.send_response(status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def do_GET(self) -> None:
+                self._answer(200)
+
+            def do_CONNECT(self) -> None:
+                self._answer(403)
+
+        self._server = ServerThread(ThreadingHTTPServer(("127.0.0.1", 0), Handler), "forward-proxy")
+
+    @property
+    def spec(self) -> ProxySpec:
+        return ProxySpec("http", "127.0.0.1", self._server.port, "robot", "pw")
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+@pytest.fixture
+def forward_proxy() -> Any:
+    p = _ForwardProxy()
+    yield p
+    p.stop()
+
+
+def _discover_via(egress: Egress, upstream: Upstream) -> AuthMethod:
+    async def go() -> AuthMethod:
+        client = RegistryClient(timeout=5.0, egress=egress)
+        try:
+            return await client.auth_method(upstream)
+        finally:
+            await client.aclose()
+
+    return run(go())
+
+
+def test_plain_http_upstream_goes_through_http_proxy(forward_proxy: _ForwardProxy) -> None:
+    up = Upstream("http", "registry.example.com", 5000)
+    assert _discover_via(Egress(http=forward_proxy.spec), up) == AuthMethod("none")
+    assert forward_proxy.requests == [("GET http://registry.example.com:5000/v2/ HTTP/1.1", "Basic cm9ib3Q6cHc=")]
+
+
+def test_https_upstream_is_tunnelled_through_https_proxy(forward_proxy: _ForwardProxy) -> None:
+    with pytest.raises(UpstreamError, match=r"unreachable \(ProxyError\)"):
+        _discover_via(Egress(https=forward_proxy.spec), Upstream("https", "registry.example.com", 443))
+    assert forward_proxy.requests == [("CONNECT registry.example.com:443 HTTP/1.1", "Basic cm9ib3Q6cHc=")]
+
+
+def test_no_proxy_and_loopback_go_direct(forward_proxy: _ForwardProxy, pki: badcerts.Pki) -> None:
+    with pytest.raises(UpstreamError):
+        _discover_via(
+            Egress(https=forward_proxy.spec, no_proxy=("example.invalid",)),
+            Upstream("https", "registry.example.invalid", 443),
+        )
+    with badcerts.TlsHttpServer(pki.good()) as server:
+        m = tls_mapping(server.port, ca_trust(pki))
+
+        async def go() -> AuthMethod:
+            client = RegistryClient(timeout=5.0, egress=Egress(https=forward_proxy.spec))
+            try:
+                return await client.auth_method(m.upstream, m)
+            finally:
+                await client.aclose()
+
+        assert run(go()) == AuthMethod("none")
+    assert forward_proxy.requests == []
+
+
+def test_unusable_proxy_environment_fails_the_request(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HTTPS_PROXY", "socks5://robot:hunter2@proxy:1080")
+    monkeypatch.delenv("https_proxy", raising=False)
+    with pytest.raises(UpstreamError, match="forward proxy setting unusable") as info:
+        _discover_via_env()
+    assert "hunter2" not in str(info.value)
+
+
+def _discover_via_env() -> AuthMethod:
+    async def go() -> AuthMethod:
+        client = RegistryClient(timeout=5.0)
+        try:
+            return await client.auth_method(HTTPS_UP)
+        finally:
+            await client.aclose()
+
+    return run(go())

@@ -1,0 +1,318 @@
+"""TLS upstreams whose certificates are right or wrong in one way each, for the upstream-trust tests.
+
+- `make_pki(dir)`: a private test CA (`ca.crt`) that can issue server certificates: for the right
+  names (`localhost`, `127.0.0.1`), for another name only (a host name mismatch), or expired.
+  Certificates satisfy Python 3.13's strict checks (critical basicConstraints, keyUsage, SAN, AKI),
+  so a failure is always the one the test made.
+- `start_tls_registry(...)`: a real `docker-registry` serving TLS itself (`http.tls`) with one of those
+  certificates, anonymous or with token auth whose token service (`TokenIssuer` over HTTPS) is on
+  its own port under the registry's host name (`https://localhost:P1`, realm `https://localhost:P2/token`).
+  Several registries may share one storage root: push once, serve the same images with each certificate.
+- `TlsHttpServer`: a tiny in-process HTTPS server answering `/v2/` (and `/token`), for unit tests
+  of the token client against real TLS.
+
+Every server binds 127.0.0.1 on a port the kernel picks; `stop()` ends what was started, by pid.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import re
+import ssl
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler
+from pathlib import Path
+from typing import Any, Self
+
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from .procs import LOOPBACK, Proc, RigError, ServerThread, free_port, http_server, run_checked
+from .registry import registry_binary, registry_config
+from .token_issuer import TokenIssuer
+
+GOOD_NAMES = ("localhost", "127.0.0.1")
+REGISTRY_NAME = "localhost"
+
+
+@dataclass(frozen=True)
+class ServerCert:
+    """A server certificate and its key, as files (PEM)."""
+
+    cert: Path
+    key: Path
+    names: tuple[str, ...]
+
+    def server_context(self) -> ssl.SSLContext:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(self.cert), str(self.key))
+        ctx.set_alpn_protocols(["http/1.1"])
+        return ctx
+
+
+@dataclass(frozen=True)
+class Pki:
+    """A test CA that issues server certificates (see `issue`)."""
+
+    dir: Path
+    ca_cert: Path  # PEM: what a client (or the proxy's ca_file) trusts
+    _ca_key: ec.EllipticCurvePrivateKey = field(repr=False)
+    _ca: x509.Certificate = field(repr=False)
+
+    def issue(
+        self,
+        stem: str,
+        names: Sequence[str] = GOOD_NAMES,
+        *,
+        not_before: datetime.timedelta = datetime.timedelta(hours=-1),
+        not_after: datetime.timedelta = datetime.timedelta(days=2),
+    ) -> ServerCert:
+        """A server certificate valid for `names` from now+not_before to now+not_after."""
+        now = datetime.datetime.now(datetime.UTC)
+        key = ec.generate_private_key(ec.SECP256R1())
+        alt: list[x509.GeneralName] = []
+        for n in names:
+            try:
+                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
+            except ValueError:
+                alt.append(x509.DNSName(n))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
+            .issuer_name(self._ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now + not_before)
+            .not_valid_after(now + not_after)
+            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
+            )
+            .sign(self._ca_key, hashes.SHA256())
+        )
+        pem = serialization.Encoding.PEM
+        cert_path = self.dir / f"{stem}.crt"
+        key_path = self.dir / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(pem))
+        key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+        key_path.chmod(0o600)
+        return ServerCert(cert_path, key_path, tuple(names))
+
+    def good(self) -> ServerCert:
+        return self.issue("good")
+
+    def wrong_host(self) -> ServerCert:
+        return self.issue("wrong-host", ("other.example", "10.255.255.1"))
+
+    def expired(self) -> ServerCert:
+        return self.issue("expired", not_before=datetime.timedelta(days=-30), not_after=datetime.timedelta(days=-1))
+
+
+def make_pki(directory: Path, name: str = "registryproxy upstream-trust test CA") -> Pki:
+    directory.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.UTC)
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(days=60))
+        .not_valid_after(now + datetime.timedelta(days=30))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    ca_path = directory / "ca.crt"
+    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    return Pki(directory, ca_path, key, ca)
+
+
+# --- a real docker-registry over TLS -----------------------------------------------------------
+
+
+@dataclass
+class TlsRegistry:
+    """A docker-registry serving TLS itself, reached as https://NAME:PORT."""
+
+    proc: Proc
+    port: int
+    name: str
+    cert: ServerCert
+    issuer: TokenIssuer | None = None
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def netloc(self) -> str:
+        return f"{self.name}:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.netloc}"
+
+    def output(self) -> str:
+        return self.proc.output()
+
+    def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        self.proc.stop()
+        if self.issuer is not None:
+            self.issuer.stop()
+
+
+def registry_env() -> dict[str, str]:
+    """No *_PROXY and no REGISTRY_* (distribution reads those as settings), no AWS_CA_BUNDLE."""
+    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
+    env.pop("AWS_CA_BUNDLE", None)
+    return env
+
+
+def start_tls_registry(
+    workdir: Path,
+    cert: ServerCert,
+    storage_root: Path,
+    *,
+    users: Mapping[str, str] | None = None,
+    name: str = REGISTRY_NAME,
+    timeout: float = 20.0,
+) -> TlsRegistry:
+    """A TLS docker-registry on `storage_root` with `cert`; with `users`, token auth whose token
+    service is an HTTPS TokenIssuer (same certificate) on its own port under `name`."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    storage_root.mkdir(parents=True, exist_ok=True)
+    issuer: TokenIssuer | None = None
+    if users is not None:
+        issuer = TokenIssuer(
+            workdir, users, service="tls-token-registry", issuer="tls-token-issuer", tls=cert.server_context()
+        ).start()
+        issuer.public_url = f"https://{name}:{issuer.port}"
+    config_path = workdir / "config.yml"
+    try:
+        for attempt in range(3):
+            port = free_port()
+            cfg: dict[str, Any] = registry_config(
+                "token" if issuer is not None else "anonymous", port, storage_root, issuer=issuer
+            )
+            cfg["http"]["tls"] = {"certificate": str(cert.cert), "key": str(cert.key)}
+            cfg["http"]["host"] = f"https://{name}:{port}"
+            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+            proc = Proc(f"tls-registry-{workdir.name}")
+            proc.start([registry_binary(), "serve", str(config_path)], env=registry_env(), cwd=workdir)
+            try:
+                proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
+                proc.wait_for_port(LOOPBACK, port, timeout)
+                return TlsRegistry(proc, port, name, cert, issuer)
+            except RigError:
+                proc.stop()
+                if attempt == 2 or "address already in use" not in proc.output():
+                    raise
+        raise AssertionError("unreachable")
+    except BaseException:
+        if issuer is not None:
+            issuer.stop()
+        raise
+
+
+def push(layout: Path, src_tag: str, reg: TlsRegistry, repo: str, tag: str, ca_dir: Path) -> str:
+    """`skopeo copy oci:LAYOUT:SRC_TAG docker://REG/REPO:TAG`, verifying the registry with `ca_dir`."""
+    digestfile = ca_dir.parent / f"digest-{reg.port}-{tag}"
+    auth_file = ca_dir.parent / "auth.json"
+    auth_file.write_text("{}")
+    argv = ["skopeo", "copy", "--quiet", "--dest-cert-dir", str(ca_dir), "--digestfile", str(digestfile)]
+    argv += [f"oci:{layout}:{src_tag}", f"docker://{reg.netloc}/{repo}:{tag}"]
+    run_checked(argv, timeout=60, env_extra={"REGISTRY_AUTH_FILE": str(auth_file)})
+    return digestfile.read_text().strip()
+
+
+def cert_dir(pki: Pki, directory: Path) -> Path:
+    """A directory holding `ca.crt`, as skopeo's --*-cert-dir takes it."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "ca.crt").write_bytes(pki.ca_cert.read_bytes())
+    return directory
+
+
+# --- a tiny HTTPS server for unit tests --------------------------------------------------------
+
+
+class TlsHttpServer:
+    """HTTPS on 127.0.0.1: `/v2/` answers `status` with `challenge`; `/token` a token. Records paths."""
+
+    def __init__(self, cert: ServerCert, *, status: int = 200, challenge: str | None = None) -> None:
+        self.cert = cert
+        self.status = status
+        self.challenge = challenge
+        self.paths: list[str] = []
+        self._server: ServerThread | None = None
+
+    def start(self) -> Self:
+        self._server = ServerThread(http_server(LOOPBACK, _handler(self), self.cert.server_context()), "tls-http")
+        return self
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RigError("not started")
+        return self._server.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _handler(srv: TlsHttpServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass
+
+        def do_GET(self) -> None:
+            srv.paths.append(self.path)
+            if self.path.startswith("/token"):
+                body = json.dumps({"token": "tls-token", "expires_in": 300}).encode()
+                status = 200
+            else:
+                body, status = b"{}", srv.status
+            self.send_response(status)
+            if srv.challenge and status == 401:
+                self.send_header("WWW-Authenticate", srv.challenge)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    return Handler
