@@ -15,6 +15,7 @@ from .failures import RegistryErrors
 from .flowstate import FlowStates
 from .metrics import Metrics
 from .operations import Operations
+from .pooling import UpstreamPooling
 from .rewrite import ResponseRewrite
 from .routing import Router
 from .token_endpoint import TokenEndpoint
@@ -44,7 +45,9 @@ def addons() -> list[object]:
         # `/token` is claimed before routing, which treats every other path as a registry route.
         TokenEndpoint(config, metrics),
         Router(config),
-        # TLS to the upstream with the mapping's trust (system store + ca_file, or tls_verify: false);
+        # Upstream connections shared across clients (TLS, trust and forward proxy set up by the pool)...
+        UpstreamPooling(config),
+        # ...and TLS to the upstream with the mapping's trust for connections mitmproxy opens itself (system store + ca_file, or tls_verify: false);
         # the master runs the chain before TlsConfig, which leaves a connection set up here alone.
         UpstreamTls(lambda: config.state.config if config.state is not None else None),
         # The upstream's answer in local terms; it decides whether the body streams...

@@ -24,7 +24,7 @@ import ssl
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Hashable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 MAX_CONNECT_RESPONSE = 16 * 1024
@@ -61,6 +61,7 @@ class Origin:
     trust: Hashable = None  # opaque to the pool; `context_for(origin)` turns it into an SSLContext
     proxy: ForwardProxy | None = None
     server_hostname: str | None = None  # SNI and the name verified; default: host
+    label: str = field(default="", compare=False)  # the mappings it serves, for log lines (not part of the key)
 
     @property
     def tls(self) -> bool:

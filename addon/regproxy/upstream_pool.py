@@ -53,6 +53,7 @@ from mitmproxy.proxy.layers.http._events import RequestHeaders
 
 from . import failures
 from .connpool import ConnectionPool, Origin
+from .trust import tls_failure
 
 logger = logging.getLogger(__name__)
 
@@ -205,9 +206,13 @@ async def _pooled_open_connection(host: str, port: int, **kwargs: Any) -> tuple[
     try:
         reader, writer = await _pool.acquire(origin)
     except ssl.SSLError as e:
-        # mitmproxy's own line for this is muted (connection logs); this one names the origin.
+        # The same line `upstream_tls` logs for connections mitmproxy sets up itself.
         logger.warning(
-            "upstream %s: TLS failed: %s", origin, getattr(e, "verify_message", None) or e.reason or type(e).__name__
+            "registryproxy: upstream TLS to %s:%d failed for mapping %s: %s",
+            origin.host,
+            origin.port,
+            origin.label or "-",
+            tls_failure(e) or "TLS handshake failed",
         )
         raise
     lent = _Lent(origin, reader, writer)
@@ -276,8 +281,12 @@ def install(resolver: Resolver, connection_pool: ConnectionPool | None = None) -
     if major != "12":
         raise RuntimeError(f"upstream pool: written for mitmproxy 12, not {mitmproxy_version.VERSION}")
     failures.install()  # it replaces open_connection too: it must be wrapped, not wrap us
-    if _pool is None:
-        _pool = connection_pool or ConnectionPool()
+    if connection_pool is not None and connection_pool is not _pool:
+        if _pool is not None:
+            _pool.close_all()
+        _pool = connection_pool  # one pool a process: the last chain to load (tests load many)
+    elif _pool is None:
+        _pool = ConnectionPool()
     set_resolver(resolver)
     if _installed:
         return _pool

@@ -440,7 +440,8 @@ def test_clients_disconnecting_mid_blob_release_the_upstream_connection(
     image_digests: dict[str, standard.Digests],
 ) -> None:
     """Clients that go away mid-blob (FIN or RST), from a paced upstream and from a real registry:
-    the proxy closes each upstream connection, and its open descriptors return to the baseline."""
+    the proxy closes each upstream connection still mid-body (never pooled), and its open descriptors
+    return to the baseline, plus at most the finished ones now idle in the upstream pool."""
     paced = faults.FaultServer(faults.paced_body(256 << 20), "paced-blob")
     try:
         config = _config(upstreams, None)
@@ -467,10 +468,13 @@ def test_clients_disconnecting_mid_blob_release_the_upstream_connection(
             s.close()
         h.check()
         wait_until(lambda: paced.counts()[1] >= 8, 5, "the proxy to close its paced upstream connections")
+        # A storm blob (2 MiB) may have reached the proxy whole before its client left: that upstream
+        # connection finished its exchange cleanly and waits in the upstream pool for the next request.
+        pooled = 4
         wait_until(
-            lambda: faults.open_fds(p.proc.pid) <= baseline,
+            lambda: faults.open_fds(p.proc.pid) <= baseline + pooled,
             5,
-            f"the proxy's descriptors to return to {baseline}",
+            f"the proxy's descriptors to return to {baseline} (+ {pooled} pooled)",
             lambda: f"open: {faults.open_fds(p.proc.pid)}",
         )
         h.check()
