@@ -1,9 +1,9 @@
 """The registryproxy addon chain: declared once, in order. The order is the design.
 
-mitmproxy calls each hook on every addon in turn, so each step below sees what the steps before
-it did. Both `addon/registryproxy.py` (`mitmdump -s`) and the lean master (`regproxy.serve`) take
-this list; under mitmdump the script's addons run where the script loader stands, before the
-display (mitmweb's view), flow saving (`-w`) and mitmdump's dump.
+Each hook runs on the steps in this order, so each step below sees what the steps before it did.
+Both `addon/registryproxy.py` (`mitmdump -s`) and the lean master (`regproxy.serve`) take this chain
+as one addon (`proxy()`: see `dispatch` for why one); under mitmdump the script runs where the script
+loader stands, before the display (mitmweb's view), flow saving (`-w`) and mitmdump's dump.
 """
 
 from __future__ import annotations
@@ -11,8 +11,11 @@ from __future__ import annotations
 from .accesslog import AccessLog
 from .client_timeout import ClientTimeout
 from .configuration import Configuration
+from .dispatch import ChainAddon
 from .failures import RegistryErrors
 from .flowstate import FlowStates
+from .keep_bodies import KeepBodies
+from .local_address import LocalAddress
 from .metrics import Metrics
 from .operations import Operations
 from .pooling import UpstreamPooling
@@ -22,6 +25,11 @@ from .token_endpoint import TokenEndpoint
 from .upstream_tls import UpstreamTls
 from .upstream_watch import UpstreamWatch
 from .veil import FlowSecrets, Unveil, Veil
+
+
+def proxy() -> ChainAddon:
+    """The chain of one proxy process, as the one addon mitmproxy runs."""
+    return ChainAddon(addons())
 
 
 def addons() -> list[object]:
@@ -52,10 +60,16 @@ def addons() -> list[object]:
         UpstreamTls(lambda: config.state.config if config.state is not None else None),
         # The upstream's answer in local terms; it decides whether the body streams...
         ResponseRewrite(config, metrics),
+        # Bodies worth reading in mitmweb (manifests, indexes, configs) are kept, not streamed: it undoes the
+        # rewrite's streaming for them, so it comes after it and before the watch, which guards what streams.
+        KeepBodies(),
         # ...and the watch wraps a streaming body, so it comes after; it also times the upstream.
         UpstreamWatch(config, metrics),
         # The outcome, once every step above has had its say: log line, metrics, mitmweb mark.
         AccessLog(config, metrics),
+        # Answered locally: the flow shows the proxy's address as the client used it, not the dead default
+        # target; after everything that answers or fails a flow, and before Veil's last word.
+        LocalAddress(),
         # Last: whatever runs after the chain (mitmweb, -w, the dump) sees no secret. Its `Courier`
         # goes to the very end of the master's chain, to put back what is sent in the last update.
         Veil(secrets),

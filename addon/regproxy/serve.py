@@ -40,7 +40,7 @@ class RegistryProxyMaster(master.Master):
             core.Core(),
             proxyserver.Proxyserver(),
             script.ScriptLoader(),
-            *chain.addons(),
+            chain.proxy(),
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             save.Save(),

@@ -74,8 +74,9 @@ def make_chain(tmp_path: Path) -> Iterator[Any]:
     def make(config_text: str) -> Chain:
         cfg = tmp_path / f"config{len(contexts)}.yaml"
         cfg.write_text(config_text)
-        addons = chain.addons()
-        ctx = taddons.context(*addons)
+        proxy = chain.proxy()  # the chain as mitmproxy runs it: one addon dispatching to its steps
+        addons = proxy.steps
+        ctx = taddons.context(proxy)
         tctx = ctx.__enter__()
         contexts.append(ctx)
         secrets = next(a for a in addons if isinstance(a, Veil)).secrets

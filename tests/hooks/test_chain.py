@@ -74,9 +74,10 @@ def test_entry_script_loads_through_mitmproxys_loader(tmp_path: Path) -> None:
     cfg.write_text(CONFIG)
     with taddons.context() as tctx:
         script = tctx.script(str(REPO / "addon" / "registryproxy.py"))
-        names = [type(a).__name__ for a in script.addons]
+        (proxy,) = script.addons  # the chain, as one addon
+        names = [type(a).__name__ for a in proxy.steps]
         assert names[0] == "FlowStates" and names[-1] == "Veil"
-        config = next(a for a in script.addons if type(a).__name__ == "Configuration")
+        config = next(a for a in proxy.steps if type(a).__name__ == "Configuration")
         tctx.options.update(registryproxy_config=str(cfg))
         config.configure({"registryproxy_config"})  # the loaded script is not registered with this master
         assert config.state is not None and len(config.state.config.mappings) == 5

@@ -424,13 +424,14 @@ def test_the_chain_has_it_once_and_mitmdump_loads_it_before_tlsconfig() -> None:
     assert sum(isinstance(a, UpstreamTls) for a in addons) == 1
     with taddons.context() as tctx:
         script = tctx.script(str(Path(__file__).resolve().parents[2] / "addon" / "registryproxy.py"))
-        assert any(isinstance(a, UpstreamTls) for a in traverse([script]))
+        steps = [s for a in traverse([script]) for s in getattr(a, "steps", [])]
+        assert any(isinstance(a, UpstreamTls) for a in steps)
 
 
 def test_lean_master_runs_it_before_tlsconfig() -> None:
     async def order() -> list[str]:
         m = serve.RegistryProxyMaster(options.Options(), with_termlog=False)
-        return [type(a).__name__ for a in traverse(m.addons.chain)]
+        return [type(s).__name__ for a in traverse(m.addons.chain) for s in [a, *getattr(a, "steps", [])]]
 
     names = asyncio.run(order())
     assert names.index("UpstreamTls") < names.index("TlsConfig")

@@ -254,7 +254,7 @@ def probe_script(directory: Path) -> Path:
         "        sys.path.insert(0, _p)\n"
         "from regproxy import chain\n"
         "from rig.podman import Probe\n"
-        "addons = [Probe(), *chain.addons()]\n"
+        "addons = [Probe(), chain.proxy()]\n"
     )
     return path
 
