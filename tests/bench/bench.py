@@ -1,4 +1,4 @@
-"""registryproxy benchmark: `./run.sh bench [--quick] [--rounds N] [--configs a,b] [--lead1]`.
+"""registryproxy benchmark: `./run.sh bench [--quick] [--rounds N] [--configs a,b] [--lead1] [--wan | --no-wan]`.
 
 Against real `docker-registry` upstreams it starts (tests/rig), each configuration in turn, alternating
 within each round, several rounds, all in one run:
@@ -13,7 +13,10 @@ within each round, several rounds, all in one run:
 Measurements: 1. one blob GET (1 GiB; 256 MiB with --quick): MB/s, proxy CPU and peak RSS; 2. manifest HEADs
 with a valid token, sequential on one connection and 16 concurrent; 3. the token endpoint, and the cost of
 checking a token; 4. `skopeo copy` of a 5-layer image from a token-auth upstream and from one that redirects
-blobs, with the blob bytes the proxy carried; 5. upstream token requests and manifest GETs per 100 pulls.
+blobs, with the blob bytes the proxy carried; 5. upstream token requests and manifest GETs per 100 pulls;
+W. (wanbench.py) pulls of an 8 x 4 MiB image from distant HTTPS upstreams (delay relays, 20 and 100 ms round
+trip) with skopeo, containerd and docker: directly, through the proxy with its upstream pool off and on.
+`--wan` runs only that section (its results replace the "wan" part of an existing bench.json).
 
 Prints the tables (median, min/max, ratio to direct and to stock mitmdump) and writes
 tests/bench/results/bench.json and bench.png. `--lead1` instead runs the experiment on issue 6's lead (1):
@@ -38,6 +41,7 @@ if __name__ == "__main__":
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import statistics
@@ -49,7 +53,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import httpx
-from bench import measure, report, targets
+from bench import measure, report, targets, wanbench
 from rig import images, registry
 from rig.procs import LOOPBACK, RigError
 
@@ -476,6 +480,55 @@ def check_targets(res: report.Results, load: dict[str, dict[str, Any]]) -> list[
     return lines
 
 
+# --- W. the WAN section alone ------------------------------------------------------------------------
+
+
+def run_wan_only(ws: wanbench.WanSettings, machine: dict[str, Any], out: Path, started: float) -> int:
+    """`--wan`: the WAN section; its results replace the "wan" part of out/bench.json (the rest is kept)."""
+    missing = [c for c in ("ctr", "containerd") if "ctr" in ws.clients and shutil.which(c) is None]
+    if missing:
+        print(f"bench: {', '.join(missing)} missing (./run.sh bench installs containerd)", file=sys.stderr)
+        return 1
+    print(f"W. WAN pulls: {asdict(ws)}", flush=True)
+    doc = wanbench.run(ws)
+    machine["loadavg_end"] = os.getloadavg()
+    doc["machine"] = machine
+    print("\n" + "=" * 100)
+    print(
+        report.machine_line(machine) + f", load average at end {' '.join(f'{x:.2f}' for x in machine['loadavg_end'])}"
+    )
+    wanbench.print_report(doc)
+    path = out / "bench.json"
+    try:
+        whole: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, json.JSONDecodeError):
+        whole = {}
+    whole = whole or {"machine": machine}
+    whole["wan"] = doc
+    report.write_json(path, whole)
+    write_wan_markdown(out / "wan.md", doc, machine)
+    print(f'\ntotal time {time.perf_counter() - started:.0f}s; wrote {path} ("wan") and {out / "wan.md"}')
+    return 1 if doc["failures"] else 0
+
+
+def write_wan_markdown(path: Path, doc: dict[str, Any], machine: dict[str, Any]) -> None:
+    """The README's WAN table, with the machine and the date, ready to paste."""
+    load = machine.get("loadavg_end") or machine["loadavg_start"]
+    text = (
+        f"Measured {time.strftime('%Y-%m-%d')} (commit {machine['commit']}): {machine['nproc']} vCPUs "
+        f"({machine['cpu_model']}), {machine['memory_gib']} GiB RAM, Linux {machine['kernel']}, Python "
+        f"{machine['python']}, mitmproxy {machine['mitmproxy']}, {machine['skopeo']}; load average "
+        f"{' '.join(f'{x:.2f}' for x in machine['loadavg_start'])} at the start, "
+        f"{' '.join(f'{x:.2f}' for x in load)} at the end; {doc['settings']['warm']} warm pulls per configuration.\n\n"
+        + wanbench.markdown_table(doc)
+        + "\n\nTargets:\n\n"
+        + "\n".join(f"- {line.strip()}" for line in doc["targets"])
+        + "\n"
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
 # --- main ---------------------------------------------------------------------------------------------
 
 
@@ -488,9 +541,27 @@ def main(argv: list[str] | None = None) -> int:
         "--configs", default=",".join(ALL_CONFIGS), help="comma-separated subset of: " + ", ".join(ALL_CONFIGS)
     )
     p.add_argument("--lead1", action="store_true", help="run only the lead (1) streaming experiment")
+    wan_group = p.add_mutually_exclusive_group()
+    wan_group.add_argument("--wan", action="store_true", help="run only the WAN section (W.)")
+    wan_group.add_argument("--no-wan", action="store_true", help="skip the WAN section")
+    p.add_argument(
+        "--wan-rtt", default=None, metavar="MS,MS", help="WAN round-trip times in ms (default 20,100; 100 with --quick)"
+    )
+    p.add_argument("--wan-warm", type=int, default=None, metavar="N", help="warm WAN pulls (default 3; 1 with --quick)")
+    p.add_argument(
+        "--wan-clients",
+        default=None,
+        metavar="C,C",
+        help="WAN clients among " + ", ".join(wanbench.CLIENTS) + " (default all; skopeo,ctr with --quick)",
+    )
+    p.add_argument("--wan-kinds", default=None, metavar="K,K", help="WAN upstreams among " + ", ".join(wanbench.KINDS))
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where bench.json and bench.png go")
     args = p.parse_args(argv)
     s = settings_from(args)
+    try:
+        wan_settings = wanbench.settings(args.quick, args.wan_rtt, args.wan_warm, args.wan_clients, args.wan_kinds)
+    except ValueError as e:
+        p.error(str(e))
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     unknown = [c for c in configs if c not in ALL_CONFIGS]
     if unknown:
@@ -508,6 +579,8 @@ def main(argv: list[str] | None = None) -> int:
             run_lead1(rig, s, args.out)
         print(f"\nlead (1) done in {time.perf_counter() - started:.0f}s; results in {args.out / 'lead1.json'}")
         return 0
+    if args.wan:
+        return run_wan_only(wan_settings, machine, args.out, started)
 
     if "rp-workers2" in configs and not targets.workers_available():
         print("rp-workers2: `./run.sh --workers N` is not available yet (regproxy.cli run --help has no --workers)")
@@ -567,6 +640,12 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 t.stop()
 
+    wan_doc: dict[str, Any] | None = None
+    if not args.no_wan:
+        print(f"\nW. WAN pulls: {asdict(wan_settings)}", flush=True)
+        wan_doc = wanbench.run(wan_settings)
+        failures += wan_doc["failures"]
+
     inproc = token_check_inprocess()
     elapsed = time.perf_counter() - started
     machine["loadavg_end"] = os.getloadavg()
@@ -601,6 +680,8 @@ def main(argv: list[str] | None = None) -> int:
     goals = check_targets(res, load)
     print("\nissue 6 targets (from this run's medians):")
     print("\n".join(goals))
+    if wan_doc is not None:
+        wanbench.print_report(wan_doc)
     if failures:
         print("\nfailures:")
         for f in failures:
@@ -620,13 +701,18 @@ def main(argv: list[str] | None = None) -> int:
         "details": res.raw,
         "seconds": elapsed,
     }
+    if wan_doc is not None:
+        doc["wan"] = wan_doc
+        write_wan_markdown(args.out / "wan.md", wan_doc, machine)
     report.write_json(args.out / "bench.json", doc)
     title = (
         f"registryproxy bench, {time.strftime('%Y-%m-%d')}: {machine['nproc']} CPUs {machine['cpu_model']}, "
         f"Python {machine['python']}, mitmproxy {machine['mitmproxy']}, {s.rounds} rounds, blob {s.blob_mib} MiB"
     )
     charted = report.write_chart(args.out / "bench.png", res, configs, title)
-    print(f"wrote {args.out / 'bench.json'}" + (f" and {args.out / 'bench.png'}" if charted else ""))
+    wrote = [args.out / "bench.json"] + ([args.out / "bench.png"] if charted else [])
+    wrote += [args.out / "wan.md"] if wan_doc is not None else []
+    print("wrote " + ", ".join(str(w) for w in wrote))
     return 1 if failures else 0
 
 

@@ -15,7 +15,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,20 +305,27 @@ def _config_file(config: Mapping[str, Any], workdir: Path, port: int) -> Path:
     return path
 
 
-def start_rp_run(config: Mapping[str, Any], workdir: Path, timeout: float = 40.0) -> Target:
-    """`python -m regproxy.cli run --` with REGISTRYPROXY_CONFIG, as ./run.sh runs it."""
+def start_rp_run(
+    config: Mapping[str, Any],
+    workdir: Path,
+    timeout: float = 40.0,
+    *,
+    extra: Sequence[str] = (),
+    name: str = "rp-run",
+) -> Target:
+    """`python -m regproxy.cli run -- EXTRA…` with REGISTRYPROXY_CONFIG, as ./run.sh runs it (`./run.sh EXTRA…`)."""
     port = free_port()
     path = _config_file(config, workdir, port)
     env = clean_env({"REGISTRYPROXY_CONFIG": str(path), "PYTHONPATH": str(REPO / "addon")})
-    argv = [sys.executable, "-m", "regproxy.cli", "run", "--"]
-    proc = Proc("rp-run").start(argv, env=env, cwd=workdir)
+    argv = [sys.executable, "-m", "regproxy.cli", "run", "--", *extra]
+    proc = Proc(name).start(argv, env=env, cwd=workdir)
     try:
         proc.wait_for_port(LOOPBACK, port, timeout)
         _wait_registryproxy(f"http://{LOOPBACK}:{port}", proc, timeout, consecutive=1)
     except BaseException:
         proc.stop()
         raise
-    return Target("rp-run", port, proc.pid, True, proc, proc.stop, proc.output, {"argv": argv})
+    return Target(name, port, proc.pid, True, proc, proc.stop, proc.output, {"argv": argv})
 
 
 def start_rp_workers(config: Mapping[str, Any], workdir: Path, workers: int = 2, timeout: float = 60.0) -> Target:
