@@ -9,6 +9,10 @@ Upstream trust (`ca_file` at the top level and per mapping, `tls_verify` per map
 trust.py) becomes each mapping's `Trust`; mappings of one https upstream must agree on it. The
 forward proxy for the proxy's own connections is read from the environment (egress.py) into
 `Config.egress`.
+
+Mirror mode: the key `*` (ROOT_KEY) is the root namespace, serving every name no other key
+matches; `mirror_of` lists the registry hosts a namespace mapping serves for containerd's
+`?ns=HOST` (see mapping.py).
 """
 
 from __future__ import annotations
@@ -33,12 +37,15 @@ from .trust import DefaultStore, Trust, TrustError, default_store, read_ca_file
 
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
+DOCKER_HUB_NS = "docker.io"  # how containerd names Docker Hub in `?ns=`
+ROOT_KEY = "*"  # the mapping key of the root namespace: every name no other key matches
 SECRET_KEY_ENV = "REGISTRYPROXY_SECRETKEY"
 SECRET_KEY_FILE_ENV = "REGISTRYPROXY_SECRETKEY_FILE"
 
 _HOSTNAME_RE = re.compile(
     r"(?=.{1,253}$)[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?(?:\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*"
 )
+_PORT_RE = re.compile(r"[1-9][0-9]{0,4}")
 
 
 class ConfigError(ValueError):
@@ -79,6 +86,8 @@ class Mapping:
     capability: bool = False
     # How the upstream (and its token realm) is verified: ca_file, tls_verify (see trust.py).
     trust: Trust = field(default_factory=Trust)
+    # Registry hosts (normalised by `mirror_host`) whose `?ns=HOST` requests this mapping serves.
+    mirror_of: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -100,7 +109,11 @@ class Mapping:
 
     def upstream_name(self, local_name: str) -> str:
         """The upstream repository name for a local name that this mapping matched."""
-        rest = local_name.split("/")[len(self.prefix) :]
+        return self.upstream_name_of(local_name.split("/")[len(self.prefix) :])
+
+    def upstream_name_of(self, rest: list[str]) -> str:
+        """The upstream repository name for the segments of a name below the key (all of them for
+        the root key, and for a name asked for with `?ns=` of a registry this mapping mirrors)."""
         parts = ([self.remote] if self.remote else []) + rest
         name = "/".join(parts)
         if self.upstream.dockerhub and "/" not in name:
@@ -169,6 +182,7 @@ _MAPPING_KEYS = {
     "capability",
     "ca_file",
     "tls_verify",
+    "mirror_of",
 }
 
 
@@ -192,6 +206,8 @@ def loads(
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
+        if getattr(e, "context", None) == "while scanning an alias":
+            where += ' (a key or value starting with * must be quoted, as the root key "*")'
         raise ConfigError(f"config: not valid YAML{where}") from None
     return parse(data, os.environ if environ is None else environ, base_dir)
 
@@ -253,6 +269,7 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
     chosen = [_mapping(k, v, environ, default_trust, base) for k, v in proxies.items()]
     mappings = tuple(m for m, _ in chosen)
     _check_collisions(mappings)
+    _check_mirrors(mappings)
     _check_shared_upstreams(chosen)
     return Config(
         listen_addr=listen_addr,
@@ -392,6 +409,34 @@ def parse_registry(value: object, where: str) -> Upstream:
     return Upstream(parts.scheme, host, port)
 
 
+def mirror_host(value: object) -> str | None:
+    """A registry host as containerd names it in `?ns=` and as `mirror_of` lists it: `host[:port]`
+    (a name, an IPv4 address or a bracketed IPv6 address), lower case, Docker Hub's aliases as
+    `docker.io`. None if the value is not one."""
+    if not isinstance(value, str) or not 0 < len(value) <= 300:
+        return None
+    text = value.lower()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return None
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        shown, has_port, port = f"[{host}]", bool(rest), rest[1:]
+    else:
+        host, colon, port = text.partition(":")
+        if not _HOSTNAME_RE.fullmatch(host):
+            return None
+        shown, has_port = host, bool(colon)
+    if has_port and not (_PORT_RE.fullmatch(port) and int(port) <= 65535):
+        return None
+    if not has_port and host in DOCKER_HUB_ALIASES:
+        return DOCKER_HUB_NS
+    return f"{shown}:{port}" if has_port else shown
+
+
 @dataclass(frozen=True)
 class _TrustChoice:
     """A mapping's trust and the key that decided it (None: the default store, nothing configured)."""
@@ -473,12 +518,14 @@ def _mapping(
     if not isinstance(key, str):
         raise ConfigError(f"proxies.{_show(key)}: the key must be a repository name or a namespace ending in /")
     where = f"proxies.{_show(key)}"
-    namespace = key.endswith("/")
-    name = key[:-1] if namespace else key
-    if not is_valid_name(name):
+    root = key == ROOT_KEY
+    namespace = root or key.endswith("/")
+    name = "" if root else key[:-1] if namespace else key
+    if not root and not is_valid_name(name):
         raise ConfigError(
             f"{where}: not a valid repository name (lower-case components joined by /, each of "
             "letters and digits separated by ., _, __ or -)"
+            + ("; the root of every name is the key *" if key == "/" else "")
         )
     if not isinstance(value, dict):
         raise ConfigError(f"{where}: must be a mapping with registry and remote")
@@ -513,10 +560,13 @@ def _mapping(
         capability = any(looks_like_capability(s) for s in name.split("/"))
     elif not isinstance(capability, bool):
         raise ConfigError(f"{where}.capability: must be true or false")
+    if root and capability:
+        raise ConfigError(f"{where}.capability: the root key * serves every name; it has no key to keep secret")
+    mirror_of = _mirror_of(value, where, namespace, capability)
     trust = _trust(value, where, upstream, default_trust, base)
     mapping = Mapping(
         key=key,
-        prefix=tuple(name.split("/")),
+        prefix=() if root else tuple(name.split("/")),
         namespace=namespace,
         upstream=upstream,
         remote=remote,
@@ -524,8 +574,44 @@ def _mapping(
         hosts=tuple(norm_hosts),
         capability=capability,
         trust=trust.trust,
+        mirror_of=mirror_of,
     )
     return mapping, trust
+
+
+def _mirror_of(value: dict[str, Any], where: str, namespace: bool, capability: bool) -> tuple[str, ...]:
+    """`mirror_of`: the registry hosts whose `?ns=` requests the mapping serves (a namespace, not a capability)."""
+    hosts = value.get("mirror_of")
+    if hosts is None:
+        return ()
+    if not isinstance(hosts, list) or not all(isinstance(h, str) for h in hosts):
+        raise ConfigError(f"{where}.mirror_of: must be a list of registry hosts such as [docker.io, ghcr.io]")
+    found: list[str] = []
+    for h in hosts:
+        host = mirror_host(h.strip())
+        if host is None:
+            raise ConfigError(f"{where}.mirror_of: {_show(h)!r} is not a registry host[:port]")
+        if host in found:
+            raise ConfigError(f"{where}.mirror_of: {host} is listed twice")
+        found.append(host)
+    if found and not namespace:
+        raise ConfigError(f"{where}.mirror_of: needs a namespace key (ending in /, or the root key *)")
+    if found and capability:
+        raise ConfigError(
+            f"{where}.mirror_of: a capability mapping cannot be a mirror (?ns= would reach it without its key)"
+        )
+    return tuple(found)
+
+
+def _check_mirrors(mappings: tuple[Mapping, ...]) -> None:
+    seen: dict[str, Mapping] = {}
+    for m in mappings:
+        for host in m.mirror_of:
+            other = seen.setdefault(host, m)
+            if other is not m:
+                raise ConfigError(
+                    f"proxies.{_show(m.key)}.mirror_of: {host} is already mirrored by proxies.{_show(other.key)}"
+                )
 
 
 def _auth(value: dict[str, Any], where: str, environ: AnyMapping[str, str]) -> str | None:

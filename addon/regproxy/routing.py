@@ -5,17 +5,22 @@ answers locally what the proxy owns (the ping, the catalog, challenges, 404 for 
 405 for anything but a pull), checks the client's PASETO token against the mapping that serves
 the name, and rewrites the request to that mapping's upstream: URL, the pull headers a client
 may send, and the upstream credential (sent later by `secrets.Courier`, after display).
+
+Mirror mode: a request with containerd's `?ns=HOST` is served by the mapping that mirrors HOST
+(mapping.py), its challenges name the realm of that registry and its token must have been issued
+there (tokenservice.py); an unknown HOST is answered as an unknown name, a malformed one 404 at once.
 """
 
 from __future__ import annotations
 
 import logging
-from urllib.parse import urlencode
+from urllib.parse import parse_qsl, urlencode
 
 from mitmproxy import http
 
 from . import answers, flowstate
 from .answers import fail_closed
+from .config import mirror_host
 from .configuration import Configuration, State
 from .errors import RegistryError
 from .flowstate import FlowState
@@ -25,7 +30,7 @@ from .messages import client_host, client_tls, safe_path
 from .names import RouteKind, is_valid_name, parse_route
 from .scopes import repository_scope
 from .tokens import AccessToken, TokenError
-from .tokenservice import public_base
+from .tokenservice import mirror_base, public_base
 
 logger = logging.getLogger("registryproxy")
 
@@ -49,7 +54,9 @@ class Router:
         req = flow.request
         path, _, query = req.path.partition("?")
         host = client_host(req)
-        base = st.base = public_base(state.config, host, client_tls(flow))
+        asked_ns, ns = _mirror_ns(query) if state.matcher.mirror_mode else (False, None)
+        base = public_base(state.config, host, client_tls(flow))
+        base = st.base = mirror_base(base, ns) if ns is not None else base
         try:
             route = parse_route(path)
         except RegistryError as e:
@@ -58,6 +65,12 @@ class Router:
             return
         st.route = route
         st.log_path = redact_name(route.name) + route.suffix if route.name else path
+        if ns is not None:
+            st.log_path += f"?ns={ns}"
+        elif asked_ns and route.is_repository:
+            # No registry has such a name: nothing to look up or ask for a token.
+            answers.reply_error(flow, RegistryError(404, "NAME_UNKNOWN"))
+            return
 
         # Read here; from now on the client's Authorization is never shown (secrets.Veil) nor sent
         # upstream (the upstream request's headers are rebuilt from FORWARD_REQUEST_HEADERS).
@@ -83,7 +96,7 @@ class Router:
             st.token, st.token_refusal = "insufficient scope", "insufficient_scope"
             answers.challenge(flow, base, scope, "insufficient_scope")
             return
-        match = state.matcher.match(route.name, host)
+        match = state.matcher.match(route.name, host, ns)
         if match is not None and not is_valid_name(match.upstream_name):
             match = None
         if match is None:
@@ -91,7 +104,7 @@ class Router:
             answers.reply_error(flow, RegistryError(404, "NAME_UNKNOWN"))
             return
         st.match = match
-        st.log_path = match.log_name + route.suffix
+        st.log_path = match.log_name + route.suffix + (f"?ns={ns}" if ns is not None else "")
         if grant.mapping != match.mapping.identity:
             st.token, st.token_refusal = "stale (mapping changed)", "invalid_token"
             answers.challenge(flow, base, scope, "invalid_token")
@@ -125,6 +138,17 @@ class Router:
         flow.comment = (
             f"registryproxy: {st.log_path} via {match.mapping.label} -> {upstream.netloc}/{match.upstream_name}"
         )
+
+
+def _mirror_ns(query: str) -> tuple[bool, str | None]:
+    """containerd's `?ns=HOST` (the registry a mirror request is for): whether one was given, and the
+    registry host, normalised; None when absent, repeated with other values or malformed."""
+    if "ns=" not in query:
+        return False, None
+    values = {v for k, v in parse_qsl(query, keep_blank_values=True) if k == "ns"}
+    if not values:
+        return False, None
+    return True, mirror_host(values.pop()) if len(values) == 1 else None
 
 
 def _read_token(state: State, req: http.Request, st: FlowState, audience: str) -> tuple[AccessToken | None, str | None]:

@@ -1,5 +1,8 @@
 """The proxy's own token endpoint (`/token`): PASETO tokens wrapping the upstreams' tokens.
 
+It also answers at `/ns/HOST/token`, the realm of requests with containerd's `?ns=HOST` (mirror
+mode, see tokenservice.py): there scopes name that registry's repositories.
+
 `requestheaders` claims the path and keeps the query for `request` (which has the body of a
 POST grant and may await upstream token services); the flow itself keeps neither the query (a
 scope can name a capability) nor the client's Authorization, before anything shows it.
@@ -19,26 +22,34 @@ from .errors import RegistryError
 from .messages import client_host, client_tls, content_length
 from .metrics import Metrics
 from .scopes import pull_names
-from .tokenservice import parse_token_request, public_base
+from .tokenservice import mirror_base, parse_token_request, public_base, token_path
 
 
 class TokenEndpoint:
     def __init__(self, config: Configuration, metrics: Metrics) -> None:
         self.config = config
         self.metrics = metrics
-        self._queries: weakref.WeakKeyDictionary[http.HTTPFlow, list[tuple[str, str]]] = weakref.WeakKeyDictionary()
+        # Per flow: the query, the base URL and the mirrored registry (`/ns/HOST/token`), for `request`.
+        self._queries: weakref.WeakKeyDictionary[http.HTTPFlow, tuple[list[tuple[str, str]], str, str | None]] = (
+            weakref.WeakKeyDictionary()
+        )
 
     @fail_closed
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         st = flowstate.of(flow)
         state = self.config.state
-        if flow.response or st is None or state is None or flow.request.path.partition("?")[0] != TOKEN_PATH:
+        if flow.response or st is None or state is None:
+            return
+        claimed, ns = token_path(flow.request.path.partition("?")[0])
+        if not claimed or (ns is not None and not state.matcher.mirror_mode):
             return
         req = flow.request
-        st.kind, st.log_path = "token", TOKEN_PATH
-        st.base = public_base(state.config, client_host(req), client_tls(flow))
-        self._queries[flow] = list(req.query.fields)
-        req.path = TOKEN_PATH
+        path = TOKEN_PATH if ns is None else f"{mirror_base('', ns)}{TOKEN_PATH}"
+        st.kind, st.log_path = "token", path
+        base = public_base(state.config, client_host(req), client_tls(flow))
+        st.base = base if ns is None else mirror_base(base, ns)
+        self._queries[flow] = (list(req.query.fields), base, ns)
+        req.path = path
         if "authorization" in req.headers:
             req.headers["Authorization"] = "[redacted]"
         if req.method not in ("GET", "POST"):
@@ -61,12 +72,16 @@ class TokenEndpoint:
                 form = list(req.urlencoded_form.fields)
                 # Parsed: the flow keeps no password or refresh token.
                 req.content = state.redactor.text(req.get_text(strict=False) or "").encode()
-            parsed = parse_token_request(req.method, self._queries.pop(flow, []), form)
+            query, base, ns = self._queries.pop(flow, ([], st.base, None))
+            parsed = parse_token_request(req.method, query, form)
             names = pull_names(list(parsed.scopes))
-            labels = sorted({m.mapping.label for n in names if (m := state.matcher.match(n, host))})
+            labels = sorted({m.mapping.label for n in names if (m := state.matcher.match(n, host, ns))})
             if labels:
-                st.log_path = f"{TOKEN_PATH} ({', '.join(labels)})"
-            answer = await state.tokens.answer(parsed, st.base, host)
+                st.log_path = f"{st.log_path} ({', '.join(labels)})"
+            if ns is None:
+                answer = await state.tokens.answer(parsed, base, host)
+            else:
+                answer = await state.tokens.answer(parsed, base, host, ns=ns)
         except RegistryError as e:
             st.token = f"refused: {e.message or e.code}"
             st.token_refusal = e.code.lower()

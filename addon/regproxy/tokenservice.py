@@ -9,6 +9,12 @@ tokens for what the configuration maps, and client credentials never go upstream
 Each requested repository scope is cut down to `pull`, matched with the same matcher
 as the routes, and exchanged for an upstream token with the mapping's credentials;
 the answer is a PASETO that wraps those upstream tokens.
+
+Mirror mode: containerd sends `?ns=HOST` on its registry requests but not on its token
+requests, so a challenge for an `?ns=` request names the realm `BASE/ns/HOST/token`
+(`mirror_base`). There scope names are matched as that registry's names, and the token's
+audience is `BASE/ns/HOST`: it is good only for requests with that `?ns=`, and a token
+issued without one is not good for them.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
-from .config import Config, Mapping
+from .config import Config, Mapping, mirror_host
 from .errors import RegistryError
 from .mapping import Matcher
 from .names import is_valid_name
@@ -94,8 +100,9 @@ class TokenService:
     def client(self) -> RegistryClient:
         return self._client
 
-    async def answer(self, req: TokenRequest, audience: str, host: str | None) -> TokenAnswer:
-        """Issue a token for the request. Raises `RegistryError` on refusal or upstream failure."""
+    async def answer(self, req: TokenRequest, audience: str, host: str | None, ns: str | None = None) -> TokenAnswer:
+        """Issue a token for the request (at `audience`, the base URL, or at its mirror realm for the
+        registry `ns`). Raises `RegistryError` on refusal or upstream failure."""
         subject = req.subject
         if req.refresh_token is not None:
             try:
@@ -105,7 +112,7 @@ class TokenService:
 
         groups: dict[str | None, tuple[Mapping | None, list[str], list[str]]] = {}
         for name in pull_names(list(req.scopes)):
-            match = self._matcher.match(name, host)
+            match = self._matcher.match(name, host, ns)
             if match is None or not is_valid_name(match.upstream_name):
                 groups.setdefault(None, (None, [], []))[1].append(name)
                 continue
@@ -134,7 +141,10 @@ class TokenService:
         # answered as 60 s (protocol.md: never below 60), at most half a second over.
         lifetime_s = max(1, round(lifetime))
 
-        token = self._codec.issue_access(audience, tuple(grants), lifetime_s)
+        # The access token is good where it was asked for; refresh tokens (an identity, bound to no
+        # mapping) stay at the base, so one `docker login` serves every realm.
+        access_audience = mirror_base(audience, ns) if ns is not None else audience
+        token = self._codec.issue_access(access_audience, tuple(grants), lifetime_s)
         body: dict[str, object] = {
             "token": token,
             "access_token": token,
@@ -167,3 +177,25 @@ def public_base(config: Config, host: str | None, tls: bool) -> str:
     if config.public_url:
         return config.public_url
     return f"{scheme}://{host or 'localhost'}"
+
+
+MIRROR_PATH = "/ns/"
+TOKEN_PATH = "/token"  # answers.TOKEN_PATH (this module imports no mitmproxy)
+
+
+def mirror_base(base: str, ns: str) -> str:
+    """The base URL for requests with `?ns=NS` (a normalised `mirror_host`): the realm is this + /token,
+    and it is the audience of the tokens issued there."""
+    return f"{base}{MIRROR_PATH}{ns}"
+
+
+def token_path(path: str) -> tuple[bool, str | None]:
+    """Whether `path` is the token endpoint, and for which mirrored registry: (True, None) for
+    `/token`, (True, NS) for `/ns/NS/token` with a well-formed registry host, else (False, None)."""
+    if path == TOKEN_PATH:
+        return True, None
+    if path.startswith(MIRROR_PATH) and path.endswith(TOKEN_PATH):
+        ns = mirror_host(path[len(MIRROR_PATH) : -len(TOKEN_PATH)])
+        if ns is not None:
+            return True, ns
+    return False, None

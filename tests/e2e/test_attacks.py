@@ -10,6 +10,11 @@ making, never a traceback); the upstreams' taps show what reached them.
 Groups: 1 path tricks, 2 scope and token abuse, 3 uploads, 4 enumeration and timing,
 5 malicious upstreams, 6 Host and X-Forwarded-* spoofing. Each test ends by checking that the
 proxy still serves a normal pull and has logged no traceback.
+
+The enumeration checks also run against a second proxy (`ap_root`) with the same mappings plus a
+root mapping (`*`, onto the anonymous upstream, mirroring docker.io): there every name no key matches
+is asked of that upstream, so an almost-right key must get exactly what a random name gets from it,
+and no capability key may be forwarded there inside a name.
 """
 
 from __future__ import annotations
@@ -305,6 +310,30 @@ def ap(
     p = proxy.start_proxy(_config(upstreams, hostiles), tmp_path_factory.mktemp("attacks"))
     yield p
     p.stop()
+
+
+ROOT_KIND = "anonymous"  # the upstream of ap_root's root mapping
+
+
+@pytest.fixture(scope="module")
+def ap_root(
+    upstreams: dict[str, registry.Upstream], hostiles: Hostiles, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[proxy.ProxyProc]:
+    config = _config(upstreams, hostiles)
+    config["proxies"]["*"] = {"registry": upstreams[ROOT_KIND].url, "mirror_of": ["docker.io"]}
+    p = proxy.start_proxy(config, tmp_path_factory.mktemp("attacks-root"))
+    yield p
+    p.stop()
+
+
+def enumeration_proxy(request: pytest.FixtureRequest, root: bool) -> proxy.ProxyProc:
+    rp: proxy.ProxyProc = request.getfixturevalue("ap_root" if root else "ap")
+    return rp
+
+
+def holds_a_key(name: str) -> bool:
+    """Whether a name holds a capability key whole, as one of its segments."""
+    return any(s in (CAP, CAP2) for s in name.split("/"))
 
 
 @pytest.fixture
@@ -928,47 +957,77 @@ ALMOST_RIGHT = [
 ]
 
 
-def _comparable(r: httpx.Response, name: str) -> tuple[int, bytes, list[tuple[str, str]]]:
-    headers = sorted((k, v.replace(name, "NAME")) for k, v in r.headers.items() if k != "date")
-    return r.status_code, r.content.replace(name.encode(), b"NAME"), headers
+def _comparable(
+    r: httpx.Response, name: str, rp: proxy.ProxyProc | None = None
+) -> tuple[int, bytes, list[tuple[str, str]]]:
+    """Status, body and headers (but Date) with the name replaced, and the proxy's address when given."""
+
+    def norm(text: str) -> str:
+        text = text.replace(name, "NAME")
+        return text.replace(rp.host, "PROXY") if rp is not None else text
+
+    headers = sorted((k, norm(v)) for k, v in r.headers.items() if k != "date")
+    return r.status_code, norm(r.content.decode("latin-1")).encode("latin-1"), headers
 
 
-def test_almost_right_capability_keys_learn_nothing(ap: proxy.ProxyProc, taps: dict[str, registry.Upstream]) -> None:
+@pytest.mark.parametrize("root", [False, True], ids=["keys", "keys-and-root"])
+def test_almost_right_capability_keys_learn_nothing(
+    request: pytest.FixtureRequest, ap: proxy.ProxyProc, taps: dict[str, registry.Upstream], root: bool
+) -> None:
     """Each almost-right key gets exactly the answers a random name of the same shape gets: on the
-    route without a token, with a token, and from the token endpoint."""
+    route without a token, with a token, and from the token endpoint. With a root mapping both go to
+    its upstream, except a name that holds a key whole (`KEY/ap`, `x/KEY/app`): that one is never
+    forwarded, and gets exactly what it gets from a proxy without a root mapping."""
+    rp = enumeration_proxy(request, root)
     c = httpx.Client(timeout=TIMEOUT)
+    forwarded: set[str] = set()
     for guess in ALMOST_RIGHT:
-        twin = _twin(guess)
-        ta, tb = token_for(ap, guess), token_for(ap, twin)
+        # What the guess is compared with: a random name of its shape on the same proxy, or itself without root.
+        other, other_rp = (guess, ap) if root and holds_a_key(guess) else (_twin(guess), rp)
+        if root and not holds_a_key(guess):
+            forwarded |= {guess, other}
+        ta, tb = token_for(rp, guess), token_for(other_rp, other)
         for suffix in ("manifests/v1", "tags/list", f"blobs/sha256:{'a' * 64}"):
             for method in ("GET", "HEAD"):
-                a = _comparable(get(ap, f"/v2/{guess}/{suffix}", method=method, client=c), guess)
-                b = _comparable(get(ap, f"/v2/{twin}/{suffix}", method=method, client=c), twin)
+                a = _comparable(get(rp, f"/v2/{guess}/{suffix}", method=method, client=c), guess, rp)
+                b = _comparable(get(other_rp, f"/v2/{other}/{suffix}", method=method, client=c), other, other_rp)
                 assert a == b, (guess, method, a, b)
                 assert a[0] in (400, 401, 404)
-                a2 = _comparable(get(ap, f"/v2/{guess}/{suffix}", ta, method=method, client=c), guess)
-                b2 = _comparable(get(ap, f"/v2/{twin}/{suffix}", tb, method=method, client=c), twin)
+                a2 = _comparable(get(rp, f"/v2/{guess}/{suffix}", ta, method=method, client=c), guess, rp)
+                b2 = _comparable(get(other_rp, f"/v2/{other}/{suffix}", tb, method=method, client=c), other, other_rp)
                 assert a2 == b2, (guess, method, a2, b2)
-                assert a2[0] in (400, 404), (guess, a2)
-        ra = c.get(f"{ap.url}/token", params={"scope": f"repository:{guess}:pull"})
-        rb = c.get(f"{ap.url}/token", params={"scope": f"repository:{twin}:pull"})
+                # distribution answers HEAD on a tags list 405, forwarded from the root's upstream.
+                assert a2[0] in ((400, 404, 405) if root else (400, 404)), (guess, a2)
+        ra = c.get(f"{rp.url}/token", params={"scope": f"repository:{guess}:pull"})
+        rb = c.get(f"{other_rp.url}/token", params={"scope": f"repository:{other}:pull"})
         assert ra.status_code == rb.status_code == 200
         ja, jb = ra.json(), rb.json()
         assert sorted(ja) == sorted(jb) and ja["expires_in"] == jb["expires_in"]
         assert len(ja["token"]) == len(jb["token"]), guess
     c.close()
-    # No guess made the proxy ask any upstream anything.
-    assert all(u.access_log() == [] for u in taps.values())
+    # No guess made the proxy ask any upstream anything, but the root's upstream about names that hold no key.
+    for kind, u in taps.items():
+        asked = {e.path.split("?")[0] for e in u.access_log()} - {"/v2/"}
+        if kind == ROOT_KIND and root:
+            assert asked and all(any(path.startswith(f"/v2/{n}/") for n in forwarded) for path in asked), asked
+            assert not any(holds_a_key(path) for path in asked), asked
+        else:
+            assert not asked, (kind, asked)
     assert all(u.token_issuer is None or u.token_issuer.requests() == [] for u in taps.values())
-    assert_still_serving(ap)
+    assert_still_serving(rp)
 
 
+@pytest.mark.parametrize("root", [False, True], ids=["keys", "keys-and-root"])
 def test_catalog_tags_and_headers_never_leak_keys_or_upstreams(
-    ap: proxy.ProxyProc, upstreams: dict[str, registry.Upstream]
+    request: pytest.FixtureRequest, upstreams: dict[str, registry.Upstream], root: bool
 ) -> None:
     """/v2/_catalog lists nothing; answers about other names never carry a capability key; answers about
     a capability mapping never name its upstream host or repository, in bodies of errors or in Link,
-    Location and WWW-Authenticate."""
+    Location and WWW-Authenticate. With a root mapping the same, and `?ns=` neither lists anything nor
+    reaches a capability mapping."""
+    ap = enumeration_proxy(request, root)
+    for u in upstreams.values():
+        u.clear_access_log()
     any_tok = token_for(ap, "anon/app")
     for tok in (None, any_tok):
         for q in ("", "?n=1000", "?n=1&last=a", "?last=" + CAP):
@@ -1016,6 +1075,19 @@ def test_catalog_tags_and_headers_never_leak_keys_or_upstreams(
             r = get(ap, path, tok)
             text = " ".join(f"{k}: {v}" for k, v in r.headers.items()) + r.content.decode("latin-1")
             assert CAP not in text and CAP2 not in text, path
+    if root:
+        r = httpx.get(
+            f"{ap.url}/ns/docker.io/token", params={"scope": [f"repository:{n}:pull" for n in (CAP_NAME, CAP2_NAME)]}
+        )
+        ns_tok = r.json()["token"]
+        assert get(ap, "/v2/_catalog?ns=docker.io", ns_tok).json() == {"repositories": []}
+        for name in (CAP_NAME, CAP2_NAME):
+            r = get(ap, f"/v2/{name}/manifests/v1?ns=docker.io", ns_tok)
+            assert r.status_code == 404 and r.json()["errors"][0]["code"] == "NAME_UNKNOWN"
+    # Capability keys reached no upstream but their own mapping's, and never inside another name.
+    for kind, u in upstreams.items():
+        for e in u.access_log():
+            assert CAP not in e.path and CAP2 not in e.path, (kind, e)
     assert_still_serving(ap)
 
 
