@@ -88,6 +88,8 @@ class Mapping:
     trust: Trust = field(default_factory=Trust)
     # Registry hosts (normalised by `mirror_host`) whose `?ns=HOST` requests this mapping serves.
     mirror_of: tuple[str, ...] = ()
+    # Token realm origins (`scheme://host:port`) the operator allows beyond upstream.realm_allowed's policy.
+    token_realms: tuple[str, ...] = ()
 
     @property
     def label(self) -> str:
@@ -183,6 +185,7 @@ _MAPPING_KEYS = {
     "ca_file",
     "tls_verify",
     "mirror_of",
+    "token_realms",
 }
 
 
@@ -575,8 +578,46 @@ def _mapping(
         capability=capability,
         trust=trust.trust,
         mirror_of=mirror_of,
+        token_realms=_token_realms(value, where),
     )
     return mapping, trust
+
+
+def _token_realms(value: dict[str, Any], where: str) -> tuple[str, ...]:
+    """`token_realms`: token services on a private address or another host, allowed by name (origins only)."""
+    realms = value.get("token_realms")
+    if realms is None:
+        return ()
+    if not isinstance(realms, list) or not all(isinstance(r, str) for r in realms):
+        raise ConfigError(f"{where}.token_realms: must be a list of URLs such as [https://auth.corp.example:8443]")
+    found: list[str] = []
+    for r in realms:
+        origin = realm_origin(r.strip())
+        if origin is None:
+            raise ConfigError(
+                f"{where}.token_realms: {_show(r)!r} must be an http(s) origin (scheme://host[:port], no path)"
+            )
+        if origin not in found:
+            found.append(origin)
+    return tuple(found)
+
+
+def realm_origin(url: str) -> str | None:
+    """`scheme://host:port` of a URL (lower case, default port spelled out), or None if it is not an http(s)
+    origin without credentials, path, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower()
+    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password:
+        return None
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        return None
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{parts.scheme}://{host}:{port or (443 if parts.scheme == 'https' else 80)}"
 
 
 def _mirror_of(value: dict[str, Any], where: str, namespace: bool, capability: bool) -> tuple[str, ...]:

@@ -33,7 +33,7 @@ import httpx
 
 from . import trust as trust_module
 from .challenge import UpstreamChallenge, parse_challenge
-from .config import Mapping, Upstream
+from .config import Mapping, Upstream, realm_origin
 from .egress import Egress, EgressError, ProxySpec
 from .trust import Trust
 
@@ -78,13 +78,15 @@ class UpstreamToken:
         return self.expires_at - now >= max(1.0, lifetime * TOKEN_REUSE_FRACTION)
 
 
-def realm_allowed(realm: str, upstream: Upstream) -> bool:
+def realm_allowed(realm: str, upstream: Upstream, allowed: tuple[str, ...] = ()) -> bool:
     """Whether the proxy may send a mapping's credentials to this token realm.
 
-    Allowed: https realms on public hosts, and any realm on the upstream's own host name
-    (which covers a plain-http upstream the operator configured explicitly). Refused:
-    other schemes, credentials or fragments in the URL, plain http to another host, and
-    https to loopback, private or link-local addresses other than the upstream's own.
+    Allowed: https realms on public hosts, any realm on the upstream's own host name
+    (which covers a plain-http upstream the operator configured explicitly), and the
+    origins the mapping lists in `token_realms` (`allowed`, as config.realm_origin spells
+    them). Refused: other schemes, credentials or fragments in the URL, plain http to
+    another host, and https to loopback, private or link-local addresses other than the
+    upstream's own.
     """
     try:
         parts = urlsplit(realm)
@@ -94,6 +96,8 @@ def realm_allowed(realm: str, upstream: Upstream) -> bool:
     host = (parts.hostname or "").lower()
     if parts.scheme not in ("http", "https") or not host or parts.username or parts.password or parts.fragment:
         return False
+    if allowed and realm_origin(f"{parts.scheme}://{parts.netloc}") in allowed:
+        return True
     if host == upstream.host:
         return parts.scheme == "https" or upstream.scheme == "http"
     if parts.scheme != "https":
@@ -267,7 +271,7 @@ class RegistryClient:
         method = await self.auth_method(mapping.upstream, mapping)
         if method.kind != "bearer" or method.realm is None:
             return None
-        if not realm_allowed(method.realm, mapping.upstream):
+        if not realm_allowed(method.realm, mapping.upstream, mapping.token_realms):
             raise UpstreamError("upstream token realm is not allowed by the configuration")
         params: list[tuple[str, str | int | float | bool | None]] = [
             ("scope", f"repository:{n}:pull") for n in upstream_names

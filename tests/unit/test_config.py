@@ -796,3 +796,22 @@ def test_bad_egress_variable_is_refused_without_its_credentials() -> None:
     message = config_error(base(), {"https_proxy": "socks5://robot:hunter2@proxy:1080"})
     assert message.startswith("https_proxy: SOCKS proxies are not supported")
     assert "hunter2" not in message
+
+
+def test_token_realms_are_origins_normalised() -> None:
+    from regproxy.config import loads
+
+    config = loads(
+        'proxies:\n  "a/":\n    registry: https://reg.corp.example\n'
+        "    token_realms: [https://10.0.0.7, 'HTTP://Auth.Corp.Example:8080/', https://10.0.0.7:443]\n",
+        environ={},
+    )
+    assert config.mappings[0].token_realms == ("https://10.0.0.7:443", "http://auth.corp.example:8080")
+
+
+@pytest.mark.parametrize("realms", ["https://10.0.0.7/token", "ftp://x", "https://u:p@x", "x", "'https://x/?y=1'", "7"])
+def test_token_realms_refuse_what_is_not_an_origin(realms: str) -> None:
+    from regproxy.config import ConfigError, loads
+
+    with pytest.raises(ConfigError, match=r"proxies\.a/\.token_realms"):
+        loads(f'proxies:\n  "a/":\n    registry: https://reg.corp.example\n    token_realms: [{realms}]\n', environ={})

@@ -864,3 +864,29 @@ def _discover_via_env() -> AuthMethod:
             await client.aclose()
 
     return run(go())
+
+
+# --- token_realms: the operator's explicit allow-list ---
+
+
+@pytest.mark.parametrize(
+    "realm",
+    ["https://10.0.0.7/token", "http://10.0.0.7:80/auth?x=1", "https://AUTH.localhost:443/t", "https://[fd00::7]/t"],
+)
+def test_a_realm_the_mapping_lists_is_allowed_though_the_policy_refuses_it(realm: str) -> None:
+    allowed = ("https://10.0.0.7:443", "http://10.0.0.7:80", "https://auth.localhost:443", "https://[fd00::7]:443")
+    assert not realm_allowed(realm, HTTPS_UP)
+    assert realm_allowed(realm, HTTPS_UP, allowed)
+
+
+@pytest.mark.parametrize(
+    "realm",
+    [
+        "https://10.0.0.7:8443/token",  # another port
+        "http://10.0.0.7/token",  # another scheme
+        "https://user:pw@10.0.0.7/token",  # credentials in the URL
+        "https://10.0.0.8/token",  # another host
+    ],
+)
+def test_the_allow_list_names_origins_exactly(realm: str) -> None:
+    assert not realm_allowed(realm, HTTPS_UP, ("https://10.0.0.7:443",))
