@@ -80,6 +80,8 @@ class AccessLog:
     def _report(self, flow: http.HTTPFlow, st: FlowState) -> None:
         resp = flow.response
         status: int | str = resp.status_code if resp is not None else "error"
+        if flow.error is not None and resp is not None and st.kind == "upstream" and not st.streamed:
+            status = 502  # a body read whole (kept) broke off: the client got mitmproxy's 502, not these headers
         size = "-"
         if resp is not None:
             streamed = st.streamed and st.error_body is None

@@ -43,7 +43,9 @@ class FlowState:
     # Written by rewrite.
     upstream_status: int | None = None
     error_body: bytes | None = None  # the registry error that replaces the upstream's body
-    streamed: bool = False  # the response headers went to the client before the `response` hook
+    # The response headers went to the client before the `response` hook (set by rewrite; keep_bodies
+    # clears it again for a body it keeps whole).
+    streamed: bool = False
     # Written by upstream_watch.
     bytes_streamed: int = 0
     timed_out: bool = False

@@ -2,9 +2,11 @@
 
 mitmproxy has no response timeout of its own and cannot kill a flow in transit (mitmproxy#4711).
 From the moment a request is sent upstream, the upstream has `upstream_timeout` seconds to answer
-with headers, and a streaming body may pause at most that long; otherwise the upstream connection
-is closed (`connections.close_upstream`): the client gets a registry 502, or a failed (never a
-silently short) transfer. The same watch counts the bytes streamed and the upstream's latency.
+with headers, a streaming body may pause at most that long, and a buffered body (a small one kept
+in the flow, a tags list: nothing reaches the client before it is complete) must be complete within
+that long of its headers; otherwise the upstream connection is closed (`connections.close_upstream`):
+the client gets a registry 502, or a failed (never a silently short) transfer. The same watch counts
+the bytes sent on (streamed or buffered) and the upstream's latency.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ class _Watch:
     sent: float
     timer: asyncio.TimerHandle | None = None
     last_data: float = 0.0
+    buffered: bool = False  # the body is read whole before it is sent; `timer` is its deadline
 
 
 class UpstreamWatch:
@@ -67,9 +70,18 @@ class UpstreamWatch:
             self.metrics.upstream_latency(st.match.mapping.label, time.monotonic() - watch.sent)
         if resp.stream is True:
             resp.stream = self._counting_stream(flow, st, watch)
+        elif not resp.stream:
+            # No chunk of a buffered body is seen here: all of it must come within the timeout.
+            watch.buffered = True
+            watch.timer = asyncio.get_running_loop().call_later(self._timeout(), self._stalled, weakref.ref(flow))
 
+    @fail_closed
     def response(self, flow: http.HTTPFlow) -> None:
         self._streaming.discard(flow)
+        watch = self._settle(flow)
+        st = flowstate.of(flow)
+        if watch is not None and watch.buffered and st is not None and flow.response is not None:
+            st.bytes_streamed += len(flow.response.raw_content or b"")
 
     def error(self, flow: http.HTTPFlow) -> None:
         self._settle(flow)
@@ -84,13 +96,23 @@ class UpstreamWatch:
         return watch
 
     def _stalled(self, ref: weakref.ref[http.HTTPFlow]) -> None:
-        """No response headers within `upstream_timeout`: close the upstream connection."""
+        """No response headers (or no whole buffered body) within `upstream_timeout`: close the upstream."""
         flow = ref()
         st = flowstate.of(flow) if flow is not None else None
-        if flow is None or st is None or flow.response is not None or not flow.live:
+        watch = self._watches.get(flow) if flow is not None else None
+        if flow is None or st is None or watch is None or not flow.live:
+            return
+        if flow.response is not None and not watch.buffered:  # the headers came meanwhile
             return
         st.timed_out = True
-        logger.warning("%s %s: upstream sent no answer within %ss", flow.request.method, st.log_path, self._timeout())
+        if watch.buffered:
+            logger.warning(
+                "%s %s: upstream body incomplete after %ss", flow.request.method, st.log_path, self._timeout()
+            )
+        else:
+            logger.warning(
+                "%s %s: upstream sent no answer within %ss", flow.request.method, st.log_path, self._timeout()
+            )
         close_upstream(flow)
 
     def _counting_stream(self, flow: http.HTTPFlow, st: FlowState, watch: _Watch) -> Callable[[bytes], bytes]:

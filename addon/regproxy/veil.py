@@ -33,9 +33,9 @@ from .redact import Redactor
 logger = logging.getLogger("registryproxy")
 
 REDACTED = "[redacted]"
-# Bodies up to this size are searched for secrets before a flow is shown or stored; larger
-# ones are blobs, which are streamed and never kept in a flow.
-MAX_SCRUBBED_BODY = 256 * 1024
+# Bodies up to this size are searched for secrets before a flow is shown or stored: the spec's
+# 4 MiB cap on manifests, which `KeepBodies` keeps; larger ones are blobs, streamed, never kept.
+MAX_SCRUBBED_BODY = 4 * 1024 * 1024
 
 
 @dataclass

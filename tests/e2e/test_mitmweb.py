@@ -1,11 +1,15 @@
 """mitmweb as a debugger: pulls through a real mitmweb running the addon, read back over its REST API.
 
 One mitmweb serves the module, with mappings over the session upstreams (Basic, token, a capability
-mapping onto the token upstream), a mapping to a dead upstream and one to an upstream that drops every
-request after its ping. skopeo pulls through it; a few requests fail or are refused on purpose. Then
-mitmweb's own answers (GET /flows, each flow's request and response content, /flows/dump, /events)
-must show every flow annotated by the addon, failures and refusals marked, and no secret at all: the
-upstream password, an upstream token, a PASETO, the secret key or the capability key.
+mapping onto the token upstream, the upstream whose blobs redirect to a blob store), a mapping to a
+dead upstream, one to an upstream that drops every request after its ping and one to an upstream of
+the module's own that stalls manifest bodies and serves a 1 GiB blob. skopeo pulls through it (a
+multi-arch index among them); a few requests fail or are refused on purpose. Then mitmweb's own
+answers (GET /flows, each flow's request and response content and its content view, /flows/dump,
+/events) must show every flow annotated by the addon, failures and refusals marked, the manifests,
+indexes and configs kept byte for byte and read by the OCI view, locally answered flows at the
+proxy's own address, and no secret at all: the upstream password, an upstream token, a PASETO, the
+secret key or the capability key.
 
 tests/screenshot/shoot.py (whose mitmweb launcher this module uses) is run once to a temporary path.
 """
@@ -21,6 +25,7 @@ import re
 import struct
 import sys
 import threading
+import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -37,10 +42,12 @@ from mitmproxy import tcp
 from mitmproxy.http import HTTPFlow
 from mitmproxy.utils.emoji import emoji
 from regproxy.config import load_file
-from rig import clients, registry
+from regproxy.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
+from regproxy.ociview_render import short_digest
+from rig import clients, images, registry
 from rig.procs import LOOPBACK, ServerThread, free_port, run, wait_until
 from rig.standard import APP
-from screenshot.shoot import MitmWeb, start_mitmweb
+from screenshot.shoot import MitmWeb, manifest_path, start_mitmweb
 
 pytestmark = pytest.mark.e2e
 
@@ -78,6 +85,50 @@ class DropAfterPing(BaseHTTPRequestHandler):
             self.close_connection = True  # no status line: the proxy sees the connection close
 
     do_HEAD = do_GET
+
+
+BIG_BLOB = 1 << 30
+BIG_DIGEST = "sha256:" + "b" * 64  # never checked: the proxy passes blobs on as they are
+STALL_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
+class Awkward(BaseHTTPRequestHandler):
+    """An anonymous upstream whose manifests stall after a few bytes and whose blobs are 1 GiB long."""
+
+    protocol_version = "HTTP/1.1"
+    release = threading.Event()  # set when the module ends: stalled answers give up
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        path = self.path.split("?")[0]
+        if path == "/v2/":
+            self._head(200, "application/json", 2)
+            self.wfile.write(b"{}")
+        elif "/manifests/" in path:
+            self._head(200, STALL_TYPE, 2000)  # small: kept, so buffered by the proxy
+            self.wfile.write(b'{"schemaVersion": 2, "config": ')
+            self.release.wait(60)
+            self.close_connection = True
+        elif path.endswith(f"/blobs/{BIG_DIGEST}"):
+            self._head(200, "application/octet-stream", BIG_BLOB)
+            chunk = bytes(range(256)) * 4096  # 1 MiB
+            try:
+                for _ in range(BIG_BLOB // len(chunk)):
+                    self.wfile.write(chunk)
+            except OSError:
+                self.close_connection = True
+        else:
+            self._head(404, "application/json", 2)
+            self.wfile.write(b"{}")
+
+    def _head(self, status: int, ctype: str, length: int) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", ctype)
+        self.send_header("Docker-Distribution-Api-Version", "registry/2.0")
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
 
 
 class UpdatesTap:
@@ -149,8 +200,11 @@ class Scene:
     web: MitmWeb = field(repr=False)
     labels: dict[str, str]  # mapping key -> its label as the addon prints it
     upstream_ports: dict[int, set[str]]  # upstream port -> keys of the mappings onto it
+    by_port: dict[int, registry.Upstream]  # upstream port -> the session upstream listening there
+    blob_store: str  # host:port the redirect upstream sends blobs to
     pulls: dict[str, tuple[str | None, str]] = field(default_factory=dict)  # ref -> (got, expected) digest
     answers: dict[str, httpx.Response] = field(default_factory=dict)  # what the crafted requests got
+    took: dict[str, float] = field(default_factory=dict)  # seconds some of them took
     secrets: dict[str, bytes] = field(default_factory=dict, repr=False)  # what -> bytes that must not appear
     upstream_tokens: list[str] = field(default_factory=list, repr=False)
     updates: list[str] = field(default_factory=list, repr=False)  # what mitmweb pushed to its UI meanwhile
@@ -164,12 +218,22 @@ def drop_after_ping() -> Iterator[ServerThread]:
 
 
 @pytest.fixture(scope="module")
+def awkward() -> Iterator[ServerThread]:
+    Awkward.release.clear()
+    server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), Awkward), "awkward")
+    yield server
+    Awkward.release.set()
+    server.stop()
+
+
+@pytest.fixture(scope="module")
 def web(
     upstreams: dict[str, registry.Upstream],
     drop_after_ping: ServerThread,
+    awkward: ServerThread,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[MitmWeb]:
-    basic, tok = upstreams["basic"], upstreams["token"]
+    basic, tok, redir = upstreams["basic"], upstreams["token"], upstreams["redirect"]
     config = {
         "secretkey": KEY_HEX,
         "upstream_timeout": 5,
@@ -181,6 +245,9 @@ def web(
                            "password_env": "RP_WEB_CAP_PASSWORD"},
             "dead/": {"registry": f"http://{LOOPBACK}:{free_port()}", "remote": "platform"},
             "drop/": {"registry": f"http://{LOOPBACK}:{drop_after_ping.port}", "remote": "platform"},
+            "redir/": {"registry": redir.url, "remote": "platform", "username": redir.username,
+                       "password": redir.password},
+            "odd/": {"registry": f"http://{LOOPBACK}:{awkward.port}", "remote": "platform"},
         },
     }  # fmt: skip
     env = {"RP_WEB_CAP_PASSWORD": tok.password or ""}
@@ -217,11 +284,14 @@ def scene(
     ports: dict[int, set[str]] = {}
     for m in cfg.mappings:
         ports.setdefault(m.upstream.port, set()).add(m.key)
-    s = Scene(web, {m.key: m.label for m in cfg.mappings}, ports)
+    by_port = {int(u.host.rsplit(":", 1)[1]): u for u in upstreams.values()}
+    blob_server = upstreams["redirect"].blob_server
+    assert blob_server is not None
+    s = Scene(web, {m.key: m.label for m in cfg.mappings}, ports, by_port, f"{LOOPBACK}:{blob_server.port}")
     out = tmp_path_factory.mktemp("pulls")
     tap = UpdatesTap(web)
     try:
-        _act(s, web, basic, image_digests, out)
+        _act(s, web, upstreams, image_digests, out)
         tap.wait_for_final_updates(f["id"] for f in web.flows())
     finally:
         s.updates = tap.close()
@@ -241,21 +311,36 @@ def scene(
 
 
 def _act(
-    s: Scene, web: MitmWeb, basic: registry.Upstream, image_digests: dict[str, dict[tuple[str, str], str]], out: Path
+    s: Scene,
+    web: MitmWeb,
+    upstreams: dict[str, registry.Upstream],
+    image_digests: dict[str, dict[tuple[str, str], str]],
+    out: Path,
 ) -> None:
     """The clients' part: pulls that work, that fail, and requests that are refused."""
-    # Pulls that work: Basic upstream, token upstream, capability mapping.
-    for i, (name, kind) in enumerate([("basic/app", "basic"), ("tok/app", "token"), (f"{CAP}/app", "token")]):
+    basic = upstreams["basic"]
+    # Pulls that work: Basic upstream, token upstream, capability mapping, blobs redirected to a blob store.
+    pulls = [("basic/app", "basic"), ("tok/app", "token"), (f"{CAP}/app", "token"), ("redir/app", "redirect")]
+    for i, (name, kind) in enumerate(pulls):
         res = clients.skopeo_copy(f"{web.host}/{name}:v1", out / f"pull{i}", tag="v1")
         s.pulls[name] = (res.digest, image_digests[kind][(APP, "v1")])
+    # A multi-arch index with every platform, and a Docker v2 schema 2 image.
+    res = clients.skopeo_copy(f"{web.host}/basic/app:multi", out / "multi", all=True, tag="multi")
+    s.pulls["basic/app:multi"] = (res.digest, image_digests["basic"][(APP, "multi")])
+    res = clients.skopeo_copy(f"{web.host}/tok/app:v2s2", out / "v2s2", tag="v2s2")
+    s.pulls["tok/app:v2s2"] = (res.digest, image_digests["token"][(APP, "v2s2")])
 
-    # Failures: a dead upstream (skopeo), an upstream that drops the connection.
+    # Failures: a dead upstream (skopeo), an upstream that drops the connection, one that stalls a manifest.
     rc, _, _ = clients.skopeo_inspect(f"{web.host}/dead/app:v1")
     s.pulls["dead/app"] = (None if rc else "pulled", "failure")
     drop_token = _token(web, "drop/app")
     s.answers["drop token"] = drop_token
     if drop_token.status_code == 200:
         s.answers["drop manifest"] = _manifest(web, "drop/app", drop_token.json()["token"])
+    odd_token = _token(web, "odd/app").json()["token"]
+    started = time.monotonic()
+    s.answers["stalled manifest"] = _manifest(web, "odd/app", odd_token)
+    s.took["stalled manifest"] = time.monotonic() - started
 
     # Refusals: a forged token, a token for another repository, an almost-right capability key.
     s.answers["forged"] = _manifest(web, "basic/app", FORGED)
@@ -266,6 +351,12 @@ def _act(
     # The capability name in a challenge's scope, and in a path with a token in its query string.
     s.answers["cap challenge"] = _manifest(web, f"{CAP}/app", None)
     s.answers["cap query"] = httpx.get(f"{web.url}/v2/{CAP}/app/tags/list", params={"token": cap_token}, timeout=30)
+    # An upstream error: the flow shows the registry error the client got.
+    s.answers["unknown tag"] = httpx.get(
+        f"{web.url}/v2/basic/app/manifests/nope",
+        headers=[*MANIFEST_ACCEPT, ("Authorization", f"Bearer {basic_token}")],
+        timeout=30,
+    )
 
 
 def _dump(web: MitmWeb) -> list[HTTPFlow]:
@@ -290,6 +381,8 @@ def test_pulls_through_mitmweb_work(scene: Scene) -> None:
             assert got == expected, f"{name}: skopeo recorded {got}, the upstream serves {expected}"
     assert scene.answers["drop token"].status_code == 200, scene.answers["drop token"].text
     assert scene.answers["drop manifest"].status_code == 502
+    assert scene.answers["stalled manifest"].status_code == 502
+    assert scene.answers["unknown tag"].status_code == 404
     for what in ("forged", "other repo", "almost cap", "cap challenge", "cap query"):
         assert scene.answers[what].status_code in (401, 404), (what, scene.answers[what].status_code)
     assert scene.upstream_tokens, "the token upstream issued no token: nothing was checked for leaks"
@@ -306,8 +399,9 @@ def test_every_flow_is_annotated(scene: Scene) -> None:
         status = f.response.status_code if f.response else None
         keys = scene.upstream_ports.get(f.request.port)
         if keys is None:
-            # Answered by the proxy itself (the request still names the dead default target).
-            assert f.request.port == 9, _describe(f)
+            # Answered by the proxy itself: the flow names the proxy as the client did, not the dead default target.
+            assert f"{f.request.host}:{f.request.port}" == scene.web.host, _describe(f)
+            assert f.request.scheme == ("https" if f.client_conn.tls_established else "http"), _describe(f)
             assert f"answered locally ({status if status is not None else 'error'})" in c, _describe(f)
             continue
         labels = [scene.labels[k] for k in keys if scene.labels[k] in c]
@@ -315,7 +409,7 @@ def test_every_flow_is_annotated(scene: Scene) -> None:
         labels_seen.update(labels)
         assert f"-> {f.request.host}:{f.request.port}/" in c, f"no upstream: {_describe(f)}"
         assert re.search(r"\bupstream (\d{3}|failed|timeout|error)\b", c), f"no upstream status: {_describe(f)}"
-    proxied = {scene.labels[k] for k in ("basic/", "tok/", f"{CAP}/app", "drop/")}
+    proxied = {scene.labels[k] for k in ("basic/", "tok/", f"{CAP}/app", "drop/", "redir/", "odd/")}
     assert proxied <= labels_seen, f"never proxied: {proxied - labels_seen}"
     cap_label = scene.labels[f"{CAP}/app"]
     assert cap_label.startswith("cap:"), cap_label
@@ -337,7 +431,7 @@ def test_failed_and_refused_flows_are_marked(scene: Scene) -> None:
             kind, expected = "ok", ""
         kinds[kind].append(_describe(f))
         assert f.marked == expected, f"{kind} flow marked {f.marked!r}, expected {expected!r}: {_describe(f)}"
-    assert len(kinds["failed"]) >= 2, kinds  # the dead upstream and the dropped connection
+    assert len(kinds["failed"]) >= 3, kinds  # the dead upstream, the dropped connection, the stalled manifest
     assert len(kinds["refused"]) >= 3, kinds  # forged token, other repository, almost-right key
     assert kinds["challenge"] and kinds["ok"], kinds
     # What mitmweb's flow list shows for the marks.
@@ -374,6 +468,8 @@ def test_no_secret_in_any_mitmweb_answer(scene: Scene) -> None:
                 continue  # streamed: mitmweb holds no body
             path = f"/flows/{f['id']}/{part}/content.data"
             answers[f"GET {path}"] = web.api(path).content
+            view = f"/flows/{f['id']}/{part}/content/auto.json"  # what mitmweb shows of it (e.g. the OCI view)
+            answers[f"GET {view}"] = web.api(view).content
     assert len(answers) > len(flows), "no flow content was read"
     leaks = _leaks(answers, scene)
     assert not leaks, "\n".join(leaks)
@@ -390,6 +486,164 @@ def test_no_secret_in_anything_pushed_to_the_mitmweb_ui(scene: Scene) -> None:
     answers = {f"message #{i}": m.encode() for i, m in enumerate(scene.updates)}
     leaks = _leaks(answers, scene)
     assert not leaks, "\n".join(leaks)
+
+
+# --- bodies a person reads, and the OCI view ----------------------------------------------------
+
+
+def _responses(scene: Scene, route: str, status: int = 200, port: int | None = None) -> list[dict[str, Any]]:
+    """mitmweb's flows of GET requests whose path holds `route`, answered `status` (from upstream `port`)."""
+    found = []
+    for f in scene.web.flows():
+        req, resp = f["request"], f.get("response")
+        if req["method"] != "GET" or route not in req["path"] or not resp or resp["status_code"] != status:
+            continue
+        if f.get("error"):
+            continue  # e.g. the stalled manifest: the upstream's head, then nothing
+        if port is None or req["port"] == port:
+            found.append(f)
+    return found
+
+
+def _body(scene: Scene, flow: dict[str, Any]) -> bytes:
+    return scene.web.api(f"/flows/{flow['id']}/response/content.data").content
+
+
+def _view(scene: Scene, flow: dict[str, Any]) -> tuple[str, str]:
+    """(view name, text) of the response as mitmweb shows it, its content view picked by itself."""
+    shown = scene.web.api(f"/flows/{flow['id']}/response/content/auto.json").json()
+    return str(shown["view_name"]), str(shown["text"])
+
+
+def _port(scene: Scene, key: str) -> int:
+    """The upstream port of the mapping `key`."""
+    (port,) = [p for p, keys in scene.upstream_ports.items() if key in keys]
+    return port
+
+
+def test_kept_manifests_are_the_upstreams_bytes(scene: Scene) -> None:
+    checked = 0
+    for f in _responses(scene, "/manifests/"):
+        up = scene.by_port.get(f["request"]["port"])
+        if up is None:
+            continue
+        m = re.fullmatch(r"/v2/(.+)/manifests/([^/?]+)", f["request"]["path"])
+        assert m is not None, f["request"]["path"]
+        upstream_bytes, _, _ = images.get_manifest(up, m[1], m[2])
+        assert f["response"]["contentLength"] == len(upstream_bytes), f["request"]["path"]
+        assert _body(scene, f) == upstream_bytes, f["request"]["path"]
+        checked += 1
+    assert checked >= 8  # v1 through four mappings, the index and its two images, v2s2
+
+
+def test_what_is_kept_and_what_streams(scene: Scene) -> None:
+    blobs = _responses(scene, "/blobs/")
+    assert blobs
+    for f in blobs:
+        size = int(f["response"]["contentLength"] or 0)
+        assert f["response"]["contentLength"] is not None and size <= DEFAULT_KEEP_BLOB_SIZE, f["request"]["path"]
+    for f in _responses(scene, "/manifests/"):
+        assert 0 < f["response"]["contentLength"] <= MAX_KEPT_BODY
+    # An upstream error: the flow shows the registry error the client got (it streamed, replaced at once).
+    (unknown,) = _responses(scene, "/manifests/nope", status=404)
+    assert _body(scene, unknown) == scene.answers["unknown tag"].content
+    assert json.loads(_body(scene, unknown))["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    assert _view(scene, unknown)[0] == "JSON"
+
+
+def test_the_oci_view_lists_each_platform_of_an_index(scene: Scene) -> None:
+    (index,) = _responses(scene, "/manifests/multi")
+    name, text = _view(scene, index)
+    assert name == "OCI" and text.startswith("OCI image index: 2 manifests")
+    listed = json.loads(_body(scene, index))["manifests"]
+    platforms = set()
+    for entry in listed:
+        platform = f"{entry['platform']['os']}/{entry['platform']['architecture']}"
+        (line,) = [ln for ln in text.splitlines() if short_digest(entry["digest"]) in ln]
+        assert line.split()[0] == platform, line
+        platforms.add(platform)
+    assert platforms == {"linux/amd64", "linux/arm64"}
+
+
+def test_the_oci_view_lists_config_and_layers_of_a_manifest(scene: Scene) -> None:
+    basic = _port(scene, "basic/")
+    (manifest,) = _responses(scene, "/manifests/v1", port=basic)
+    name, text = _view(scene, manifest)
+    doc = json.loads(_body(scene, manifest))
+    assert name == "OCI" and text.startswith(f"OCI image manifest: {len(doc['layers'])} layers, ")
+    assert " in all " in text.splitlines()[0]
+    (config_line,) = [ln for ln in text.splitlines() if ln.split()[:1] == ["config"]]
+    assert short_digest(doc["config"]["digest"]) in config_line
+    for i, layer in enumerate(doc["layers"], 1):
+        (line,) = [ln for ln in text.splitlines() if ln.strip().startswith(f"layer {i} ")]
+        assert short_digest(layer["digest"]) in line and layer["mediaType"] in line
+
+    # Its config: a small blob, kept and read as a config (environment variable names, never their values).
+    (config,) = _responses(scene, f"/blobs/{doc['config']['digest']}", port=basic)
+    name, text = _view(scene, config)
+    assert name == "OCI" and text.startswith("Image config: linux/amd64")
+    assert "env:" in text and "PATH (values elided)" in text and "/usr/bin" not in text
+    assert "history: 2 steps" in text
+
+    # A Docker v2 schema 2 manifest reads the same.
+    (v2s2,) = _responses(scene, "/manifests/v2s2")
+    name, text = _view(scene, v2s2)
+    assert name == "OCI" and text.startswith("Docker image manifest (v2 schema 2): 2 layers")
+
+
+def test_the_oci_view_says_where_a_redirect_goes_host_only(scene: Scene) -> None:
+    redirects = _responses(scene, "/blobs/", status=307, port=_port(scene, "redir/"))
+    assert redirects
+    for f in redirects:
+        name, text = _view(scene, f)
+        assert name == "OCI", text
+        assert text.startswith(f"Redirect 307: the client fetches this from {scene.blob_store}\n"), text
+        assert "sha256" not in text and "?" not in text and "/blobs" not in text
+
+
+def test_a_stalled_kept_manifest_is_cut_off_at_upstream_timeout(scene: Scene) -> None:
+    answer = scene.answers["stalled manifest"]
+    assert answer.status_code == 502 and answer.json()["errors"][0]["code"] == "UNAVAILABLE"
+    assert 4.5 <= scene.took["stalled manifest"] <= 5 + 5, scene.took  # upstream_timeout: 5
+    odd = _port(scene, "odd/")
+    (flow,) = [f for f in _dump(scene.web) if f.request.port == odd and "/manifests/" in f.request.path]
+    assert flow.marked == RED and "upstream timeout" in flow.comment, _describe(flow)
+
+
+def _rss_kb(pid: int) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS:")))
+
+
+def test_a_1_gib_blob_still_streams_with_flat_memory(scene: Scene) -> None:
+    web = scene.web
+    token = _token(web, "odd/app").json()["token"]
+    pid = web.proc.pid
+    before = peak = _rss_kb(pid)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, _rss_kb(pid))
+            time.sleep(0.05)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    received = 0
+    try:
+        url = f"{web.url}/v2/odd/app/blobs/{BIG_DIGEST}"
+        with httpx.stream("GET", url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as r:
+            assert r.status_code == 200 and r.headers["content-length"] == str(BIG_BLOB)
+            for part in r.iter_raw(1 << 20):
+                received += len(part)
+    finally:
+        done.set()
+        sampler.join(5)
+    assert received == BIG_BLOB
+    assert peak - before < 96 * 1024, f"mitmweb grew from {before} kB to {peak} kB streaming 1 GiB"
+    (flow,) = _responses(scene, f"/blobs/{BIG_DIGEST}")
+    assert flow["response"]["contentLength"] is None  # streamed: mitmweb holds no body
 
 
 def _png_size_and_rows(data: bytes) -> tuple[int, int, int]:
@@ -415,7 +669,7 @@ def _png_size_and_rows(data: bytes) -> tuple[int, int, int]:
     return width, height, len(rows)
 
 
-def test_screenshot_script_writes_a_plausible_png(tmp_path: Path) -> None:
+def test_screenshot_script_writes_plausible_pngs(tmp_path: Path) -> None:
     out = tmp_path / "shot.png"
     res = run(
         [sys.executable, str(REPO / "tests" / "screenshot" / "shoot.py"), "--out", str(out)],
@@ -424,9 +678,10 @@ def test_screenshot_script_writes_a_plausible_png(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert res.returncode == 0, res.describe()
-    data = out.read_bytes()
-    width, height, distinct_rows = _png_size_and_rows(data)
-    assert (width, height) == (1400, 900)
-    assert len(data) > 20_000, len(data)  # a blank page compresses to a few KB
-    assert distinct_rows > 100, distinct_rows  # a flow list and a detail pane, not a flat page
+    for png in (out, manifest_path(out)):
+        data = png.read_bytes()
+        width, height, distinct_rows = _png_size_and_rows(data)
+        assert (width, height) == (1400, 900)
+        assert len(data) > 20_000, len(data)  # a blank page compresses to a few KB
+        assert distinct_rows > 100, distinct_rows  # a flow list and a detail pane, not a flat page
     assert not list(tmp_path.glob("rp-shoot-*")), "the script left its work directory behind"

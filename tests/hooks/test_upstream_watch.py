@@ -109,6 +109,7 @@ def test_an_answer_in_time_stops_the_watch_and_is_timed(
         f, st = upstream_flow(config)
         watch.request(f)
         headers_in(watch, f, stream=False)
+        watch.response(f)  # a buffered body: the watch ends with it
         await asyncio.sleep(TIMEOUT * 4)
         assert closed == [] and not st.timed_out
 
@@ -255,6 +256,65 @@ def test_done_stops_the_stream_check(watch: UpstreamWatch, config: Configuration
         watch.done()
         await asyncio.sleep(0)
         assert check.cancelled()
+
+    asyncio.run(go())
+
+
+# --- buffered bodies (kept for mitmweb, tags lists) ---------------------------------------------
+
+
+def test_a_buffered_body_that_never_completes_closes_the_upstream(
+    watch: UpstreamWatch, config: Configuration, closed: list[http.HTTPFlow]
+) -> None:
+    async def go() -> None:
+        f, st = upstream_flow(config)
+        watch.request(f)
+        headers_in(watch, f, stream=False)  # e.g. a manifest kept by KeepBodies: no chunk is seen here
+        await wait_for(closed, 1.0)
+        assert closed == [f] and st.timed_out
+
+    asyncio.run(go())
+
+
+def test_a_buffered_body_in_time_is_left_alone_and_counted(
+    watch: UpstreamWatch, config: Configuration, closed: list[http.HTTPFlow]
+) -> None:
+    async def go() -> None:
+        f, st = upstream_flow(config)
+        watch.request(f)
+        resp = headers_in(watch, f, stream=False)
+        resp.data.content = b"m" * 1234  # read whole by mitmproxy
+        watch.response(f)
+        await asyncio.sleep(TIMEOUT * 4)
+        assert closed == [] and not st.timed_out and st.bytes_streamed == 1234
+
+    asyncio.run(go())
+
+
+def test_a_buffered_body_that_failed_is_not_closed_again(
+    watch: UpstreamWatch, config: Configuration, closed: list[http.HTTPFlow]
+) -> None:
+    async def go() -> None:
+        f, st = upstream_flow(config)
+        watch.request(f)
+        headers_in(watch, f, stream=False)
+        watch.error(f)
+        await asyncio.sleep(TIMEOUT * 4)
+        assert closed == [] and not st.timed_out and st.bytes_streamed == 0
+
+    asyncio.run(go())
+
+
+def test_a_streamed_body_is_not_counted_twice_at_its_end(watch: UpstreamWatch, config: Configuration) -> None:
+    async def go() -> None:
+        f, st = upstream_flow(config)
+        watch.request(f)
+        resp = headers_in(watch, f)
+        assert callable(resp.stream)
+        resp.stream(b"12345")
+        resp.data.content = b"12345"  # (with store_streamed_bodies)
+        watch.response(f)
+        assert st.bytes_streamed == 5
 
     asyncio.run(go())
 

@@ -1,12 +1,19 @@
-"""A screenshot of mitmweb debugging a pull through registryproxy.
+"""Screenshots of mitmweb debugging pulls through registryproxy.
 
     PYTHONPATH=addon:tests .venv/bin/python tests/screenshot/shoot.py [--out PATH]
 
-Starts, all on loopback and under a temporary directory: a token-auth docker-registry with a test
-image, mitmweb with the addon over it (a namespace mapping, a capability mapping and a mapping to a
-dead upstream), pulls with skopeo, sends a request with a forged token, and then has headless
-Chromium load mitmweb with the manifest flow of the pull selected on its Comment tab. Everything it
-started is stopped (by process group) and the temporary directory removed, also on failure.
+Starts, all on loopback and under a temporary directory: a token-auth docker-registry with the test
+images, an upstream that serves one image but cuts one of its layers mid-body, and mitmweb with the
+addon over them (a namespace mapping, a capability mapping, a mapping to the cutting upstream and one
+to a dead upstream). skopeo pulls a multi-arch index (every platform), an image, the same image by
+its capability name and the image whose layer is cut; a request with a forged token is refused. Then
+headless Chromium shoots mitmweb twice (the README shows both):
+- PATH (default tests/screenshot/mitmweb.png): one repository's flows (`~comment "demo/app/"`), the
+  index selected, its Response tab read by the OCI view: which platforms it lists;
+- PATH with `-manifest` before the suffix: the failed pull's flows (`~comment "via flaky/"`), the
+  failed layer marked, the manifest selected: its config and layers, to tell which layer failed.
+Everything it started is stopped (by process group) and the temporary directory removed, also on
+failure.
 
 `start_mitmweb` is also the launcher of tests/e2e/test_mitmweb.py.
 """
@@ -23,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,7 +44,7 @@ REPO_ROOT = TESTS_DIR.parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from rig import clients, images, registry, standard
+from rig import clients, faults, images, registry, standard
 from rig.procs import LOOPBACK, Proc, RigError, clean_env, free_port
 
 ADDON_SCRIPT = REPO_ROOT / "addon" / "registryproxy.py"
@@ -49,6 +57,10 @@ WEB_COLUMNS = ("icon", "method", "status", "path", "comment", "size", "time")
 WINDOW = (1400, 900)
 # A fixed capability key for the picture (the screenshot must show its label, never the key).
 DEMO_CAP = "3b9e6c1d-2f47-4a85-9c0e-7d1a5b8f2e64"
+# What each picture lists: one repository's flows; one mapping's flows (the pull whose layer fails).
+INDEX_FILTER = '~comment "demo/app/"'
+FAILED_PULL_FILTER = '~comment "via flaky/"'
+CUT = "cl-rst"  # the cutting upstream's mode (see rig.faults.ImageServer): half the layer, then a reset
 
 
 def mitmweb_binary() -> Path:
@@ -254,41 +266,65 @@ def _tail(path: Path, n: int = 4000) -> str:
 # --- the scene ----------------------------------------------------------------------------------
 
 
-def demo_config(up: registry.Upstream, dead_port: int) -> dict[str, Any]:
+def demo_config(up: registry.Upstream, flaky_url: str, dead_port: int) -> dict[str, Any]:
     creds = {"username": up.username, "password": up.password}
     return {
         "secretkey": secrets.token_hex(32),
+        "upstream_timeout": 10,
         "proxies": {
             "demo/": {"registry": up.url, "remote": "platform", **creds},
             f"{DEMO_CAP}/app": {"registry": up.url, "remote": standard.APP, **creds},
+            "flaky/": {"registry": flaky_url, "remote": "platform"},
             "gone/": {"registry": f"http://{LOOPBACK}:{dead_port}", "remote": "platform"},
         },
     }
 
 
-def pick_flow(flows: Sequence[Mapping[str, Any]]) -> Mapping[str, Any]:
-    """The flow to show: the pull's manifest request through the `demo/` mapping."""
+def pick_flow(flows: Sequence[Mapping[str, Any]], mapping: str, route: str) -> Mapping[str, Any]:
+    """The GET through `mapping` (e.g. `demo/`) whose local path ends with `route`, answered 200."""
     for f in flows:
         comment = str(f.get("comment", ""))
-        if "/manifests/" in comment and "demo/" in comment and f.get("response", {}).get("status_code") == 200:
+        local = comment.removeprefix("registryproxy: ").split(" ", 1)[0]
+        answered = f.get("response", {}).get("status_code") == 200 and f["request"]["method"] == "GET"
+        if f" via {mapping} " in comment and local.endswith(route) and answered:
             return f
     summary = "\n".join(f"{f['request']['method']} {f['request']['path']}: {f.get('comment')!r}" for f in flows)
-    raise RigError(f"no annotated manifest flow of the demo/ pull among {len(flows)} flows:\n{summary}")
+    raise RigError(f"no annotated GET {route} through {mapping} among {len(flows)} flows:\n{summary}")
+
+
+def manifest_path(out: Path) -> Path:
+    """Where the second picture (the manifest of the failed pull) goes, beside `out`."""
+    return out.with_name(f"{out.stem}-manifest{out.suffix}")
+
+
+def flaky_upstream(imgs: standard.TestImages) -> faults.ImageServer:
+    """An upstream serving the v1 image whose last layer it cuts mid-body (the others whole)."""
+    server = faults.ImageServer.from_layout(imgs.layout, imgs.v1.manifest, images.OCI_MANIFEST, 0)
+    whole = {imgs.v1.config.digest, *(layer.digest for layer in imgs.v1.layers[:-1])}
+    server.keep_whole = frozenset(whole)
+    return server
 
 
 def shoot(out: Path, *, keep_work: bool = False) -> Path:
-    """Build the scene, take the screenshot to `out`, clean up; returns `out`."""
+    """Build the scene, take both screenshots (`out` and `manifest_path(out)`), clean up; returns `out`."""
     work = Path(tempfile.mkdtemp(prefix="rp-shoot-"))
     up: registry.Upstream | None = None
+    flaky: faults.ImageServer | None = None
     web: MitmWeb | None = None
     try:
         imgs = standard.build_test_images(work / "layout")
         up = registry.start_upstream("token", work / "upstream")
+        images.push(imgs.layout, "multi", up, standard.APP, "multi", all=True)
         images.push(imgs.layout, "v1", up, standard.APP, "v1")
-        web = start_mitmweb(demo_config(up, free_port()), work / "mitmweb")
+        flaky = flaky_upstream(imgs)
+        web = start_mitmweb(demo_config(up, flaky.url, free_port()), work / "mitmweb")
 
+        clients.skopeo_copy(f"{web.host}/demo/app:multi", work / "pull-multi", all=True, tag="multi").check()
         clients.skopeo_copy(f"{web.host}/demo/app:v1", work / "pull-demo", tag="v1").check()
         clients.skopeo_copy(f"{web.host}/{DEMO_CAP}/app:v1", work / "pull-cap", tag="v1").check()
+        failed = clients.skopeo_copy(f"{web.host}/flaky/{CUT}:v1", work / "pull-flaky", tag="v1")
+        if failed.returncode == 0:
+            raise RigError("a pull whose layer is cut succeeded")
         rc, _, _ = clients.skopeo_inspect(f"{web.host}/gone/app:v1", timeout=60)  # a dead upstream
         if rc == 0:
             raise RigError("a pull from the dead upstream succeeded")
@@ -301,18 +337,28 @@ def shoot(out: Path, *, keep_work: bool = False) -> Path:
         if forged.status_code != 401:
             raise RigError(f"a forged token got {forged.status_code}")
 
-        flow = pick_flow(web.flows())
-        screenshot(web.ui_url(f"/flows/{flow['id']}/comment"), out, work)
+        flows = web.flows()
+        index = pick_flow(flows, "demo/", "/manifests/multi")
+        screenshot(web.ui_url(_fragment(index, INDEX_FILTER)), out, work)
+        manifest = pick_flow(flows, "flaky/", "/manifests/v1")
+        screenshot(web.ui_url(_fragment(manifest, FAILED_PULL_FILTER)), manifest_path(out), work)
         return out
     finally:
         if web is not None:
             web.stop()
+        if flaky is not None:
+            flaky.stop()
         if up is not None:
             up.stop()
         if keep_work:
             print(f"kept {work}", file=sys.stderr)
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def _fragment(flow: Mapping[str, Any], search: str) -> str:
+    """mitmweb's route to a flow's Response tab, with the flow list filtered by `search`."""
+    return f"/flows/{flow['id']}/response?s={urllib.parse.quote(search)}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -325,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RigError as e:
         print(f"shoot.py: {e}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    print(f"wrote {out} and {manifest_path(out)}")
     return 0
 
 
