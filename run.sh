@@ -53,7 +53,7 @@ ensure_venv() {
 }
 
 # Debian packages the end-to-end tests use (real registry, real clients).
-test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium fonts-noto-color-emoji)
+test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium fonts-noto-color-emoji tinyproxy-bin iproute2 redis-server mmdebstrap)
 
 # Extra Debian packages the benchmark uses (nginx and haproxy as references, wrk as load generator).
 bench_packages=(nginx haproxy wrk curl)

@@ -15,6 +15,7 @@ from .dispatch import ChainAddon
 from .failures import RegistryErrors
 from .flowstate import FlowStates
 from .keep_bodies import KeepBodies
+from .limiting import Limits
 from .local_address import LocalAddress
 from .metrics import Metrics
 from .operations import Operations
@@ -52,6 +53,10 @@ def addons() -> list[object]:
         ClientTimeout(),
         # `/token` is claimed before routing, which treats every other path as a registry route.
         TokenEndpoint(config, metrics),
+        # Rate limits and the bandwidth breaker: keeps a trusted front end's forwarding headers before Router
+        # drops them; decides in `request`, after every step's `requestheaders` (Router's match) and before
+        # anything goes upstream.
+        Limits(config, metrics),
         Router(config),
         # Upstream connections shared across clients (TLS, trust and forward proxy set up by the pool)...
         UpstreamPooling(config),

@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from .egress import Egress, EgressError
+from .limits import LimitsError, LimitSettings, Rules, parse_limits, parse_settings
 from .names import is_valid_name, looks_like_capability
 from .trust import DefaultStore, Trust, TrustError, default_store, read_ca_file
 
@@ -90,6 +91,8 @@ class Mapping:
     mirror_of: tuple[str, ...] = ()
     # Token realm origins (`scheme://host:port`) the operator allows beyond upstream.realm_allowed's policy.
     token_realms: tuple[str, ...] = ()
+    # This mapping's own `limits:` (limits.py): the keys it names replace the top-level ones.
+    limits: Rules | None = None
 
     @property
     def label(self) -> str:
@@ -148,6 +151,8 @@ class Config:
     egress: Egress = field(default_factory=Egress)
     # The store every mapping's trust starts from (None: not resolved, e.g. a Config built by hand).
     trust_store: DefaultStore | None = None
+    # `limits:`, `redis_url` and `trusted_proxies` (limits.py).
+    limits: LimitSettings = field(default_factory=LimitSettings)
 
     @property
     def domains(self) -> frozenset[str]:
@@ -172,6 +177,9 @@ _TOP_KEYS = {
     "refresh_ttl",
     "upstream_timeout",
     "ca_file",
+    "limits",
+    "redis_url",
+    "trusted_proxies",
 }
 _MAPPING_KEYS = {
     "registry",
@@ -186,6 +194,7 @@ _MAPPING_KEYS = {
     "tls_verify",
     "mirror_of",
     "token_realms",
+    "limits",
 }
 
 
@@ -274,6 +283,10 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
     _check_collisions(mappings)
     _check_mirrors(mappings)
     _check_shared_upstreams(chosen)
+    try:
+        limits = parse_settings(data)
+    except LimitsError as e:
+        raise ConfigError(str(e)) from None
     return Config(
         listen_addr=listen_addr,
         port=port,
@@ -286,6 +299,7 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         upstream_timeout=float(timeout),
         egress=egress,
         trust_store=store,
+        limits=limits,
     )
 
 
@@ -567,6 +581,10 @@ def _mapping(
         raise ConfigError(f"{where}.capability: the root key * serves every name; it has no key to keep secret")
     mirror_of = _mirror_of(value, where, namespace, capability)
     trust = _trust(value, where, upstream, default_trust, base)
+    try:
+        limits = parse_limits(value["limits"], f"{where}.limits") if "limits" in value else None
+    except LimitsError as e:
+        raise ConfigError(str(e)) from None
     mapping = Mapping(
         key=key,
         prefix=() if root else tuple(name.split("/")),
@@ -579,6 +597,7 @@ def _mapping(
         trust=trust.trust,
         mirror_of=mirror_of,
         token_realms=_token_realms(value, where),
+        limits=limits,
     )
     return mapping, trust
 

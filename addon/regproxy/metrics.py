@@ -43,6 +43,14 @@ REFUSAL_REASONS: Final = (
     "expired",
     "insufficient_scope",
 )
+LIMITS: Final = (
+    "client_requests",
+    "manifest_gets",
+    "mapping_bytes",
+    "client_bytes",
+    "client_transfers",
+    "store_unavailable",
+)
 MAX_LABEL = 64
 NO_MAPPING = "-"
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -77,6 +85,10 @@ def fold_status(status: int | str) -> str:
     if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
         return str(status)
     return "error"
+
+
+def fold_limit(limit: str) -> str:
+    return limit if limit in LIMITS else "other"
 
 
 def fold_grant(grant: str) -> str:
@@ -157,7 +169,7 @@ class Metrics:
         )
         self._streamed = Counter(
             "registryproxy_streamed_bytes",
-            "Response body bytes streamed from upstreams to clients.",
+            "Response body bytes sent from upstreams to clients (streamed, or kept whole for mitmweb).",
             ["mapping"],
             registry=target,
         )
@@ -204,6 +216,32 @@ class Metrics:
             multiprocess_mode="livemostrecent",
         )
 
+        self._limited = Counter(
+            "registryproxy_limit_refusals",
+            "Requests refused by a limit (429; store_unavailable: 503 while the store fails, closed), by limit and mapping.",
+            ["limit", "mapping"],
+            registry=target,
+        )
+        self._limit_usage = Gauge(
+            "registryproxy_limit_usage",
+            "A mapping's budget used in its current window (manifest_gets: requests, mapping_bytes: bytes).",
+            ["limit", "mapping"],
+            registry=target,
+            multiprocess_mode="livemostrecent",
+        )
+        self._limit_size = Gauge(
+            "registryproxy_limit_budget",
+            "A mapping's budget per window, as configured (with registryproxy_limit_usage).",
+            ["limit", "mapping"],
+            registry=target,
+            multiprocess_mode="livemostrecent",
+        )
+        self._store_failures = Counter(
+            "registryproxy_limit_store_failures",
+            "Operations of the limits' store (Redis) that failed or timed out.",
+            registry=target,
+        )
+
     def request(self, *, mapping: str, method: str, route: str, status: int | str) -> None:
         """Count one answered request; `status` is the HTTP status, or "error" when none was sent."""
         self._requests.labels(fold_mapping(mapping), fold_method(method), fold_route(route), fold_status(status)).inc()
@@ -227,6 +265,16 @@ class Metrics:
 
     def redirect(self, mapping: str) -> None:
         self._redirects.labels(fold_mapping(mapping)).inc()
+
+    def limit_refused(self, limit: str, mapping: str) -> None:
+        self._limited.labels(fold_limit(limit), fold_mapping(mapping)).inc()
+
+    def limit_usage(self, limit: str, mapping: str, used: float, budget: float) -> None:
+        self._limit_usage.labels(fold_limit(limit), fold_mapping(mapping)).set(used)
+        self._limit_size.labels(fold_limit(limit), fold_mapping(mapping)).set(budget)
+
+    def limit_store_failed(self) -> None:
+        self._store_failures.inc()
 
     def config_reload(self, ok: bool) -> None:
         self._reloads.labels("ok" if ok else "failed").inc()

@@ -556,7 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--wan-kinds", default=None, metavar="K,K", help="WAN upstreams among " + ", ".join(wanbench.KINDS))
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where bench.json and bench.png go")
+    p.add_argument("--limits", action="store_true", help="run only the cost of the limits (limits_bench.py)")
     args = p.parse_args(argv)
+    if args.limits:
+        from bench import limits_bench
+
+        return limits_bench.main(["--quick"] if args.quick else [])
     s = settings_from(args)
     try:
         wan_settings = wanbench.settings(args.quick, args.wan_rtt, args.wan_warm, args.wan_clients, args.wan_kinds)

@@ -75,8 +75,10 @@ def _served_ok(output: str, path: str) -> list[str]:
 # --- HAProxy --------------------------------------------------------------------------------------
 
 
-def haproxy_config(port: int, stats_socket: Path, servers: list[int]) -> str:
+def haproxy_config(port: int, stats_socket: Path, servers: list[int], forwardfor: bool = False) -> str:
     lines = "\n".join(f"    server r{i} {LOOPBACK}:{p}" for i, p in enumerate(servers))
+    # X-Forwarded-For with the client's address (test_limits_live.py trusts it from HAProxy).
+    forward = "    option forwardfor\n" if forwardfor else ""
     return f"""global
     stats socket {stats_socket} mode 600 level admin
     maxconn 512
@@ -88,7 +90,7 @@ defaults
     timeout server 60s
     retries 3
     option redispatch 1
-
+{forward}
 frontend registry
     bind {LOOPBACK}:{port}
     default_backend {BACKEND}
@@ -150,12 +152,12 @@ class HAProxy:
         )
 
 
-def start_haproxy(tmp: Path, servers: list[int]) -> HAProxy:
+def start_haproxy(tmp: Path, servers: list[int], forwardfor: bool = False) -> HAProxy:
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
     sock = tmp / "haproxy.sock"
     cfg = tmp / "haproxy.cfg"
-    cfg.write_text(haproxy_config(port, sock, servers))
+    cfg.write_text(haproxy_config(port, sock, servers, forwardfor))
     proc = Proc("haproxy").start([HAPROXY, "-db", "-f", str(cfg)], env=clean_env(), cwd=tmp)
     try:
         proc.wait_for_port(LOOPBACK, port, timeout=15)
