@@ -1,15 +1,19 @@
-"""The deployment examples (addon/deploy/): the Dockerfile and the Kubernetes manifests agree with each
-other and with the code.
+"""The deployment files (addon/deploy/): the Dockerfile and the Kubernetes manifests agree with each
+other, with the code and with the README.
 
-The image cannot be built here (no network for the base image), so this reads the files: the
-Dockerfile instruction by instruction, every YAML document of the manifests. Ports, paths, probes,
-option and environment names are checked against the code's source text and the config loader;
-tests/e2e/test_replicas.py runs the Dockerfile's CMD itself.
+This reads the files: the Dockerfile instruction by instruction, every YAML document of the manifests
+(validated against the Kubernetes API schemas of every version kubernetes-validate ships, strictly: an
+unknown field fails), and the README's "Container image" commands. Ports, paths, probes, option and
+environment names are checked against the code's source text and the config loader.
+tests/e2e/test_image.py builds the image and runs it (the README's commands and the Deployment's pod);
+tests/e2e/test_replicas.py runs the Dockerfile's CMD on the host.
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
+import fnmatch
 import itertools
 import json
 import re
@@ -19,15 +23,19 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
+from kubernetes_validate.utils import all_versions  # type: ignore[import-untyped]
 from mitmproxy import options as mitm_options
 from regproxy import launch
 from regproxy.config import ConfigError, loads, parse_secret_key
+from rig import image_build
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "addon" / "deploy"
 DOCKERFILE = DEPLOY / "Dockerfile"
+DOCKERIGNORE = DEPLOY / "Dockerfile.dockerignore"
 K8S = DEPLOY / "k8s"
 SOURCE = REPO / "addon" / "regproxy"
 REGISTRY_PORT = 5000
@@ -83,6 +91,78 @@ def dockerfile_cmd(instructions: list[Instruction]) -> list[str]:
     argv = json.loads(cmds[0].args)  # exec form only: no shell between the server and its signals
     assert isinstance(argv, list) and all(isinstance(a, str) for a in argv)
     return argv
+
+
+def dockerfile_args(instructions: list[Instruction]) -> dict[str, str]:
+    """The defaults of every `ARG NAME=DEFAULT`."""
+    found: dict[str, str] = {}
+    for ins in instructions:
+        if ins.keyword == "ARG":
+            name, _, default = ins.args.partition("=")
+            found[name] = default
+    return found
+
+
+def stages(instructions: list[Instruction]) -> list[list[Instruction]]:
+    """The instructions of each build stage, FROM first; the last stage is the image."""
+    out: list[list[Instruction]] = []
+    for ins in instructions:
+        if ins.keyword == "FROM":
+            out.append([])
+        if out:
+            out[-1].append(ins)
+    return out
+
+
+def copy_parts(ins: Instruction) -> tuple[str | None, list[str], str]:
+    """(--from stage or None, sources, destination) of a COPY."""
+    parts = shlex.split(ins.args)
+    stage = next((p.split("=", 1)[1] for p in parts if p.startswith("--from=")), None)
+    *sources, dest = [p for p in parts if not p.startswith("--")]
+    return stage, sources, dest
+
+
+def image_path(instructions: list[Instruction], source: str) -> PurePosixPath:
+    """Where the context file or directory `source` ends up in the image: its COPY in the build stage,
+    then the image stage's `COPY --from=build` of a directory holding it."""
+    *build_stages, final = stages(instructions)
+    for stage in [*build_stages, final]:
+        for ins in stage:
+            if ins.keyword != "COPY":
+                continue
+            frm, sources, dest = copy_parts(ins)
+            if frm is None and source in sources:
+                is_file = (REPO / source).is_file()
+                path = PurePosixPath(dest) / PurePosixPath(source).name if is_file and dest.endswith("/") else None
+                path = path or PurePosixPath(dest)
+                if stage is final:
+                    return path
+                for fin in final:
+                    if fin.keyword == "COPY":
+                        frm2, (src2, *_), dest2 = copy_parts(fin)
+                        if frm2 is not None and path.is_relative_to(src2):
+                            return PurePosixPath(dest2) / path.relative_to(src2)
+                raise AssertionError(f"{source} is copied into a build stage and never into the image")
+    raise AssertionError(f"{source} is never copied")
+
+
+def dockerignore_admits(path: str, rules: list[str]) -> bool:
+    """Whether Docker sends `path` (relative to the context) with these .dockerignore rules: the last
+    rule matching the path or one of its parent directories decides."""
+    admitted = True
+    parts = PurePosixPath(path).parts
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    for rule in rules:
+        negated = rule.startswith("!")
+        pattern = rule.lstrip("!").rstrip("/")
+        for prefix in prefixes:
+            name = prefix.rsplit("/", 1)[-1]
+            if fnmatch.fnmatchcase(prefix, pattern) or (
+                pattern.startswith("**/") and fnmatch.fnmatchcase(name, pattern[3:])
+            ):
+                admitted = negated
+                break
+    return admitted
 
 
 def set_options(argv: list[str]) -> dict[str, str]:
@@ -174,12 +254,15 @@ def test_dockerfile_parser_joins_continuations_and_drops_comments() -> None:
     assert dockerfile_env(ins) == {"A": "1", "B": "two words"}
 
 
-def test_base_image_is_the_official_python_slim_pinned_by_tag(instructions: list[Instruction]) -> None:
-    froms = [i.args for i in instructions if i.keyword == "FROM"]
-    assert len(froms) == 1
-    image, _, tag = froms[0].split("@")[0].partition(":")
+def test_base_image_is_an_argument_defaulting_to_the_official_python_slim(instructions: list[Instruction]) -> None:
+    assert instructions[0].keyword == "ARG", "BASE_IMAGE must be declared before the first FROM"
+    default = dockerfile_args(instructions)["BASE_IMAGE"]
+    image, _, tag = default.split("@")[0].partition(":")
     assert image == "python"
-    assert re.fullmatch(r"3\.13(\.\d+)?-slim(-\w+)?", tag), tag
+    assert re.fullmatch(rf"{re.escape(image_build.PYTHON_VERSION)}(\.\d+)?-slim-{image_build.SUITE}", tag), tag
+    froms = [i.args.split() for i in instructions if i.keyword == "FROM"]
+    assert [f[0] for f in froms] == ["${BASE_IMAGE}"] * len(froms), "every stage starts from BASE_IMAGE"
+    assert len(froms[-1]) == 1, "the image is the last stage"
 
 
 def test_runs_as_a_non_root_numeric_user(instructions: list[Instruction]) -> None:
@@ -190,26 +273,65 @@ def test_runs_as_a_non_root_numeric_user(instructions: list[Instruction]) -> Non
     assert not gid or (gid.isdigit() and int(gid) != 0)
     # Nothing after USER needs root.
     last_user = max(n for n, i in enumerate(instructions) if i.keyword == "USER")
-    assert not [i for i in instructions[last_user:] if i.keyword in ("RUN", "COPY", "ADD")]
+    assert not [i for i in instructions[last_user:] if i.keyword in ("RUN", "COPY", "ADD", "FROM")]
 
 
-def test_every_copy_source_exists_in_the_repository(instructions: list[Instruction]) -> None:
-    copies = [shlex.split(i.args) for i in instructions if i.keyword in ("COPY", "ADD")]
-    assert copies
-    for parts in copies:
-        assert not any(p.startswith("--from") for p in parts)
-        *sources, _dest = [p for p in parts if not p.startswith("--")]
-        for src in sources:
-            assert (REPO / src).exists(), f"COPY {src}: not in the build context (the repository root)"
-    copied = {p[0].rstrip("/"): p[-1] for p in copies}
-    assert {"requirements.txt", "addon", "config.yaml"} <= set(copied)
+def test_the_image_stage_only_copies_from_the_build_stage(instructions: list[Instruction]) -> None:
+    """No RUN in the image's stage: no compiler, pip cache or wheel can be left there."""
+    *build_stages, final = stages(instructions)
+    build_names = {st[0].args.split()[-1] for st in build_stages}
+    assert not [i for i in final if i.keyword in ("RUN", "ADD")]
+    for ins in final:
+        if ins.keyword == "COPY":
+            assert copy_parts(ins)[0] in build_names, ins
 
 
-def test_dockerignore_keeps_what_copy_needs() -> None:
-    lines = [ln.strip() for ln in (DEPLOY / "Dockerfile.dockerignore").read_text().splitlines()]
-    rules = [ln for ln in lines if ln and not ln.startswith("#")]
+def test_every_copy_source_exists_and_is_sent(instructions: list[Instruction]) -> None:
+    rules = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    sources = [src for i in instructions if i.keyword == "COPY" for src in copy_parts(i)[1] if "--from" not in i.args]
+    assert {"requirements.txt", "addon/", "config.yaml", f"{image_build.WHEELS_DIR}/"} <= set(sources)
+    for src in sources:
+        assert (REPO / src).exists(), f"COPY {src}: not in the build context (the repository root)"
+        assert dockerignore_admits(src.rstrip("/"), rules), f"COPY {src}: Dockerfile.dockerignore leaves it out"
+        if (REPO / src).is_dir():
+            for f in (REPO / src).rglob("*.py"):
+                if "__pycache__" not in f.parts:
+                    assert dockerignore_admits(str(f.relative_to(REPO)), rules), f
+
+
+def test_dockerignore_sends_only_what_the_build_needs() -> None:
+    rules = [ln.strip() for ln in DOCKERIGNORE.read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert rules[0] == "*"
-    assert {"!requirements.txt", "!config.yaml", "!addon/"} <= set(rules)
+    for left_out in (
+        ".git/HEAD",
+        ".venv/bin/python",
+        "tests/unit/test_deploy.py",
+        "addon/deploy/k8s/secret.yaml",
+        "addon/regproxy/__pycache__/cli.cpython-313.pyc",
+        "README.md",
+        "run.sh",
+    ):
+        assert not dockerignore_admits(left_out, rules), left_out
+    for sent in (
+        "requirements.txt",
+        "config.yaml",
+        "addon/regproxy/serve.py",
+        "addon/registryproxy.py",
+        f"{image_build.WHEELS_DIR}/mitmproxy-12.3.1-py3-none-any.whl",
+    ):
+        assert dockerignore_admits(sent, rules), sent
+
+
+def test_offline_wheels_directory_is_kept_empty_in_git(instructions: list[Instruction]) -> None:
+    """addon/deploy/wheels/ exists (COPY needs it) and git ignores everything in it but its .gitignore;
+    the build installs from it with --no-index when it holds a wheel."""
+    ignore = (REPO / image_build.WHEELS_DIR / ".gitignore").read_text().splitlines()
+    assert [ln for ln in ignore if ln and not ln.startswith("#")] == ["*", "!.gitignore"]
+    runs = " ".join(i.args for i in instructions if i.keyword == "RUN")
+    assert "ls /build/*.whl" in runs and "--no-index --find-links /build" in runs
+    *build_stages, _ = stages(instructions)
+    copies = [copy_parts(i) for st in build_stages for i in st if i.keyword == "COPY"]
+    assert [dest for _, sources, dest in copies if f"{image_build.WHEELS_DIR}/" in sources] == ["/build/"]
 
 
 def test_exposes_the_registry_and_ops_ports(instructions: list[Instruction], cmd: list[str]) -> None:
@@ -219,11 +341,23 @@ def test_exposes_the_registry_and_ops_ports(instructions: list[Instruction], cmd
     assert set_options(cmd)["registryproxy_ops_listen"] == f"0.0.0.0:{OPS_PORT}"
 
 
+def test_healthcheck_gets_healthz_on_the_ops_port(instructions: list[Instruction], cmd: list[str]) -> None:
+    (check,) = [i.args for i in instructions if i.keyword == "HEALTHCHECK"]
+    flags, _, argv = check.partition(" CMD ")
+    exec_form = json.loads(argv)  # exec form: no shell needed
+    assert exec_form[0] == cmd[0] == "python"
+    ops = listen_port(set_options(cmd)["registryproxy_ops_listen"])
+    assert f"'http://127.0.0.1:{ops}/healthz'" in exec_form[-1]
+    assert '"/healthz"' in source_text()
+    timing = dict(f.lstrip("-").split("=") for f in flags.split())
+    assert set(timing) == {"interval", "timeout", "start-period", "retries"}  # dockerd 20.10 knows these
+
+
 def test_cmd_runs_the_lean_server_with_the_run_sh_arguments(instructions: list[Instruction], cmd: list[str]) -> None:
     assert cmd[:4] == ["python", "-O", "-m", "regproxy.serve"]
     env = dockerfile_env(instructions)
-    copied = {shlex.split(i.args)[0].rstrip("/"): shlex.split(i.args)[-1] for i in instructions if i.keyword == "COPY"}
-    assert PurePosixPath(env["PYTHONPATH"]) == PurePosixPath(copied["addon"])
+    assert PurePosixPath(env["PYTHONPATH"]) == image_path(instructions, "addon/")
+    assert env["PATH"].split(":")[0] == "/opt/registryproxy/bin", "python is the virtual environment's"
     assert (REPO / "addon" / "regproxy" / "serve.py").is_file()
     # What ./run.sh passes the lean server (launch.mitm_args), but the config path comes from the environment.
     expected = launch.mitm_args("UNUSED", "0.0.0.0", REGISTRY_PORT, script=False)
@@ -263,11 +397,59 @@ def test_env_names_and_paths_agree_with_the_code(instructions: list[Instruction]
     src = (SOURCE / "config.py").read_text() + (SOURCE / "configuration.py").read_text()
     for name in ("REGISTRYPROXY_CONFIG", "REGISTRYPROXY_SECRETKEY", "REGISTRYPROXY_SECRETKEY_FILE"):
         assert f'"{name}"' in src, f"{name} is not read by config.py or configuration.py"
-    copies = [shlex.split(i.args) for i in instructions if i.keyword == "COPY"]
-    config_dest = next(p[-1] for p in copies if p[0] == "config.yaml")
-    assert env["REGISTRYPROXY_CONFIG"] == config_dest
+    assert PurePosixPath(env["REGISTRYPROXY_CONFIG"]) == image_path(instructions, "config.yaml")
     # mitmproxy writes its CA under confdir: under HOME/tmp, the path the Deployment makes writable.
     assert set_options(dockerfile_cmd(instructions))["confdir"].startswith("/tmp/")
+
+
+# --- the README's commands -------------------------------------------------------------------------------
+
+
+def _readme_commands() -> list[list[str]]:
+    section = image_build.readme_section("Container image")
+    return [shlex.split(c) for c in image_build.shell_commands(section)]
+
+
+def _without_env_prefix(argv: list[str]) -> list[str]:
+    """A command without leading `NAME=VALUE` assignments (`DOCKER_BUILDKIT=1 docker build …`)."""
+    i = 0
+    while i < len(argv) and re.fullmatch(r"[A-Z_]+=\S*", argv[i]):
+        i += 1
+    return argv[i:]
+
+
+def test_readme_shows_the_build_commands_the_image_test_runs() -> None:
+    """The README's build commands, online and offline, are the ones tests/e2e/test_image.py runs
+    (rig/image_build.py): the same programs with the same arguments."""
+    commands = [_without_env_prefix(c) for c in _readme_commands()]
+    assert list(image_build.DOCKER_BUILD) in commands
+    assert list(image_build.PIP_DOWNLOAD) in commands
+    assert image_build.mmdebstrap_argv("-") in commands
+    assert ["docker", "import", "-", image_build.BASE_TAG] in commands
+    assert list(image_build.DOCKER_BUILD_OFFLINE) in commands
+    offline = next(
+        c
+        for c in _readme_commands()
+        if c[-len(image_build.DOCKER_BUILD_OFFLINE) :] == list(image_build.DOCKER_BUILD_OFFLINE)
+    )
+    assert offline[0] == "DOCKER_BUILDKIT=1", "dockerd 20.10 reads Dockerfile.dockerignore with BuildKit only"
+
+
+def test_readme_run_commands_match_the_image(instructions: list[Instruction]) -> None:
+    runs = [c for c in _readme_commands() if c[:2] == ["docker", "run"]]
+    assert len(runs) == 2
+    env = dockerfile_env(instructions)
+    for argv in runs:
+        assert argv[-1] == image_build.IMAGE_TAG
+        assert {"--read-only", "--cap-drop"} <= set(argv) and "/tmp" in argv
+        published = {a.rsplit(":", 1)[-1] for flag, a in itertools.pairwise(argv) if flag == "-p"}
+        assert published == {str(REGISTRY_PORT), str(OPS_PORT)}
+        mounts = [a.split(":") for flag, a in itertools.pairwise(argv) if flag == "-v"]
+        assert ["$PWD/config.yaml", env["REGISTRYPROXY_CONFIG"], "ro"] in mounts
+    key_file = next(a for flag, a in itertools.pairwise(runs[0]) if flag == "-e").split("=", 1)
+    assert key_file[0] == "REGISTRYPROXY_SECRETKEY_FILE"
+    assert [m for flag, m in itertools.pairwise(runs[0]) if flag == "-v" and m.split(":")[1] == key_file[1]]
+    assert ["-e", "REGISTRYPROXY_SECRETKEY=$(cat secretkey)"] == [a for a in runs[1] if "SECRETKEY" in a or a == "-e"]
 
 
 # --- the Kubernetes manifests --------------------------------------------------------------------
@@ -282,6 +464,38 @@ def test_manifests_hold_the_expected_objects(docs: dict[str, dict[str, Any]]) ->
     kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
     listed = set(kustomization["resources"])
     assert listed == {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+
+
+# Every Kubernetes minor version whose API schemas kubernetes-validate (tests/requirements.txt) ships.
+K8S_VERSIONS = tuple(f"1.{minor}" for minor in range(25, 38))
+
+
+def test_the_validator_ships_the_versions_the_readme_names() -> None:
+    shipped = {v.rsplit(".", 1)[0] for v in all_versions()}
+    assert set(K8S_VERSIONS) <= shipped, sorted(shipped)
+    section = " ".join(image_build.readme_section("Kubernetes").split())
+    assert f"Kubernetes {K8S_VERSIONS[0]} to {K8S_VERSIONS[-1]}" in section
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_manifests_validate_against_the_kubernetes_api_schemas(version: str) -> None:
+    """Strict validation (an unknown field fails) of every object, as the API server of `version` would
+    accept it (kubernetes-validate's JSON schemas from the Kubernetes OpenAPI definitions, offline)."""
+    checked = []
+    for name, doc in manifest_documents():
+        checked.append(f"{name}:{doc['kind']}")
+        kubernetes_validate.validate(doc, version, strict=True)
+    assert len(checked) == 5, checked
+
+
+def test_schema_validation_refuses_a_misspelt_field_and_a_wrong_type(deployment: dict[str, Any]) -> None:
+    misspelt = copy.deepcopy(deployment)
+    misspelt["spec"]["template"]["spec"]["containers"][0]["securityContext"]["readOnlyRootFileSystem"] = True
+    mistyped = copy.deepcopy(deployment)
+    mistyped["spec"]["replicas"] = "three"
+    for bad in (misspelt, mistyped):
+        with pytest.raises(kubernetes_validate.ValidationError):
+            kubernetes_validate.validate(bad, K8S_VERSIONS[-1], strict=True)
 
 
 def test_deployment_runs_three_hardened_non_root_replicas(
