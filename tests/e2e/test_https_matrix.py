@@ -151,3 +151,56 @@ def test_clients_verify_the_redirected_blob_store_themselves(
     blobs_url = https_rig["https-redirect"].blobs_url
     assert blobs_url is not None and blobs_url.rstrip("/") in res.stderr, res.describe()
     assert "x509: certificate signed by unknown authority" in res.stderr, res.describe()
+
+
+# -- upstream connections reused across client connections --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unpooled_proxy(
+    upstreams: dict[str, registry.Upstream],
+    https_rig: https_upstream.HttpsRig,
+    test_ca: tls.TestCA,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[proxy.ProxyProc]:
+    """The matrix proxy with `registryproxy_upstream_pool=false`: mitmproxy's own connection per client one."""
+    config = matrix.matrix_config(upstreams, ca_file=str(https_rig.ca.ca_cert))
+    extra = [*test_ca.certs_option(), "--set", "registryproxy_upstream_pool=false"]
+    p = proxy.start_proxy(config, tmp_path_factory.mktemp("https-unpooled"), extra_args=extra)
+    yield p
+    p.stop()
+    assert "Traceback" not in p.output()
+
+
+def _pull_connections(
+    p: proxy.ProxyProc, u: https_upstream.HttpsUpstream, certs: Path, dest: Path, kind: str
+) -> tuple[dict[str, int], int]:
+    """One `skopeo copy --all` of the multi-arch index through `p`: connections each upstream server accepted
+    and the requests the registry saw."""
+    u.clear_logs()
+    u.reset_connections()
+    src = f"{p.host}/{matrix.local_name(kind, 'namespace')}:multi"
+    clients.skopeo_copy(src, dest, all=True, tls_verify=True, cert_dir=certs, tag="multi").check()
+    return u.connections(), len(u.access_log())
+
+
+@pytest.mark.parametrize("kind", ["token", "redirect"])
+def test_warm_pulls_open_at_most_one_connection_per_upstream_host(
+    matrix_tls_proxy: proxy.ProxyProc,
+    unpooled_proxy: proxy.ProxyProc,
+    https_rig: https_upstream.HttpsRig,
+    ca_dir: Path,
+    tmp_path: Path,
+    kind: str,
+) -> None:
+    """skopeo opens a new connection to the proxy for every request. With the pool (the default) a warm
+    pull (the second) costs at most one new connection to the registry and one to the token service,
+    however many requests it makes; without it, one registry connection per request, as before."""
+    u = https_rig[HTTPS_NAME[kind]]
+    _pull_connections(matrix_tls_proxy, u, ca_dir, tmp_path / "cold", kind)
+    warm, requests = _pull_connections(matrix_tls_proxy, u, ca_dir, tmp_path / "warm", kind)
+    assert requests >= 8, requests  # index, 3 manifests, configs and layers of the instances
+    assert warm["registry"] <= 1 and warm.get("token", 0) <= 1, (warm, requests)
+    _pull_connections(unpooled_proxy, u, ca_dir, tmp_path / "unpooled-cold", kind)
+    unpooled, requests = _pull_connections(unpooled_proxy, u, ca_dir, tmp_path / "unpooled-warm", kind)
+    assert unpooled["registry"] >= requests - 1, (unpooled, requests)
