@@ -13,4 +13,4 @@ if _here not in sys.path:
 
 from regproxy import chain
 
-addons = [chain.proxy()]
+addons = [chain.script()]

@@ -33,6 +33,12 @@ def proxy() -> ChainAddon:
     return ChainAddon(addons())
 
 
+def script() -> ChainAddon:
+    """The chain as `mitmdump -s addon/registryproxy.py` loads it: a bad option or configuration at
+    start-up is one log line (and mitmproxy's exit), not a script error with a traceback."""
+    return ChainAddon(addons(), log_startup_option_errors=True)
+
+
 def addons() -> list[object]:
     """A new chain: the addons of one proxy process, sharing one configuration and one set of metrics."""
     metrics = Metrics()

@@ -60,6 +60,7 @@ class Configuration:
         self._stat: tuple[int, int, int] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._sighup = False
+        self._tried = False  # configure has tried to load the file (a failure was reported)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def load(self, loader: Loader) -> None:
@@ -80,6 +81,7 @@ class Configuration:
     def configure(self, updated: set[str]) -> None:
         if "registryproxy_config" not in updated:
             return
+        self._tried = True
         path = _config_path()
         try:
             self._install(self._load(path))
@@ -88,9 +90,10 @@ class Configuration:
             raise exceptions.OptionsError(str(e)) from None
 
     def running(self) -> None:
-        if self.state is None:
+        if self.state is None and not self._tried:
             # Started without any configure call naming our option (e.g. a master that adds the
-            # addon directly): load the default configuration now, or fail start-up loudly.
+            # addon directly): load the default configuration now, or fail start-up loudly. (One
+            # that failed was already reported, and start-up ends on it.)
             try:
                 self.configure({"registryproxy_config"})
             except exceptions.OptionsError as e:

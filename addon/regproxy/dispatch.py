@@ -27,14 +27,39 @@ Handler = Callable[..., Any]
 
 
 class ChainAddon:
+    """The steps as one addon. `log_startup_option_errors`: an option a step refuses before the proxy
+    runs is logged as one line instead of raised (for `mitmdump -s`, whose script loader prints any
+    exception of a script's `configure` with its traceback; mitmproxy's ErrorCheck then ends start-up
+    on that logged error). Once running, a refused option change is raised, so mitmproxy rejects it."""
+
     name = "registryproxy"
 
-    def __init__(self, steps: Sequence[object]) -> None:
+    def __init__(self, steps: Sequence[object], *, log_startup_option_errors: bool = False) -> None:
         self.steps = list(steps)
+        self._running = False
         for hook in hooks.all_hooks:
             handlers = [getattr(s, hook) for s in self.steps if callable(getattr(s, hook, None))]
+            if hook == "running":
+                handlers.insert(0, self._started)
             if handlers:
                 setattr(self, hook, _dispatcher(hook, handlers))
+        configure = getattr(self, "configure", None)
+        if log_startup_option_errors and configure is not None:
+            self.configure = self._startup_guard(configure)
+
+    def _started(self) -> None:
+        self._running = True
+
+    def _startup_guard(self, configure: Handler) -> Handler:
+        def guarded(updated: set[str]) -> None:
+            try:
+                configure(updated)
+            except exceptions.OptionsError as e:
+                if self._running:
+                    raise
+                logger.error("registryproxy: %s", e)
+
+        return guarded
 
 
 def _dispatcher(hook: str, handlers: list[Handler]) -> Handler:

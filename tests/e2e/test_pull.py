@@ -760,6 +760,36 @@ def test_bad_config_refuses_start_with_one_line(tmp_path: Path) -> None:
     assert secret not in res.stdout + res.stderr
 
 
+@pytest.mark.parametrize(
+    ("content", "args", "line"),
+    [
+        ("secretkey: nothex\n", [], "registryproxy: secretkey: is not hex; it must be 64 hex digits (32 bytes)"),
+        ("", ["--set", "registryproxy_client_timeout=-1"], "registryproxy: registryproxy_client_timeout: must be"),
+    ],
+    ids=["config", "option"],
+)
+def test_bad_config_or_option_under_stock_mitmdump_is_one_line(
+    tmp_path: Path, content: str, args: list[str], line: str
+) -> None:
+    """`mitmdump -s addon/registryproxy.py`: mitmproxy's script loader would print a script's option error
+    with its traceback; the chain logs one line and mitmproxy ends start-up on it."""
+    cfg = tmp_path / "c.yaml"
+    secret = "supersecretpassword123"
+    cfg.write_text(
+        f"{content}proxies:\n  'x/':\n    registry: http://127.0.0.1:9\n    username: u\n    password: {secret}\n"
+    )
+    env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
+    script = str(proxy.ADDON_SCRIPT)
+    cmd = [str(proxy.mitmdump_binary()), "-s", script, "--mode", "reverse:http://127.0.0.1:9@127.0.0.1:0", *args]
+    res = subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=60)
+    out = res.stdout + res.stderr
+    assert res.returncode == 1, out
+    assert "Traceback" not in out and secret not in out
+    errors = [x for x in out.splitlines() if "registryproxy: " in x and ("must" in x or "not hex" in x)]
+    assert len(errors) == 1 and line in errors[0], out
+    assert "Error logged during startup, exiting..." in out
+
+
 def test_json_bodies_are_registry_errors(rp: proxy.ProxyProc) -> None:
     for path in ("/nothing", "/v2/UPPER/manifests/v1", "/v2/a/manifests/bad^tag"):
         r = get(rp, path)

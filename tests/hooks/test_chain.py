@@ -452,3 +452,14 @@ def test_the_readme_lists_the_chain_in_order() -> None:
     tail = readme[readme.index("## Architecture") :]
     modules = sorted(p.name for p in (REPO / "addon" / "regproxy").glob("*.py") if p.name != "__init__.py")
     assert [m for m in modules if f"`{m}`" not in tail and f"regproxy/{m}" not in tail] == []
+
+
+def test_the_readme_lists_every_option() -> None:
+    """README "Plain `mitmdump -s`": a row for each option the chain declares."""
+    from regproxy import chain
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    with taddons.context(*chain.addons()) as tctx:
+        declared = sorted(o for o in set(tctx.options.keys()) if o.startswith("registryproxy_"))
+    assert len(declared) >= 8
+    assert [o for o in declared if f"| `{o}` |" not in readme] == []

@@ -71,7 +71,17 @@ def test_a_failing_step_is_logged_and_the_next_runs(caplog: pytest.LogCaptureFix
 def test_an_options_error_still_reaches_mitmproxy() -> None:
     chain = ChainAddon([Refusing()])
     with pytest.raises(exceptions.OptionsError):
-        chain.configure(set())  # type: ignore[attr-defined]
+        chain.configure(set())
+
+
+def test_a_script_logs_an_options_error_before_running_and_raises_after(caplog: pytest.LogCaptureFixture) -> None:
+    chain = ChainAddon([Refusing(), Recorder("a", [])], log_startup_option_errors=True)
+    with caplog.at_level(logging.ERROR):
+        chain.configure(set())
+    assert caplog.messages == ["registryproxy: bad option"]
+    chain.running()  # type: ignore[attr-defined]
+    with pytest.raises(exceptions.OptionsError):
+        chain.configure(set())
 
 
 def test_mitmproxy_runs_the_chain_as_one_addon() -> None:
