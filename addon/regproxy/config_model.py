@@ -67,7 +67,7 @@ class Mapping:
     trust: Trust = field(default_factory=Trust)
     # Registry hosts (normalised by `mirror_host`) whose `?ns=HOST` requests this mapping serves.
     mirror_of: tuple[str, ...] = ()
-    # Token realm origins (`scheme://host:port`) the operator allows beyond upstream.realm_allowed's policy.
+    # Token realm origins (`scheme://host:port`) the operator allows beyond upstream_auth.realm_allowed's policy.
     token_realms: tuple[str, ...] = ()
     # This mapping's own `limits:` (limits.py): the keys it names replace the top-level ones.
     limits: Rules | None = None

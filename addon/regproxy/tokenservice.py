@@ -32,7 +32,8 @@ from .mapping import Matcher
 from .names import is_valid_name
 from .scopes import pull_names
 from .tokens import Grant, TokenCodec, TokenError
-from .upstream import RegistryClient, UpstreamError, UpstreamToken
+from .upstream import RegistryClient
+from .upstream_auth import UpstreamError, UpstreamToken
 
 MAX_PARAM_LENGTH = 4096
 MAX_PARAMS = 128

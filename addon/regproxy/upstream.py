@@ -10,118 +10,43 @@ Every connection is verified with the mapping's trust (`trust.py`: the system st
 `ca_file`, or nothing with `tls_verify: false`), to the registry and to its realm alike, and goes
 through the forward proxy `egress.py` chooses for its URL. httpx reads nothing from the
 environment itself (`trust_env=False`): both decisions are made explicitly, per request.
+
+What the answers mean (the challenge's method, the realm policy, a token answer) is decided by the
+pure functions of upstream_auth.py.
 """
 
 from __future__ import annotations
 
 import asyncio
-import ipaddress
-import json
 import logging
 import os
-import re
-import socket
 import ssl
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
 from urllib.parse import urlsplit
 
 import httpx
 
 from . import trust as trust_module
-from .challenge import UpstreamChallenge, parse_challenge
-from .config import Mapping, Upstream, realm_origin
+from .challenge import parse_challenge
+from .config import Mapping, Upstream
 from .egress import Egress, EgressError, ProxySpec
 from .trust import Trust
+from .upstream_auth import (
+    AuthMethod,
+    UpstreamError,
+    UpstreamToken,
+    method_from,
+    parse_token_response,
+    realm_allowed,
+)
 
 logger = logging.getLogger(__name__)
 
 AUTH_CACHE_SECONDS = 600.0
 TOKEN_CACHE_SIZE = 1024
-# An upstream token is reused while at least this share of its life is left, so the client
-# tokens that wrap it still live long enough to be worth having.
-TOKEN_REUSE_FRACTION = 0.5
 MAX_TOKEN_RESPONSE = 256 * 1024
-MAX_UPSTREAM_TOKEN = 32 * 1024
-DEFAULT_EXPIRES_IN = 60
-# An `expires_in` above this (ten years) is not a token's life but a broken or hostile answer.
-MAX_EXPIRES_IN = 10 * 365 * 24 * 3600
-MAX_TRUSTED_LIFETIME = 24 * 3600.0
-
-
-class UpstreamError(Exception):
-    """An upstream failure; the message is safe for logs (no credentials, no tokens)."""
-
-    def __init__(self, message: str, *, timeout: bool = False) -> None:
-        super().__init__(message)
-        self.timeout = timeout
-
-
-@dataclass(frozen=True)
-class AuthMethod:
-    kind: Literal["none", "basic", "bearer"]
-    realm: str | None = None
-    service: str | None = None
-
-
-@dataclass(frozen=True)
-class UpstreamToken:
-    token: str = field(repr=False)
-    expires_at: float
-    issued_at: float = 0.0
-
-    def reusable(self, now: float) -> bool:
-        lifetime = self.expires_at - self.issued_at
-        return self.expires_at - now >= max(1.0, lifetime * TOKEN_REUSE_FRACTION)
-
-
-def realm_allowed(realm: str, upstream: Upstream, allowed: tuple[str, ...] = ()) -> bool:
-    """Whether the proxy may send a mapping's credentials to this token realm.
-
-    Allowed: https realms on public hosts, any realm on the upstream's own host name
-    (which covers a plain-http upstream the operator configured explicitly), and the
-    origins the mapping lists in `token_realms` (`allowed`, as config.realm_origin spells
-    them). Refused: other schemes, credentials or fragments in the URL, plain http to
-    another host, and https to loopback, private or link-local addresses other than the
-    upstream's own.
-    """
-    try:
-        parts = urlsplit(realm)
-        _ = parts.port
-    except ValueError:
-        return False
-    host = (parts.hostname or "").lower()
-    if parts.scheme not in ("http", "https") or not host or parts.username or parts.password or parts.fragment:
-        return False
-    if allowed and realm_origin(f"{parts.scheme}://{parts.netloc}") in allowed:
-        return True
-    if host == upstream.host:
-        return parts.scheme == "https" or upstream.scheme == "http"
-    if parts.scheme != "https":
-        return False
-    addr = _ip_literal(host)
-    if addr is None:
-        bare = host.rstrip(".")
-        return bare != "localhost" and not bare.endswith(".localhost")
-    return addr.is_global
-
-
-def _ip_literal(host: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
-    """The address a host name denotes by itself, including the resolver's legacy IPv4
-    forms (`127.1`, `2130706433`, `0x7f000001`) that `ipaddress` does not read."""
-    try:
-        return ipaddress.ip_address(host.strip("[]"))
-    except ValueError:
-        pass
-    if all(re.fullmatch(r"0x[0-9a-f]*|[0-9]+", part) for part in host.rstrip(".").split(".")):
-        try:
-            return ipaddress.IPv4Address(socket.inet_aton(host))
-        except OSError:
-            return ipaddress.IPv4Address("0.0.0.0")  # unparseable numeric host: treat as not global
-    return None
 
 
 class RegistryClient:
@@ -186,7 +111,7 @@ class RegistryClient:
 
     def learn(self, upstream: Upstream, www_authenticate: str) -> None:
         """Update what is known from a challenge the upstream answered on a live request."""
-        method = _method_from(parse_challenge(www_authenticate))
+        method = method_from(parse_challenge(www_authenticate))
         if method is not None:
             self._auth[upstream.origin] = (time.monotonic(), method)
 
@@ -227,7 +152,7 @@ class RegistryClient:
         if resp.status_code == 200:
             return AuthMethod("none")
         if resp.status_code in (401, 403):
-            method = _method_from(parse_challenge(resp.headers.get("www-authenticate", "")))
+            method = method_from(parse_challenge(resp.headers.get("www-authenticate", "")))
             if method is not None:
                 return method
             raise UpstreamError(f"upstream registry answered {resp.status_code} without a usable challenge")
@@ -340,37 +265,3 @@ def _netloc(url: str) -> str:
 def _httpx_proxy(proxy: ProxySpec, tls: ssl.SSLContext | None) -> httpx.Proxy:
     auth = (proxy.username, proxy.password or "") if proxy.username is not None else None
     return httpx.Proxy(proxy.url, auth=auth, ssl_context=tls if proxy.scheme == "https" else None)
-
-
-def parse_token_response(body: bytes, requested_at: float) -> UpstreamToken:
-    """Read a token server's JSON answer (`token` or `access_token`, `expires_in`, `issued_at`)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # RecursionError: deeply nested arrays ("[[[[…")
-        raise UpstreamError("upstream token response is not JSON") from None
-    if not isinstance(data, dict):
-        raise UpstreamError("upstream token response is not a JSON object")
-    token = data.get("token") or data.get("access_token")
-    if not isinstance(token, str) or not token or len(token) > MAX_UPSTREAM_TOKEN or not token.isascii():
-        raise UpstreamError("upstream token response has no usable token")
-    if any(c in token for c in " \r\n\t\0,\"'"):
-        raise UpstreamError("upstream token response has no usable token")
-    expires_in = data.get("expires_in")
-    if isinstance(expires_in, bool) or not isinstance(expires_in, int | float):
-        expires_in = DEFAULT_EXPIRES_IN  # absent or not a number: the token spec's default
-    elif not 0 < expires_in <= MAX_EXPIRES_IN:  # NaN fails this too
-        raise UpstreamError("upstream token response has an impossible expires_in")
-    # Expiry counts from when the request was sent, on this clock: the upstream's
-    # `issued_at` is not trusted, so clock skew can only shorten a token, never extend it.
-    # A very long life is believed for a day at most, so that a cached token is fetched again.
-    return UpstreamToken(token, requested_at + min(float(expires_in), MAX_TRUSTED_LIFETIME), requested_at)
-
-
-def _method_from(ch: UpstreamChallenge | None) -> AuthMethod | None:
-    if ch is None:
-        return None
-    if ch.scheme == "bearer" and ch.realm:
-        return AuthMethod("bearer", ch.realm, ch.service)
-    if ch.scheme == "basic":
-        return AuthMethod("basic")
-    return None

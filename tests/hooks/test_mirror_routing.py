@@ -14,7 +14,7 @@ from hooks.conftest import Chain, request_flow
 from mitmproxy import http
 from regproxy import answers, tokenservice
 from regproxy.config import Mapping
-from regproxy.upstream import UpstreamToken
+from regproxy.upstream_auth import UpstreamToken
 
 KEY = "cd" * 32
 CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"

@@ -20,7 +20,7 @@ from regproxy.flowstate import FlowState
 from regproxy.metrics import Metrics
 from regproxy.token_endpoint import TokenEndpoint
 from regproxy.tokenservice import TokenAnswer, TokenRequest
-from regproxy.upstream import UpstreamError, UpstreamToken
+from regproxy.upstream_auth import UpstreamError, UpstreamToken
 
 CONFIG = f"""
 secretkey: {"ab" * 32}

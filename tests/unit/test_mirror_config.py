@@ -14,7 +14,8 @@ from regproxy.config import Config, ConfigError, Mapping, loads, mirror_host, pa
 from regproxy.mapping import Matcher
 from regproxy.tokens import TokenCodec, TokenError
 from regproxy.tokenservice import TokenRequest, TokenService, mirror_base, token_path
-from regproxy.upstream import RegistryClient, UpstreamToken
+from regproxy.upstream import RegistryClient
+from regproxy.upstream_auth import UpstreamToken
 
 KEY = "22" * 32
 UUID = "0ebb01be-0a22-4639-898c-bc8c2d20942d"

@@ -14,7 +14,8 @@ from regproxy.errors import RegistryError
 from regproxy.mapping import Matcher
 from regproxy.tokens import Grant, TokenCodec
 from regproxy.tokenservice import MAX_PARAMS, TokenAnswer, TokenRequest, TokenService, parse_token_request, public_base
-from regproxy.upstream import RegistryClient, UpstreamError, UpstreamToken
+from regproxy.upstream import RegistryClient
+from regproxy.upstream_auth import UpstreamError, UpstreamToken
 
 KEY = "11" * 32
 AUD = "https://reg.example.com"

@@ -17,13 +17,12 @@ from regproxy import trust
 from regproxy.config import Mapping, Upstream
 from regproxy.egress import Egress, ProxySpec
 from regproxy.trust import Trust
-from regproxy.upstream import (
+from regproxy.upstream import MAX_TOKEN_RESPONSE, RegistryClient
+from regproxy.upstream_auth import (
     DEFAULT_EXPIRES_IN,
     MAX_EXPIRES_IN,
-    MAX_TOKEN_RESPONSE,
     MAX_UPSTREAM_TOKEN,
     AuthMethod,
-    RegistryClient,
     UpstreamError,
     UpstreamToken,
     parse_token_response,

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client import CollectorRegistry
 from regproxy.config import Mapping, Upstream
 from regproxy.metrics import Metrics
-from regproxy.upstream import RegistryClient, UpstreamError, UpstreamToken
+from regproxy.upstream import RegistryClient
+from regproxy.upstream_auth import UpstreamError, UpstreamToken
 
 HTTPS_UP = Upstream("https", "registry.example.com", 443)
 HTTP_UP = Upstream("http", "127.0.0.1", 5000)
