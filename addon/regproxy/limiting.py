@@ -43,8 +43,9 @@ from .configuration import Configuration
 from .errors import RegistryError
 from .flowstate import FlowState
 from .forwarded import client_address, client_key
-from .limits import LimitSettings, Rate, Rules
-from .limitstore import LEASE_TTL, Charge, Check, MemoryStore, RedisStore, Store, StoreError, retry_seconds
+from .limits import LimitSettings, Rate, Rules, refusal_message
+from .limitstore import LEASE_TTL, Charge, Check, MemoryStore, Store, StoreError, retry_seconds
+from .limitstore_redis import RedisStore
 from .metrics import Metrics
 from .names import RouteKind
 
@@ -52,32 +53,6 @@ logger = logging.getLogger("registryproxy")
 
 MARK_LIMITED = ":no_entry:"
 CLOSED_RETRY = 5  # Retry-After of a 503 while the store fails (on_store_failure: closed)
-_WHAT = {
-    "client_requests": "requests per client",
-    "manifest_gets": "manifest requests for this repository's mapping",
-    "mapping_bytes": "bytes for this repository's mapping",
-    "client_bytes": "bytes per client",
-    "client_transfers": "blob transfers at once per client",
-}
-
-
-def describe(name: str, rules: Rules) -> str:
-    """The limit for a client: its name and size, nothing about who else uses it."""
-    rate: Rate | None = getattr(rules, name, None) if name != "client_transfers" else None
-    if name == "client_requests" and rate is not None:
-        size = f"{rate.amount} per {_span(rate.window)}, bursts of {rules.burst}"
-    elif rate is not None:
-        size = f"{rate.amount} per {_span(rate.window)}"
-    else:
-        size = str(rules.client_transfers)
-    return f"limit {name} reached ({size} {_WHAT.get(name, '')})".replace("  ", " ")
-
-
-def _span(seconds: int) -> str:
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % n == 0:
-            return f"{seconds // n}{unit}"
-    return f"{seconds}s"
 
 
 @dataclass
@@ -152,7 +127,7 @@ class Limits:
         if verdict.refused is not None:
             name = names[verdict.refused]
             self._refuse(flow, st, name, mapping.label)
-            err = RegistryError(429, "TOOMANYREQUESTS", describe(name, rules))
+            err = RegistryError(429, "TOOMANYREQUESTS", refusal_message(name, rules))
             answers.reply_error(flow, err, {"Retry-After": str(retry_seconds(verdict.retry_after))})
             return
         if admitted.byte_windows or admitted.slot is not None:

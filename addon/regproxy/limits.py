@@ -252,3 +252,41 @@ def _networks(value: object) -> tuple[Network, ...]:
         except ValueError:
             raise LimitsError(f"trusted_proxies: {v[:60]!r} is not an IP address or network (host bits set?)") from None
     return tuple(nets)
+
+
+_WHAT = {
+    "client_requests": "requests per client",
+    "manifest_gets": "manifest requests for this repository's mapping",
+    "mapping_bytes": "bytes for this repository's mapping",
+    "client_bytes": "bytes per client",
+    "client_transfers": "blob transfers at once per client",
+}
+
+
+def refusal_message(name: str, rules: Rules) -> str:
+    """The limit for a client: its name and size, nothing about who else uses it."""
+    rate: Rate | None = getattr(rules, name, None) if name != "client_transfers" else None
+    if name == "client_requests" and rate is not None:
+        size = f"{rate.amount} per {_span(rate.window)}, bursts of {rules.burst}"
+    elif rate is not None:
+        amount = _bytes(rate.amount) if name.endswith("_bytes") else str(rate.amount)
+        size = f"{amount} per {_span(rate.window)}"
+    else:
+        size = str(rules.client_transfers)
+    return f"limit {name} reached ({size} {_WHAT.get(name, '')})".replace("  ", " ")
+
+
+def _span(seconds: int) -> str:
+    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds % n == 0:
+            return f"{seconds // n}{unit}"
+    return f"{seconds}s"
+
+
+def _bytes(n: int) -> str:
+    """A byte count as the config would spell it: the largest unit that divides it, else bytes."""
+    for unit in ("TiB", "TB", "GiB", "GB", "MiB", "MB", "KiB", "KB"):
+        size = _BYTE_UNITS[unit.lower()]
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return f"{n}B"

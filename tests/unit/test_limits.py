@@ -7,7 +7,16 @@ from typing import Any
 
 import pytest
 from regproxy.forwarded import client_address, client_key, forwarded_for, parse_ip
-from regproxy.limits import LimitsError, LimitSettings, Rate, Rules, parse_limits, parse_rate, parse_settings
+from regproxy.limits import (
+    LimitsError,
+    LimitSettings,
+    Rate,
+    Rules,
+    parse_limits,
+    parse_rate,
+    parse_settings,
+    refusal_message,
+)
 
 
 def test_absent_means_unlimited() -> None:
@@ -146,3 +155,30 @@ def test_addresses() -> None:
     assert str(parse_ip("192.0.2.1:5000")) == "192.0.2.1"
     assert parse_ip("unknown") is None and parse_ip(None) is None
     assert client_key(None) == "unknown" and client_key(parse_ip("192.0.2.1")) == "192.0.2.1"
+
+
+def test_a_refusal_names_the_limit_and_its_size_only() -> None:
+    rules = parse_limits(
+        {
+            "client_requests": "600/10m",
+            "client_burst": 120,
+            "manifest_gets": "90/6h",
+            "mapping_bytes": "2GB/1d",
+            "client_transfers": 6,
+            "client_bytes": "20/90s",
+        },
+        "limits",
+    )
+    assert refusal_message("client_requests", rules) == (
+        "limit client_requests reached (600 per 10m, bursts of 120 requests per client)"
+    )
+    assert refusal_message("manifest_gets", rules) == (
+        "limit manifest_gets reached (90 per 6h manifest requests for this repository's mapping)"
+    )
+    assert refusal_message("mapping_bytes", rules) == (
+        "limit mapping_bytes reached (2GB per 1d bytes for this repository's mapping)"
+    )
+    assert refusal_message("client_bytes", rules) == "limit client_bytes reached (20B per 90s bytes per client)"
+    assert refusal_message("client_transfers", rules) == (
+        "limit client_transfers reached (6 blob transfers at once per client)"
+    )
