@@ -52,7 +52,7 @@ from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.proxy.layers.http._events import RequestHeaders
 
 from . import failures
-from .connpool import ConnectionPool, Origin
+from .connpool import ConnectionPool, Origin, TunnelError
 from .trust import tls_failure
 
 logger = logging.getLogger(__name__)
@@ -213,6 +213,16 @@ async def _pooled_open_connection(host: str, port: int, **kwargs: Any) -> tuple[
             origin.port,
             origin.label or "-",
             tls_failure(e) or "TLS handshake failed",
+        )
+        raise
+    except OSError as e:
+        # mitmproxy answers 502 and the access log says `upstream=failed`; this line says why, and whether it
+        # was the forward proxy (`origin` names it by address; its credentials are never in a message).
+        reason = (
+            str(e) if isinstance(e, TunnelError) else "timed out" if isinstance(e, TimeoutError) else type(e).__name__
+        )
+        logger.warning(
+            "registryproxy: upstream connection to %s for mapping %s failed: %s", origin, origin.label or "-", reason
         )
         raise
     lent = _Lent(origin, reader, writer)

@@ -14,6 +14,9 @@ Configurations, alternating pull by pull:
   pool-off  through the proxy as ./run.sh starts it (lean master), `--set registryproxy_upstream_pool=false`:
             mitmproxy's own one upstream connection per client connection (the behaviour before the pool)
   pool-on   the same with the pool (the default)
+  haproxy   the alternative the pool was chosen over, measured beside it: the proxy with the pool off, its
+            mapping's registry an HAProxy on loopback that does the upstream TLS and keeps the upstream
+            connections (`http-reuse always`), an egress engine of its own (not in --quick)
 The proxy trusts the upstream through the configuration's `ca_file`; clients reach the proxy on loopback as
 the rest of the benchmark does (skopeo and docker over TLS without verifying the proxy's certificate,
 ctr in plain HTTP).
@@ -27,23 +30,26 @@ token, blobs) accepted during it, the proxy's CPU and the blob bytes it logged.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import shutil
 import statistics
 import tempfile
+import textwrap
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from bench import measure, targets
 from rig import daemons, tls, wan
 from rig.https_upstream import HttpsUpstream, start_https_upstream
-from rig.procs import LOOPBACK, RigError
+from rig.procs import LOOPBACK, Proc, RigError, clean_env, free_port
 
 KINDS = ("https-redirect", "https-basic")
-CONFIGS = ("direct", "pool-off", "pool-on")
+CONFIGS = ("direct", "pool-off", "pool-on", "haproxy")
 CLIENTS = ("skopeo", "ctr", "docker")
 SERVERS = ("registry", "token", "blobs")
 MAPPING = {"https-redirect": "redir", "https-basic": "basic"}
@@ -56,6 +62,7 @@ CONFIG_LABEL = {
     "direct": "the client straight to the upstream",
     "pool-off": f"./run.sh --set {POOL_OPTION}=false (one upstream connection per client connection)",
     "pool-on": "./run.sh (upstream connections pooled across client connections)",
+    "haproxy": f"./run.sh --set {POOL_OPTION}=false, the registry through HAProxy on loopback (upstream TLS, http-reuse always)",
 }
 # Targets of the issue "Production upstreams" (pool-on, warm pulls, ratio of medians to direct).
 MAX_WARM_CONNECTIONS = 1
@@ -68,19 +75,24 @@ class WanSettings:
     warm: int
     clients: tuple[str, ...]
     kinds: tuple[str, ...]
+    configs: tuple[str, ...] = CONFIGS
 
 
 def settings(quick: bool, rtts: str | None, warm: int | None, clients: str | None, kinds: str | None) -> WanSettings:
     """The full run: RTT 20 and 100 ms, 3 warm pulls, every client. --quick: RTT 100 ms, 1 warm pull, no docker."""
-    s = WanSettings((100,), 1, ("skopeo", "ctr"), KINDS) if quick else WanSettings((20, 100), 3, CLIENTS, KINDS)
+    s = (
+        WanSettings((100,), 1, ("skopeo", "ctr"), KINDS, CONFIGS[:3])
+        if quick
+        else WanSettings((20, 100), 3, CLIENTS, KINDS, CONFIGS)
+    )
     if rtts is not None:
-        s = WanSettings(tuple(int(x) for x in _split(rtts)), s.warm, s.clients, s.kinds)
+        s = dataclasses.replace(s, rtts_ms=tuple(int(x) for x in _split(rtts)))
     if warm is not None:
-        s = WanSettings(s.rtts_ms, max(1, warm), s.clients, s.kinds)
+        s = dataclasses.replace(s, warm=max(1, warm))
     if clients is not None:
-        s = WanSettings(s.rtts_ms, s.warm, tuple(_split(clients)), s.kinds)
+        s = dataclasses.replace(s, clients=tuple(_split(clients)))
     if kinds is not None:
-        s = WanSettings(s.rtts_ms, s.warm, s.clients, tuple(_split(kinds)))
+        s = dataclasses.replace(s, kinds=tuple(_split(kinds)))
     bad = [c for c in s.clients if c not in CLIENTS] + [k for k in s.kinds if k not in KINDS]
     if bad or not s.rtts_ms or any(r < 0 for r in s.rtts_ms):
         raise ValueError(f"WAN settings: unknown or bad {', '.join(bad) or 'round-trip times'}")
@@ -195,20 +207,44 @@ class Block:
         self.up = rig.upstreams[kind]
         self.workdir = workdir
         self.proxies: dict[str, targets.Target] = {}
+        self.egress: Proc | None = None  # HAProxy of the "haproxy" configuration
         self.last_end: dict[str, float] = {}
         self.logged_in = False
 
-    def start_proxies(self) -> None:
+    def start_proxies(self, configs: Sequence[str]) -> None:
         for config in ("pool-off", "pool-on"):
-            extra = ("--set", f"{POOL_OPTION}={'false' if config == 'pool-off' else 'true'}")
-            self.proxies[config] = targets.start_rp_run(
-                self.rig.proxy_config(), self.workdir / config, extra=extra, name=config
+            if config in configs:
+                extra = ("--set", f"{POOL_OPTION}={'false' if config == 'pool-off' else 'true'}")
+                self.proxies[config] = targets.start_rp_run(
+                    self.rig.proxy_config(), self.workdir / config, extra=extra, name=config
+                )
+        if "haproxy" in configs:
+            port = free_port()
+            self.egress = start_haproxy_egress(self.up, self.rig.ca.ca_cert, port, self.workdir / "haproxy")
+            config_ = self.rig.proxy_config()
+            mapping = config_["proxies"][f"{MAPPING[self.kind]}/"]
+            mapping["registry"] = f"http://{LOOPBACK}:{port}"
+            if self.up.token_realm:  # on another server: the realm policy allows it by name only
+                realm = urlsplit(self.up.token_realm)
+                mapping["token_realms"] = [f"{realm.scheme}://{realm.netloc}"]
+            self.proxies["haproxy"] = targets.start_rp_run(
+                config_, self.workdir / "haproxy-rp", extra=("--set", f"{POOL_OPTION}=false"), name="haproxy"
             )
 
     def stop(self) -> None:
         for t in self.proxies.values():
             t.stop()
         self.proxies.clear()
+        if self.egress is not None:
+            self.egress.stop()
+            self.egress = None
+
+    def sample(self, config: str) -> dict[int, targets.ProcSample]:
+        """CPU and memory of the configuration's processes (the proxy, and HAProxy for "haproxy")."""
+        out = self.proxies[config].sample()
+        if config == "haproxy" and self.egress is not None:
+            out.update(targets.group_samples(self.egress.pid))
+        return out
 
     def ref(self, config: str) -> str:
         name = f"{wan.WAN_NAME}:{wan.WAN_TAG}"
@@ -219,13 +255,13 @@ class Block:
 
     def pull(self, config: str, phase: str, index: int) -> Pull:
         t = self.proxies.get(config)
-        before = t.sample() if t is not None else {}
+        before = self.sample(config) if t is not None else {}
         out_before = len(t.output()) if t is not None else 0
         idle = time.perf_counter() - self.last_end[config] if t is not None and config in self.last_end else None
         seconds, conns = self._pull(config)
         if t is not None:
             self.last_end[config] = time.perf_counter()
-            cpu: float | None = targets.usage_between(before, t.sample()).cpu_s
+            cpu: float | None = targets.usage_between(before, self.sample(config)).cpu_s
             time.sleep(0.05)  # the last log line is written right after the answer
             blob: int | None = measure.logged_bytes(t.output()[out_before:])[0]
         else:
@@ -277,12 +313,49 @@ class Block:
         return seconds, conns
 
 
+def start_haproxy_egress(up: HttpsUpstream, ca_file: Path, port: int, workdir: Path) -> Proc:
+    """HAProxy on loopback:`port` in front of `up`'s registry: plain HTTP in, TLS out (verified with
+    `ca_file`, SNI and host name checked), idle upstream connections kept and shared by every request
+    (`http-reuse always`, purged after 30 s idle like the pool's)."""
+    host = urlsplit(up.url)
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "haproxy.cfg"
+    cfg.write_text(
+        textwrap.dedent(
+            f"""\
+            global
+              maxconn 1000
+            defaults
+              mode http
+              timeout connect 10s
+              timeout client 120s
+              timeout server 120s
+              timeout http-keep-alive 60s
+              option http-keep-alive
+              http-reuse always
+            frontend egress
+              bind {LOOPBACK}:{port}
+              default_backend upstream
+            backend upstream
+              server up {host.hostname}:{host.port} ssl verify required ca-file {ca_file} sni str({host.hostname}) verifyhost {host.hostname} pool-purge-delay 30s
+            """
+        )
+    )
+    proc = Proc("haproxy-egress").start(["haproxy", "-db", "-f", str(cfg)], env=clean_env(), cwd=workdir)
+    try:
+        proc.wait_for_port(LOOPBACK, port, 20)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc
+
+
 def run_block(rig: WanRig, rtt_ms: int, kind: str, client: str, warm: int, order: Sequence[str]) -> list[Pull]:
     """Fresh proxies; one cold pull per configuration, then `warm` rounds, each configuration in `order`."""
     block = Block(rig, rtt_ms, kind, client, rig.workdir / f"{rtt_ms}ms-{kind}-{client}")
     pulls: list[Pull] = []
     try:
-        block.start_proxies()
+        block.start_proxies(order)
         for index in range(warm + 1):
             for config in order:
                 p = block.pull(config, "cold" if index == 0 else "warm", index)
@@ -326,7 +399,8 @@ def run(s: WanSettings) -> dict[str, Any]:
             rig.set_rtt(rtt)
             for kind in s.kinds:
                 for client in clients_run:
-                    order = CONFIGS[n % 3 :] + CONFIGS[: n % 3]  # each block starts with another configuration
+                    k = n % len(s.configs)
+                    order = s.configs[k:] + s.configs[:k]  # each block starts with another configuration
                     n += 1
                     print(f"\nW. RTT {rtt} ms, {kind}, {client}: {' '.join(order)}", flush=True)
                     try:
@@ -342,7 +416,7 @@ def run(s: WanSettings) -> dict[str, Any]:
         "settings": asdict(s),
         "clients": clients_run,
         "upstreams": {k: KIND_LABEL[k] for k in s.kinds},
-        "configurations": CONFIG_LABEL,
+        "configurations": {c: CONFIG_LABEL[c] for c in s.configs},
         "image": {"name": f"{wan.WAN_NAME}:{wan.WAN_TAG}", "layers": len(wan.WAN_LAYERS), "bytes": image_bytes},
         "summary": rows,
         "targets": goals,
@@ -503,10 +577,10 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
     by = {(r["rtt_ms"], r["kind"], r["client"], r["config"]): r for r in rows}
     out = [
         (
-            "| RTT | upstream | client | direct, s | pool off, s | pool on, s | pool on, cold, s "
-            "| new upstream connections per warm pull (registry/token/blobs): direct · pool off · pool on |"
+            "| RTT | upstream | client | direct, s | pool off, s | pool on, s | pool on, cold, s | HAProxy egress, s "
+            "| new upstream connections per warm pull (registry/token/blobs): direct · pool off · pool on · HAProxy |"
         ),
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     seen: list[tuple[int, str, str]] = []
     for r in rows:
@@ -537,7 +611,7 @@ def markdown_table(doc: Mapping[str, Any]) -> str:
         cold_s = f"{cold['cold_s']:.2f}" if cold is not None and cold["cold_s"] is not None else ""
         out.append(
             f"| {rtt} ms | {kind.removeprefix('https-')} | {client} | {cell(key, 'direct')} | {cell(key, 'pool-off')} "
-            f"| {cell(key, 'pool-on')} | {cold_s} | {conns(key)} |"
+            f"| {cell(key, 'pool-on')} | {cold_s} | {cell(key, 'haproxy')} | {conns(key)} |"
         )
     return "\n".join(out)
 

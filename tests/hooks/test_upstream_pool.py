@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -188,3 +189,49 @@ def test_without_a_resolver_mitmproxy_connects_per_client_connection_as_before(c
             assert upstream_pool.pool() is not None and upstream_pool.pool().idle_count() == 0  # type: ignore[union-attr]
 
     asyncio.run(asyncio.wait_for(go(), 30))
+
+
+@dataclass(frozen=True)
+class Refusing:
+    """A forward proxy (as connpool.ForwardProxy) that answers every CONNECT 407."""
+
+    port: int
+    scheme: str = "http"
+    authorization: str | None = "Basic dXNlcjpzM2NyZXQ="  # user:s3cret
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return ("127.0.0.1", self.port)
+
+
+def test_a_refused_tunnel_answers_502_and_logs_why_without_credentials(
+    ca: TestCA, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 407 Proxy Authentication Required\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    async def go() -> None:
+        fwd = await asyncio.start_server(refuse, "127.0.0.1", 0)
+        proxy = Refusing(fwd.sockets[0].getsockname()[1])
+
+        def via_proxy(port: int) -> upstream_pool.Resolver:
+            return lambda scheme, host, p: Origin(scheme, host, p, trust=str(ca.ca_cert), proxy=proxy, label="far/")
+
+        try:
+            async with proxy_and_upstream(ca, tmp_path, via_proxy) as (port, up):
+                answer = await fetch(port)
+                assert answer.startswith(b"HTTP/1.1 502 ")
+                assert up.accepted == 0
+        finally:
+            fwd.close()
+
+    with caplog.at_level(logging.WARNING, logger="registryproxy"):
+        asyncio.run(asyncio.wait_for(go(), 30))
+    lines = [r.getMessage() for r in caplog.records if "upstream connection to" in r.getMessage()]
+    assert len(lines) == 1, caplog.text
+    assert "for mapping far/ failed: forward proxy refused CONNECT: 'HTTP/1.1 407 Proxy Authentication" in lines[0]
+    assert " via 127.0.0.1:" in lines[0]  # the forward proxy, by address
+    assert "dXNlcjpzM2NyZXQ=" not in caplog.text and "s3cret" not in caplog.text
