@@ -194,6 +194,11 @@ class _LentWriter:
             await self._w.wait_closed()
 
 
+def _mappings(origin: Origin) -> str:
+    """The mappings an origin serves, for a log line: `mapping team/`, or `mappings a/, b/`."""
+    return f"mappings {origin.label}" if ", " in origin.label else f"mapping {origin.label or '-'}"
+
+
 async def _pooled_open_connection(host: str, port: int, **kwargs: Any) -> tuple[Any, Any]:
     opening = _opening.get()
     if opening is None or _pool is None:
@@ -208,10 +213,10 @@ async def _pooled_open_connection(host: str, port: int, **kwargs: Any) -> tuple[
     except ssl.SSLError as e:
         # The same line `upstream_tls` logs for connections mitmproxy sets up itself.
         logger.warning(
-            "registryproxy: upstream TLS to %s:%d failed for mapping %s: %s",
+            "registryproxy: upstream TLS to %s:%d failed for %s: %s",
             origin.host,
             origin.port,
-            origin.label or "-",
+            _mappings(origin),
             tls_failure(e) or "TLS handshake failed",
         )
         raise
@@ -221,9 +226,7 @@ async def _pooled_open_connection(host: str, port: int, **kwargs: Any) -> tuple[
         reason = (
             str(e) if isinstance(e, TunnelError) else "timed out" if isinstance(e, TimeoutError) else type(e).__name__
         )
-        logger.warning(
-            "registryproxy: upstream connection to %s for mapping %s failed: %s", origin, origin.label or "-", reason
-        )
+        logger.warning("registryproxy: upstream connection to %s for %s failed: %s", origin, _mappings(origin), reason)
         raise
     lent = _Lent(origin, reader, writer)
     _lent[conn_id] = lent

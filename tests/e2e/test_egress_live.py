@@ -299,7 +299,8 @@ def test_loopback_upstreams_are_never_proxied(
 def test_forward_proxy_down_answers_502_at_once(rig: Rig, make_proxy: MakeProxy, tmp_layout: Path) -> None:
     """HTTPS_PROXY names a port where nothing listens: the token client's request (`/token`) and a
     pooled connection (a manifest through a static-credential mapping) are answered a registry JSON
-    502 at once, logged as one line each; skopeo fails fast; no credential anywhere."""
+    502 at once, logged as one line each (and the pooled connection's failure as one more, saying why);
+    skopeo fails fast; no credential anywhere."""
     down = f"http://{CREDS[0]}:{CREDS[1]}@{rig.net.link_addr}:{PORT + 1}"
     p = make_proxy(config(rig.remote, rig.static_bearer(), upstream_timeout=10), env={"HTTPS_PROXY": down})
     since = settled(p)
@@ -313,8 +314,11 @@ def test_forward_proxy_down_answers_502_at_once(rig: Rig, make_proxy: MakeProxy,
     r, took = ask(p, "farstatic/app")
     assert took < 5
     assert_registry_error(r, 502, "upstream registry unreachable or failed to answer")
-    token_line, line = new_lines(p, since)
+    token_line, why, line = new_lines(p, since)
     assert "GET /token (farstatic/) mapping=- status=200 " in token_line  # answered without the upstream
+    # The pool says why, naming the mappings of that upstream and the forward proxy by its address only.
+    via = f" via {rig.net.link_addr}:{PORT + 1} for mappings far/, farstatic/ failed: ConnectionRefusedError"
+    assert "registryproxy: upstream connection to https://" in why and why.endswith(via), why
     assert re.search(r"GET farstatic/app/manifests/v1 mapping=farstatic/ status=error upstream=failed ", line), line
 
     started = time.monotonic()
@@ -478,9 +482,9 @@ def test_untrusted_upstream_through_the_forward_proxy_fails_naming_the_upstream(
     time.sleep(0.3)
     lines = re.findall(r"^.*upstream TLS to .*$", p.output(), re.MULTILINE)
     # The token client's line names the request's mapping; the pool's, every mapping of that upstream.
-    labels = ["far/", "far/, farstatic/"]
+    labels = ["mapping far/", "mappings far/, farstatic/"]
     assert len(lines) == 2, p.output()
     for line, label in zip(lines, labels, strict=True):
-        assert f"upstream TLS to {rig.named.registry_netloc} failed for mapping {label}: unknown CA (" in line
+        assert f"upstream TLS to {rig.named.registry_netloc} failed for {label}: unknown CA (" in line
     assert rig.log().connects
     assert_clean([p.output()], secrets(rig.named, CREDS))
