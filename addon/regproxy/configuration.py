@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import signal
-from collections.abc import Coroutine
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ from typing import Any
 from mitmproxy import ctx, exceptions, http
 from mitmproxy.addonmanager import Loader
 
-from . import answers
+from . import answers, background
 from .answers import fail_closed
 from .config import Config, ConfigError, load_file
 from .errors import RegistryError
@@ -61,7 +60,6 @@ class Configuration:
         self._watch: asyncio.Task[None] | None = None
         self._sighup = False
         self._tried = False  # configure has tried to load the file (a failure was reported)
-        self._tasks: set[asyncio.Task[Any]] = set()
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -166,7 +164,7 @@ class Configuration:
         old_client = self.client
         self.client = state.tokens.client
         if old_client is not None and old_client is not self.client:
-            self._spawn(old_client.aclose())
+            background.spawn(old_client.aclose())
         self.state = state
         self._stat = _stat(state.path)
         config = state.config
@@ -201,15 +199,6 @@ class Configuration:
                     self.reload("file changed")
             except Exception as e:  # noqa: BLE001 - the watcher must keep running
                 logger.error("registryproxy: config watch failed (%s)", type(e).__name__)
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
 
 
 def _config_path() -> str:

@@ -30,13 +30,11 @@ import asyncio
 import logging
 import uuid
 import weakref
-from collections.abc import Coroutine
 from dataclasses import dataclass, field
-from typing import Any
 
 from mitmproxy import http
 
-from . import answers, flowstate
+from . import answers, background, flowstate
 from .answers import fail_closed
 from .config import Mapping
 from .configuration import Configuration
@@ -79,7 +77,6 @@ class Limits:
         self._leases: dict[str, str] = {}  # lease -> slot key, renewed while held
         self._renewer: asyncio.Task[None] | None = None
         self._failing = False
-        self._tasks: set[asyncio.Task[Any]] = set()
         self._rules: tuple[object, dict[str, Rules]] = (None, {})
 
     async def done(self) -> None:
@@ -240,7 +237,7 @@ class Limits:
             self._store_url = settings.redis_url
             self._failing = False
             if old is not None:
-                self._spawn(old.aclose())
+                background.spawn(old.aclose())
         return self._store
 
     def _refuse(self, flow: http.HTTPFlow, st: FlowState, name: str, mapping: str) -> None:
@@ -267,7 +264,7 @@ class Limits:
                 if name == "mapping_bytes":
                     self.metrics.limit_usage(name, held.mapping, n, rate.amount)
 
-        self._spawn(charge())
+        background.spawn(charge())
 
     def _let_go(self, held: _Admitted) -> None:
         if held.slot is None or self._store is None:
@@ -282,7 +279,7 @@ class Limits:
             except StoreError as e:
                 self._store_failed(e)  # the lease expires by itself (LEASE_TTL)
 
-        self._spawn(release())
+        background.spawn(release())
 
     def _hold(self, key: str, lease: str) -> None:
         self._leases[lease] = key
@@ -313,12 +310,3 @@ class Limits:
         if self._failing:
             self._failing = False
             logger.warning("registryproxy: limits store answers again; limits apply")
-
-    def _spawn(self, coro: Coroutine[Any, Any, Any]) -> None:
-        try:
-            task: asyncio.Task[Any] = asyncio.get_running_loop().create_task(coro)
-        except RuntimeError:
-            coro.close()
-            return
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
