@@ -83,8 +83,19 @@ def matrix_tls_proxy(
     test_ca: tls.TestCA,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[proxy.ProxyProc]:
+    yield from _matrix_proxy(upstreams, https_rig, test_ca, tmp_path_factory.mktemp("https-matrix"))
+
+
+def _matrix_proxy(
+    upstreams: dict[str, registry.Upstream],
+    https_rig: https_upstream.HttpsRig,
+    test_ca: tls.TestCA,
+    tmp: Path,
+    *extra: str,
+) -> Iterator[proxy.ProxyProc]:
+    """The client-matrix mappings over the HTTPS rig, the rig's CA as `ca_file`; stopped after use."""
     config = matrix.matrix_config(upstreams, ca_file=str(https_rig.ca.ca_cert))
-    p = proxy.start_proxy(config, tmp_path_factory.mktemp("https-matrix"), extra_args=test_ca.certs_option())
+    p = proxy.start_proxy(config, tmp, extra_args=[*test_ca.certs_option(), *extra])
     yield p
     p.stop()
     assert "Traceback" not in p.output()
@@ -164,12 +175,8 @@ def unpooled_proxy(
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[proxy.ProxyProc]:
     """The matrix proxy with `registryproxy_upstream_pool=false`: mitmproxy's own connection per client one."""
-    config = matrix.matrix_config(upstreams, ca_file=str(https_rig.ca.ca_cert))
-    extra = [*test_ca.certs_option(), "--set", "registryproxy_upstream_pool=false"]
-    p = proxy.start_proxy(config, tmp_path_factory.mktemp("https-unpooled"), extra_args=extra)
-    yield p
-    p.stop()
-    assert "Traceback" not in p.output()
+    tmp = tmp_path_factory.mktemp("https-unpooled")
+    yield from _matrix_proxy(upstreams, https_rig, test_ca, tmp, "--set", "registryproxy_upstream_pool=false")
 
 
 def _pull_connections(
