@@ -19,11 +19,10 @@ from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
+from .ocitext import MAX_ENTRIES, as_dict, as_list, clip, count, human_size, joined, more, one_line, short_digest, table
+
 # The distribution spec caps manifests at 4 MiB; a config is smaller still. Larger input is not parsed.
 MAX_INPUT = 4 * 1024 * 1024
-MAX_ENTRIES = 200  # platforms, layers, env names, history steps, annotations listed; the rest counted
-MAX_VALUE = 160  # characters of one value (a command, an annotation) shown
-DIGEST_HEX = 12  # hex digits of a shortened digest, as `docker images` shows them
 
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -106,7 +105,7 @@ def render_redirect(status: int, location: str) -> str:
     except ValueError:  # a port out of range, a malformed IPv6 literal
         host, port = None, None
     if host:
-        where = _clip(f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
+        where = clip(f"[{host}]" if ":" in host else host) + (f":{port}" if port is not None else "")
         return (
             f"Redirect {status}: the client fetches this from {where}\n"
             "(without the proxy's token; these bytes do not cross the proxy)\n"
@@ -116,38 +115,12 @@ def render_redirect(status: int, location: str) -> str:
     return f"Redirect {status}: to a location that is not a URL\n"
 
 
-def human_size(n: object) -> str:
-    """A byte count as people read it (`512 B`, `1.5 KiB`, `3.2 GiB`); `?` for anything but a count."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-        return "?"
-    if n < 1024:
-        return f"{n} B"
-    if n >= 1 << 50:
-        return "over 1024 TiB"  # and no float overflow for absurd counts
-    value = float(n)
-    for unit in ("KiB", "MiB", "GiB", "TiB"):
-        value /= 1024
-        if value < 1024 or unit == "TiB":
-            return f"{value:.1f} {unit}"
-    raise AssertionError("unreachable")
-
-
-def short_digest(digest: object) -> str:
-    """`sha256:` and the first 12 hex digits; `?` for a missing or malformed digest."""
-    if not isinstance(digest, str) or ":" not in digest:
-        return "?"
-    algorithm, _, encoded = digest.partition(":")
-    if not algorithm or not encoded:
-        return "?"
-    return _clip(f"{algorithm}:{encoded[:DIGEST_HEX]}")
-
-
 # --- the documents --------------------------------------------------------------------------------
 
 
 def _index(doc: dict[str, Any], media_type: str) -> str:
-    entries = _list(doc.get("manifests"))
-    lines = [f"{TITLES.get(media_type, media_type)}: {_count(len(entries), 'manifest')}"]
+    entries = as_list(doc.get("manifests"))
+    lines = [f"{TITLES.get(media_type, media_type)}: {count(len(entries), 'manifest')}"]
     by_digest = {
         e["digest"]: _platform(e.get("platform"))
         for e in entries[:MAX_ENTRIES]
@@ -160,19 +133,24 @@ def _index(doc: dict[str, Any], media_type: str) -> str:
             rows.append(("?", "?", "?", "(not a descriptor)"))
             continue
         platform = _platform(entry.get("platform"))
-        annotations = _dict(entry.get("annotations"))
+        annotations = as_dict(entry.get("annotations"))
         described = annotations.get("vnd.docker.reference.digest")
         if annotations.get("vnd.docker.reference.type") == "attestation-manifest" and isinstance(described, str):
             platform = f"attestation of {by_digest.get(described) or short_digest(described)}"
         rows.append(
-            (platform, short_digest(entry.get("digest")), human_size(entry.get("size")), _text(entry.get("mediaType")))
+            (
+                platform,
+                short_digest(entry.get("digest")),
+                human_size(entry.get("size")),
+                one_line(entry.get("mediaType")),
+            )
         )
-    lines += _table(rows) if entries else ["  (none)"]
-    lines += _more(len(entries))
+    lines += table(rows) if entries else ["  (none)"]
+    lines += more(len(entries))
     if doc.get("subject") is not None:
         notes.append(f"subject: {_descriptor(doc.get('subject'))}")
     if doc.get("artifactType") is not None:
-        notes.append(f"artifact type: {_text(doc.get('artifactType'))}")
+        notes.append(f"artifact type: {one_line(doc.get('artifactType'))}")
     lines += notes
     lines += _annotations(doc.get("annotations"))
     return "\n".join(lines) + "\n"
@@ -180,14 +158,14 @@ def _index(doc: dict[str, Any], media_type: str) -> str:
 
 def _manifest(doc: dict[str, Any], media_type: str) -> str:
     config = doc.get("config")
-    layers = _list(doc.get("layers"))
+    layers = as_list(doc.get("layers"))
     sizes = [d.get("size") for d in [config, *layers] if isinstance(d, dict)]
     known = [s for s in sizes if isinstance(s, int) and not isinstance(s, bool) and s >= 0]
     total = human_size(sum(known)) if known else "?"
     if len(known) < len(sizes) or not isinstance(config, dict) or len(sizes) < len(layers) + 1:
         total += " (some sizes missing)"
     lines = [
-        f"{TITLES.get(media_type, media_type)}: {_count(len(layers), 'layer')}, {total} in all (config and layers, as stored)"
+        f"{TITLES.get(media_type, media_type)}: {count(len(layers), 'layer')}, {total} in all (config and layers, as stored)"
     ]
     rows: list[Sequence[str]] = [("", "digest", "size", "media type")]
     if isinstance(config, dict):
@@ -196,7 +174,7 @@ def _manifest(doc: dict[str, Any], media_type: str) -> str:
                 "config",
                 short_digest(config.get("digest")),
                 human_size(config.get("size")),
-                _text(config.get("mediaType")),
+                one_line(config.get("mediaType")),
             )
         )
     else:
@@ -208,18 +186,18 @@ def _manifest(doc: dict[str, Any], media_type: str) -> str:
                     f"layer {i}",
                     short_digest(layer.get("digest")),
                     human_size(layer.get("size")),
-                    _text(layer.get("mediaType")),
+                    one_line(layer.get("mediaType")),
                 )
             )
         else:
             rows.append((f"layer {i}", "?", "?", "(not a descriptor)"))
-    lines += _table(rows)
-    lines += _more(len(layers))
+    lines += table(rows)
+    lines += more(len(layers))
     for i, layer in enumerate(layers[:MAX_ENTRIES], 1):
-        if isinstance(layer, dict) and _dict(layer.get("annotations")):
+        if isinstance(layer, dict) and as_dict(layer.get("annotations")):
             lines += _annotations(layer.get("annotations"), f"layer {i} annotations")
     if doc.get("artifactType") is not None:
-        lines.append(f"artifact type: {_text(doc.get('artifactType'))}")
+        lines.append(f"artifact type: {one_line(doc.get('artifactType'))}")
     if doc.get("subject") is not None:
         lines.append(f"subject: {_descriptor(doc.get('subject'))}")
     lines += _annotations(doc.get("annotations"))
@@ -227,46 +205,44 @@ def _manifest(doc: dict[str, Any], media_type: str) -> str:
 
 
 def _config(doc: dict[str, Any]) -> str:
-    conf = _dict(doc.get("config"))
+    conf = as_dict(doc.get("config"))
     lines = [f"Image config: {_platform(doc)}"]
     fields: list[tuple[str, str]] = []
     if doc.get("created") is not None:
-        fields.append(("created", _text(doc.get("created"))))
+        fields.append(("created", one_line(doc.get("created"))))
     for key, label in (("Entrypoint", "entrypoint"), ("Cmd", "cmd")):
         if key in conf:
             fields.append((label, _command(conf.get(key))))
     for key, label in (("WorkingDir", "workdir"), ("User", "user")):
         if conf.get(key):
-            fields.append((label, _text(conf.get(key))))
-    env = _list(conf.get("Env"))
+            fields.append((label, one_line(conf.get(key))))
+    env = as_list(conf.get("Env"))
     if env:
-        names = [_clip(e.split("=", 1)[0]) if isinstance(e, str) else "?" for e in env[:MAX_ENTRIES]]
-        more = f", … {len(env) - MAX_ENTRIES} more" if len(env) > MAX_ENTRIES else ""
-        fields.append(("env", ", ".join(names) + more + " (values elided)"))
+        names = [e.split("=", 1)[0] if isinstance(e, str) else "?" for e in env[:MAX_ENTRIES]]
+        fields.append(("env", joined(names, len(env)) + " (values elided)"))
     for key, label in (("ExposedPorts", "ports"), ("Volumes", "volumes"), ("Labels", "labels")):
-        names = list(_dict(conf.get(key)))
+        names = list(as_dict(conf.get(key)))
         if names:
-            more = f", … {len(names) - MAX_ENTRIES} more" if len(names) > MAX_ENTRIES else ""
-            fields.append((label, ", ".join(_clip(n) for n in names[:MAX_ENTRIES]) + more))
-    diff_ids = _list(_dict(doc.get("rootfs")).get("diff_ids"))
+            fields.append((label, joined(names, len(names))))
+    diff_ids = as_list(as_dict(doc.get("rootfs")).get("diff_ids"))
     fields.append(("layers", f"{len(diff_ids)} (uncompressed diff_ids)"))
     width = max(len(k) for k, _ in fields)
     lines += [f"  {k + ':':<{width + 1}} {v}" for k, v in fields]
-    history = _list(doc.get("history"))
+    history = as_list(doc.get("history"))
     if history:
         empty = sum(1 for h in history if isinstance(h, dict) and h.get("empty_layer") is True)
-        lines.append(f"history: {_count(len(history), 'step')}, {len(history) - empty} with a layer")
+        lines.append(f"history: {count(len(history), 'step')}, {len(history) - empty} with a layer")
         rows: list[Sequence[str]] = []
         for i, step in enumerate(history[:MAX_ENTRIES], 1):
             if not isinstance(step, dict):
                 rows.append((str(i), "?", "(not a history entry)"))
                 continue
-            what = _text(step.get("created_by") or step.get("comment") or "")
+            what = one_line(step.get("created_by") or step.get("comment") or "")
             if step.get("empty_layer") is True:
                 what += "  (no layer)"
-            rows.append((str(i), _text(step.get("created") or "-"), what))
-        lines += _table(rows)
-        lines += _more(len(history))
+            rows.append((str(i), one_line(step.get("created") or "-"), what))
+        lines += table(rows)
+        lines += more(len(history))
     return "\n".join(lines) + "\n"
 
 
@@ -284,70 +260,37 @@ def _media_type(doc: dict[str, Any], content_type: str | None, docker: str, oci:
 
 def _platform(p: object) -> str:
     """`os/architecture[/variant]` (a config carries the same keys at its top level)."""
-    d = _dict(p)
+    d = as_dict(p)
     if not d:
         return "?"
-    parts = [_clip(str(d.get("os") or "?"), 40), _clip(str(d.get("architecture") or "?"), 40)]
+    parts = [clip(str(d.get("os") or "?"), 40), clip(str(d.get("architecture") or "?"), 40)]
     if d.get("variant"):
-        parts.append(_clip(str(d.get("variant")), 40))
+        parts.append(clip(str(d.get("variant")), 40))
     text = "/".join(parts)
     if d.get("os.version"):
-        text += f" ({_clip(str(d.get('os.version')), 40)})"
+        text += f" ({clip(str(d.get('os.version')), 40)})"
     return text
 
 
 def _descriptor(d: object) -> str:
-    desc = _dict(d)
-    return f"{short_digest(desc.get('digest'))} {human_size(desc.get('size'))} {_text(desc.get('mediaType'))}".strip()
+    desc = as_dict(d)
+    return (
+        f"{short_digest(desc.get('digest'))} {human_size(desc.get('size'))} {one_line(desc.get('mediaType'))}".strip()
+    )
 
 
 def _annotations(a: object, title: str = "annotations") -> list[str]:
-    items = list(_dict(a).items())
+    items = list(as_dict(a).items())
     if not items:
         return []
     lines = [f"{title}:"]
-    lines += [f"  {_clip(str(k))}: {_text(v)}" for k, v in items[:MAX_ENTRIES]]
-    return lines + _more(len(items))
+    lines += [f"  {clip(str(k))}: {one_line(v)}" for k, v in items[:MAX_ENTRIES]]
+    return lines + more(len(items))
 
 
 def _command(value: object) -> str:
     if value is None:
         return "(none)"
     if isinstance(value, list):
-        return _clip(json.dumps(value[:MAX_ENTRIES], ensure_ascii=False))
-    return _text(value)
-
-
-def _table(rows: list[Sequence[str]]) -> list[str]:
-    """Rows as aligned columns (the last one ragged), two spaces in."""
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return ["  " + "  ".join([*(c.ljust(w) for c, w in zip(r, widths, strict=False)), r[-1]]).rstrip() for r in rows]
-
-
-def _more(total: int) -> list[str]:
-    return [f"  … and {total - MAX_ENTRIES} more"] if total > MAX_ENTRIES else []
-
-
-def _count(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def _list(v: object) -> list[Any]:
-    return v if isinstance(v, list) else []
-
-
-def _dict(v: object) -> dict[str, Any]:
-    return v if isinstance(v, dict) else {}
-
-
-def _text(v: object) -> str:
-    """A value on one line: strings as they are, anything else as JSON; cut at MAX_VALUE."""
-    if v is None:
-        return "-"
-    s = v if isinstance(v, str) else json.dumps(v, ensure_ascii=False)[: MAX_VALUE + 1]
-    return _clip(s)
-
-
-def _clip(s: str, limit: int = MAX_VALUE) -> str:
-    s = " ".join(s[: limit * 4].split())  # one line: no newlines or tabs from the document
-    return s if len(s) <= limit else s[: limit - 1] + "…"
+        return clip(json.dumps(value[:MAX_ENTRIES], ensure_ascii=False))
+    return one_line(value)

@@ -43,7 +43,7 @@ from mitmproxy.http import HTTPFlow
 from mitmproxy.utils.emoji import emoji
 from regproxy.config import load_file
 from regproxy.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
-from regproxy.ociview_render import short_digest
+from regproxy.ocitext import short_digest
 from rig import clients, images, registry
 from rig.procs import LOOPBACK, ServerThread, free_port, run, wait_until
 from rig.standard import APP

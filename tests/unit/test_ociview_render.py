@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from regproxy import ocitext
 from regproxy import ociview_render as r
-from regproxy.ociview_render import Kind, human_size, kind_for, render, render_redirect, short_digest
+from regproxy.ocitext import human_size, short_digest
+from regproxy.ociview_render import Kind, kind_for, render, render_redirect
 
 D1, D2, D3, D4 = ("sha256:" + c * 64 for c in "1234")
 AMD64 = {"mediaType": r.OCI_MANIFEST, "digest": D1, "size": 1234, "platform": {"os": "linux", "architecture": "amd64"}}
@@ -279,14 +281,14 @@ def test_huge_documents_are_cut_and_fast(what: str) -> None:
     text = render(data, content_type)
     assert time.monotonic() - started < 2.0
     assert text is not None
-    assert len(text.splitlines()) < 2 * r.MAX_ENTRIES + 20
+    assert len(text.splitlines()) < 2 * ocitext.MAX_ENTRIES + 20
     assert any(line.startswith("  … and ") and line.endswith(" more") for line in text.splitlines())
 
 
 def test_the_count_of_what_was_cut_is_said() -> None:
     text = render(HUGE["layers"][0], r.OCI_MANIFEST)
     assert text is not None and text.startswith("OCI image manifest: 40000 layers")
-    assert f"  … and {40_000 - r.MAX_ENTRIES} more" in text.splitlines()
+    assert f"  … and {40_000 - ocitext.MAX_ENTRIES} more" in text.splitlines()
 
 
 def test_long_values_are_clipped_to_one_line() -> None:
@@ -294,7 +296,7 @@ def test_long_values_are_clipped_to_one_line() -> None:
     text = render(doc(value), r.OCI_MANIFEST)
     assert text is not None
     (long,) = lines_with(text, "long:")
-    assert len(long) <= r.MAX_VALUE + 10 and long.endswith("…")
+    assert len(long) <= ocitext.MAX_VALUE + 10 and long.endswith("…")
     assert "  multi: a b c" in text
 
 
