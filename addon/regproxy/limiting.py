@@ -119,7 +119,7 @@ class Limits:
             return
         self._store_ok()
         for name, check, used in zip(names, checks, verdict.usage, strict=True):
-            if name in ("manifest_gets",):
+            if name == "manifest_gets":
                 self.metrics.limit_usage(name, mapping.label, used, check.limit)
         if verdict.refused is not None:
             name = names[verdict.refused]
