@@ -87,7 +87,7 @@ run_proxy() {
   if [ "$workers" != 1 ] && ! command -v haproxy >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends haproxy >/dev/null
   fi
-  exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run "${own[@]}" -- "$@"
+  exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.run.cli run "${own[@]}" -- "$@"
 }
 
 cmd="${1:-run}"
@@ -122,7 +122,7 @@ case "$cmd" in
   web)
     shift
     ensure_venv "$here/requirements.txt"
-    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli run --web -- "$@"
+    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.run.cli run --web -- "$@"
     ;;
   demo)
     shift
@@ -132,7 +132,7 @@ case "$cmd" in
   keygen | capability)
     shift
     ensure_venv "$here/requirements.txt"
-    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.cli "$cmd" "$@"
+    exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.run.cli "$cmd" "$@"
     ;;
   run | -*)
     if [ $# -gt 0 ] && [ "$1" = run ]; then shift; fi

@@ -8,24 +8,24 @@ loader stands, before the display (mitmweb's view), flow saving (`-w`) and mitmd
 
 from __future__ import annotations
 
-from .accesslog import AccessLog
-from .client_timeout import ClientTimeout
-from .configuration import Configuration
-from .dispatch import ChainAddon
-from .failures import RegistryErrors
-from .flowstate import FlowStates
-from .keep_bodies import KeepBodies
-from .limiting import Limits
-from .local_address import LocalAddress
-from .metrics import Metrics
-from .operations import Operations
-from .pooling import UpstreamPooling
-from .rewrite import ResponseRewrite
-from .routing import Router
-from .token_endpoint import TokenEndpoint
-from .upstream_tls import UpstreamTls
-from .upstream_watch import UpstreamWatch
-from .veil import FlowSecrets, Unveil, Veil
+from .flow.state import FlowStates
+from .mitm.chain_addon import ChainAddon
+from .mitm.error_pages import RegistryErrors
+from .ops.metrics import Metrics
+from .steps.access_log import AccessLog
+from .steps.client_timeout import ClientTimeout
+from .steps.config_loader import Configuration
+from .steps.keep_bodies import KeepBodies
+from .steps.limits import Limits
+from .steps.local_address import LocalAddress
+from .steps.ops_endpoints import Operations
+from .steps.pooling import UpstreamPooling
+from .steps.rewrite import ResponseRewrite
+from .steps.routing import Router
+from .steps.token_endpoint import TokenEndpoint
+from .steps.upstream_tls import UpstreamTls
+from .steps.upstream_watch import UpstreamWatch
+from .steps.veil import FlowSecrets, Unveil, Veil
 
 
 def proxy() -> ChainAddon:

@@ -309,7 +309,7 @@ def token_check_inprocess() -> dict[str, float]:
     `decrypt`: the full check (PASETO decryption and claims; TokenCodec._read_access where a cache of decrypted
     tokens sits in front of it, else read_access); `cached`: read_access on a token it has seen before.
     """
-    from regproxy.tokens import Grant, TokenCodec
+    from regproxy.tokens.paseto import Grant, TokenCodec
 
     codec = TokenCodec((bytes.fromhex(targets.SECRET_KEY),))
     full: Callable[[str, str], object] = getattr(codec, "_read_access", codec.read_access)

@@ -175,7 +175,7 @@ def workers_available() -> bool:
     """Whether `./run.sh --workers N` exists (the run command's --help mentions it)."""
     try:
         r = subprocess.run(
-            [sys.executable, "-m", "regproxy.cli", "run", "--help"],
+            [sys.executable, "-m", "regproxy.run.cli", "run", "--help"],
             capture_output=True,
             text=True,
             timeout=30,
@@ -317,7 +317,7 @@ def start_rp_run(
     port = free_port()
     path = _config_file(config, workdir, port)
     env = clean_env({"REGISTRYPROXY_CONFIG": str(path), "PYTHONPATH": str(REPO / "addon")})
-    argv = [sys.executable, "-m", "regproxy.cli", "run", "--", *extra]
+    argv = [sys.executable, "-m", "regproxy.run.cli", "run", "--", *extra]
     proc = Proc(name).start(argv, env=env, cwd=workdir)
     try:
         proc.wait_for_port(LOOPBACK, port, timeout)

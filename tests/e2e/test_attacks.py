@@ -37,7 +37,7 @@ import pyseto
 import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-from regproxy.tokens import ACCESS_ASSERTION, Grant, TokenCodec, key_id
+from regproxy.tokens.paseto import ACCESS_ASSERTION, Grant, TokenCodec, key_id
 from rig import proxy, registry
 from rig.hostile import Reply, Request, ScriptedServer, Trap, dribble, repeat
 from rig.standard import APP

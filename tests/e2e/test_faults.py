@@ -31,7 +31,7 @@ from typing import Any, Generic, TypeVar
 import httpx
 import pytest
 from regproxy.config import load_file
-from regproxy.tokens import Grant, TokenCodec
+from regproxy.tokens.paseto import Grant, TokenCodec
 from rig import clients, faults, images, proxy, registry, standard
 from rig.procs import wait_until
 from rig.standard import APP

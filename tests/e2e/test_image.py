@@ -41,7 +41,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 import yaml
-from regproxy.tokens import TokenCodec, TokenError
+from regproxy.tokens.paseto import TokenCodec, TokenError
 from rig import clients, daemons, image_build, registry, standard
 from rig.procs import LOOPBACK, RigError, run, wait_until
 from rig.standard import APP

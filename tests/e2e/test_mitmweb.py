@@ -42,8 +42,8 @@ from mitmproxy import tcp
 from mitmproxy.http import HTTPFlow
 from mitmproxy.utils.emoji import emoji
 from regproxy.config import load_file
-from regproxy.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
-from regproxy.ocitext import short_digest
+from regproxy.debug.text import short_digest
+from regproxy.steps.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
 from rig import clients, images, registry
 from rig.procs import LOOPBACK, ServerThread, free_port, run, wait_until
 from rig.standard import APP

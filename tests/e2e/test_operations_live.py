@@ -25,7 +25,7 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from regproxy.config import load_file
-from regproxy.tokens import key_id
+from regproxy.tokens.paseto import key_id
 from rig import clients, proxy, registry, standard
 from rig.procs import RigError, free_port, wait_until
 from rig.standard import APP

@@ -23,7 +23,7 @@ from urllib.parse import urljoin
 import httpx
 import pytest
 from regproxy.config import load_file
-from regproxy.tokens import Grant, TokenCodec
+from regproxy.tokens.paseto import Grant, TokenCodec
 from rig import clients, proxy, registry, standard
 from rig.procs import free_port
 from rig.standard import APP, MANY, MANY_TAGS, SOLO

@@ -37,7 +37,7 @@ from typing import Any
 
 import httpx
 import pytest
-from regproxy.tokens import TokenCodec, TokenError
+from regproxy.tokens.paseto import TokenCodec, TokenError
 from rig import clients, daemons, proxy, registry, standard
 from rig.procs import LOOPBACK, Proc, clean_env, free_port, wait_until
 from rig.standard import APP
@@ -443,13 +443,13 @@ def test_workers_share_their_metrics_and_are_checked_on_readyz(
     config_file.write_text(json.dumps(config))
     env = {k: v for k, v in clean_env().items() if not k.startswith(("REGISTRYPROXY_", "PROMETHEUS_"))}
     env.update(PYTHONPATH=str(REPO / "addon"), REGISTRYPROXY_CONFIG=str(config_file))
-    argv = [sys.executable, "-m", "regproxy.cli", "run", "--workers", "2", "--", "--set", "termlog_verbosity=info"]
+    argv = [sys.executable, "-m", "regproxy.run.cli", "run", "--workers", "2", "--", "--set", "termlog_verbosity=info"]
     group = Proc("workers").start(argv, env=env, cwd=tmp_path)
     base = f"http://{LOOPBACK}:{port}"
     try:
         group.wait_for_output(r"2 workers on 127\.0\.0\.1:\d+,\d+ behind HAProxy", timeout=60)
         group.wait_for_port(LOOPBACK, port, timeout=15)
-        workers = [c for c in _children(group.pid) if "regproxy.serve" in Path(f"/proc/{c}/cmdline").read_text()]
+        workers = [c for c in _children(group.pid) if "regproxy.run.serve" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) == 2
         dirs = {_environ(w).get("PROMETHEUS_MULTIPROC_DIR") for w in workers}
         assert len(dirs) == 1 and None not in dirs, dirs

@@ -85,7 +85,7 @@ def start_master(
     if master == "stock":
         head = [str(proxy.mitmdump_binary()), "-s", str(proxy.ADDON_SCRIPT)]
     else:
-        head = [sys.executable, "-O", "-m", "regproxy.serve"]
+        head = [sys.executable, "-O", "-m", "regproxy.run.serve"]
     argv = [
         *head,
         "--mode",

@@ -17,11 +17,12 @@ from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.http import _hooks as http_layers
 from mitmproxy.test import taddons, tflow
 from prometheus_client import CollectorRegistry
-from regproxy import chain, flowstate
-from regproxy.configuration import Configuration, State
-from regproxy.flowstate import FlowState, FlowStates
-from regproxy.metrics import Metrics
-from regproxy.veil import Courier, FlowSecrets, Veil
+from regproxy import chain
+from regproxy.flow import state as flowstate
+from regproxy.flow.state import FlowState, FlowStates
+from regproxy.ops.metrics import Metrics
+from regproxy.steps.config_loader import Configuration, State
+from regproxy.steps.veil import Courier, FlowSecrets, Veil
 
 T = TypeVar("T")
 

@@ -12,8 +12,8 @@ from hooks.conftest import Chain, request_flow
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import taddons
-from regproxy import failures
-from regproxy.tokens import Grant, TokenCodec
+from regproxy.mitm import error_pages as failures
+from regproxy.tokens.paseto import Grant, TokenCodec
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "ab" * 32

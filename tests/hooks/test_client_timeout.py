@@ -10,8 +10,9 @@ import pytest
 from hooks.conftest import request_flow
 from mitmproxy import connection, exceptions, http
 from mitmproxy.test import taddons, tflow
-from regproxy import client_timeout, connections
-from regproxy.client_timeout import ClientTimeout
+from regproxy.mitm import connections
+from regproxy.steps import client_timeout
+from regproxy.steps.client_timeout import ClientTimeout
 
 
 @pytest.fixture

@@ -11,12 +11,13 @@ import pytest
 from hooks.conftest import Chain, request_flow, with_state
 from mitmproxy import contentviews, exceptions, http
 from mitmproxy.test import taddons
-from regproxy import flowstate, keep_bodies
-from regproxy.flowstate import FlowState
-from regproxy.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY, OPTION, KeepBodies, keeps
-from regproxy.names import RouteKind, parse_route
-from regproxy.tokens import Grant
-from regproxy.veil import MAX_SCRUBBED_BODY
+from regproxy.flow import state as flowstate
+from regproxy.flow.state import FlowState
+from regproxy.protocol.names import RouteKind, parse_route
+from regproxy.steps import keep_bodies
+from regproxy.steps.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY, OPTION, KeepBodies, keeps
+from regproxy.steps.veil import MAX_SCRUBBED_BODY
+from regproxy.tokens.paseto import Grant
 
 DIGEST = "sha256:" + "c" * 64
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"

@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 from hooks.conftest import Chain, request_flow, with_state
 from mitmproxy import http
-from regproxy.flowstate import FlowState
-from regproxy.local_address import LocalAddress, proxy_address
+from regproxy.flow.state import FlowState
+from regproxy.steps.local_address import LocalAddress, proxy_address
 
 CONFIG = f"""
 secretkey: {"ab" * 32}
@@ -87,7 +87,7 @@ def test_a_failure_fails_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     def boom(flow: http.HTTPFlow) -> None:
         raise RuntimeError("broken")
 
-    monkeypatch.setattr("regproxy.local_address.proxy_address", boom)
+    monkeypatch.setattr("regproxy.steps.local_address.proxy_address", boom)
     f, _ = answered()
     LocalAddress().responseheaders(f)
     assert f.error is not None and not f.live

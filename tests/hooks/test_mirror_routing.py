@@ -12,9 +12,10 @@ from urllib.parse import urlencode
 import pytest
 from hooks.conftest import Chain, request_flow
 from mitmproxy import http
-from regproxy import answers, tokenservice
 from regproxy.config import Mapping
-from regproxy.upstream_auth import UpstreamToken
+from regproxy.flow import answers
+from regproxy.tokens import issuer as tokenservice
+from regproxy.upstream.auth import UpstreamToken
 
 KEY = "cd" * 32
 CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"

@@ -9,13 +9,13 @@ import pytest
 from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
-from regproxy import rewrite
-from regproxy.configuration import Configuration
-from regproxy.flowstate import FlowState
-from regproxy.mapping import Match
-from regproxy.metrics import Metrics
-from regproxy.names import parse_route
-from regproxy.rewrite import ResponseRewrite
+from regproxy.flow.state import FlowState
+from regproxy.mapping.matcher import Match
+from regproxy.ops.metrics import Metrics
+from regproxy.protocol.names import parse_route
+from regproxy.steps import rewrite
+from regproxy.steps.config_loader import Configuration
+from regproxy.steps.rewrite import ResponseRewrite
 
 CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 CONFIG = f"""

@@ -9,10 +9,10 @@ import pytest
 from hooks.conftest import MakeConfig, request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
-from regproxy.configuration import Configuration
-from regproxy.flowstate import FlowState
-from regproxy.routing import Router
-from regproxy.tokens import AccessToken, Grant, TokenError
+from regproxy.flow.state import FlowState
+from regproxy.steps.config_loader import Configuration
+from regproxy.steps.routing import Router
+from regproxy.tokens.paseto import AccessToken, Grant, TokenError
 
 CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 CONFIG = f"""

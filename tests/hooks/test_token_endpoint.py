@@ -12,15 +12,15 @@ import pytest
 from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
-from regproxy import answers
 from regproxy.config import Mapping
-from regproxy.configuration import Configuration
-from regproxy.errors import RegistryError
-from regproxy.flowstate import FlowState
-from regproxy.metrics import Metrics
-from regproxy.token_endpoint import TokenEndpoint
-from regproxy.tokenservice import TokenAnswer, TokenRequest
-from regproxy.upstream_auth import UpstreamError, UpstreamToken
+from regproxy.flow import answers
+from regproxy.flow.state import FlowState
+from regproxy.ops.metrics import Metrics
+from regproxy.protocol.errors import RegistryError
+from regproxy.steps.config_loader import Configuration
+from regproxy.steps.token_endpoint import TokenEndpoint
+from regproxy.tokens.issuer import TokenAnswer, TokenRequest
+from regproxy.upstream.auth import UpstreamError, UpstreamToken
 
 CONFIG = f"""
 secretkey: {"ab" * 32}

@@ -17,10 +17,11 @@ from mitmproxy.proxy import context
 from mitmproxy.test import taddons, tflow
 from mitmproxy.tls import TlsData
 from OpenSSL import SSL
-from regproxy import chain, serve
-from regproxy import trust as trust_module
+from regproxy import chain
 from regproxy.config import Config, parse
-from regproxy.upstream_tls import UpstreamTls, targets
+from regproxy.run import serve
+from regproxy.steps.upstream_tls import UpstreamTls, targets
+from regproxy.transport import trust as trust_module
 from rig import badcerts
 
 KEY = "00" * 32

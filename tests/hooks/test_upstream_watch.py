@@ -10,12 +10,12 @@ import pytest
 from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
-from regproxy import upstream_watch
-from regproxy.configuration import Configuration
-from regproxy.flowstate import FlowState
-from regproxy.metrics import Metrics
-from regproxy.names import parse_route
-from regproxy.upstream_watch import UpstreamWatch
+from regproxy.flow.state import FlowState
+from regproxy.ops.metrics import Metrics
+from regproxy.protocol.names import parse_route
+from regproxy.steps import upstream_watch
+from regproxy.steps.config_loader import Configuration
+from regproxy.steps.upstream_watch import UpstreamWatch
 
 CONFIG = f"""
 secretkey: {"ab" * 32}

@@ -10,10 +10,10 @@ import pytest
 from hooks.conftest import MakeConfig, request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
-from regproxy import flowstate
-from regproxy.configuration import Configuration
-from regproxy.redact import Redactor
-from regproxy.veil import (
+from regproxy.debug.redact import Redactor
+from regproxy.flow import state as flowstate
+from regproxy.steps.config_loader import Configuration
+from regproxy.steps.veil import (
     MAX_SCRUBBED_BODY,
     REDACTED,
     Courier,

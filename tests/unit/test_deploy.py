@@ -28,8 +28,8 @@ import pytest
 import yaml
 from kubernetes_validate.utils import all_versions  # type: ignore[import-untyped]
 from mitmproxy import options as mitm_options
-from regproxy import launch
 from regproxy.config import ConfigError, loads, parse_secret_key
+from regproxy.run import launch
 from rig import image_build
 
 REPO = Path(__file__).resolve().parents[2]
@@ -196,7 +196,7 @@ def manifest_documents() -> Iterator[tuple[str, dict[str, Any]]]:
 
 
 def source_text() -> str:
-    return "\n".join(p.read_text() for p in sorted(SOURCE.glob("*.py")))
+    return "\n".join(p.read_text() for p in sorted(SOURCE.rglob("*.py")))
 
 
 @pytest.fixture(scope="module")
@@ -307,7 +307,7 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
         ".venv/bin/python",
         "tests/unit/test_deploy.py",
         "addon/deploy/k8s/secret.yaml",
-        "addon/regproxy/__pycache__/cli.cpython-313.pyc",
+        "addon/regproxy/run/__pycache__/cli.cpython-313.pyc",
         "README.md",
         "run.sh",
     ):
@@ -315,7 +315,7 @@ def test_dockerignore_sends_only_what_the_build_needs() -> None:
     for sent in (
         "requirements.txt",
         "config.yaml",
-        "addon/regproxy/serve.py",
+        "addon/regproxy/run/serve.py",
         "addon/registryproxy.py",
         f"{image_build.WHEELS_DIR}/mitmproxy-12.3.1-py3-none-any.whl",
     ):
@@ -354,11 +354,11 @@ def test_healthcheck_gets_healthz_on_the_ops_port(instructions: list[Instruction
 
 
 def test_cmd_runs_the_lean_server_with_the_run_sh_arguments(instructions: list[Instruction], cmd: list[str]) -> None:
-    assert cmd[:4] == ["python", "-O", "-m", "regproxy.serve"]
+    assert cmd[:4] == ["python", "-O", "-m", "regproxy.run.serve"]
     env = dockerfile_env(instructions)
     assert PurePosixPath(env["PYTHONPATH"]) == image_path(instructions, "addon/")
     assert env["PATH"].split(":")[0] == "/opt/registryproxy/bin", "python is the virtual environment's"
-    assert (REPO / "addon" / "regproxy" / "serve.py").is_file()
+    assert (REPO / "addon" / "regproxy" / "run" / "serve.py").is_file()
     # What ./run.sh passes the lean server (launch.mitm_args), but the config path comes from the environment.
     expected = launch.mitm_args("UNUSED", "0.0.0.0", REGISTRY_PORT, script=False)
     i = expected.index("registryproxy_config=UNUSED")
@@ -371,8 +371,8 @@ def test_cmd_runs_the_lean_server_with_the_run_sh_arguments(instructions: list[I
 
 
 def lean_master_options() -> set[str]:
-    """Every option the lean server (regproxy.serve) knows, its addons' included."""
-    from regproxy.serve import RegistryProxyMaster
+    """Every option the lean server (regproxy.run.serve) knows, its addons' included."""
+    from regproxy.run.serve import RegistryProxyMaster
 
     loop = asyncio.new_event_loop()
     try:
@@ -394,7 +394,7 @@ def test_cmd_options_exist(cmd: list[str]) -> None:
 
 def test_env_names_and_paths_agree_with_the_code(instructions: list[Instruction]) -> None:
     env = dockerfile_env(instructions)
-    src = (SOURCE / "config.py").read_text() + (SOURCE / "configuration.py").read_text()
+    src = (SOURCE / "config" / "load.py").read_text() + (SOURCE / "steps" / "config_loader.py").read_text()
     for name in ("REGISTRYPROXY_CONFIG", "REGISTRYPROXY_SECRETKEY", "REGISTRYPROXY_SECRETKEY_FILE"):
         assert f'"{name}"' in src, f"{name} is not read by config.py or configuration.py"
     assert PurePosixPath(env["REGISTRYPROXY_CONFIG"]) == image_path(instructions, "config.yaml")

@@ -1,0 +1,77 @@
+"""Which mapping serves a local repository name: one matcher for routes and token scopes.
+
+The longest key wins, compared by whole path segments (`bp/` never matches `bpx/app`).
+A namespace key (`bp/`) matches every repository below it, a repository key
+(`0ebb…/nginx`) exactly that repository, and the root key (`*`) every name no other key
+matches. Mappings restricted with `hosts:` only match requests for those domains.
+
+Mirror mode (a configuration with the root key or `mirror_of`): a name asked for with
+containerd's `?ns=HOST` is served by the mapping whose `mirror_of` lists HOST, as if it were that
+mapping's root (the whole name goes below its remote), and by no other: an unknown HOST matches
+nothing. Without mirror mode `?ns=` is ignored, as it always was.
+
+A capability key's secret segments are never sent upstream as part of a repository name: a
+name that holds one below the key that matched it (`<key>/typo` falling to the root mapping,
+or any name asked for with `?ns=`) matches nothing, as an unknown name.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..config import Mapping, mirror_host
+from ..protocol.names import looks_like_capability
+
+
+@dataclass(frozen=True)
+class Match:
+    mapping: Mapping
+    local_name: str
+    upstream_name: str
+
+    @property
+    def log_name(self) -> str:
+        """The local name with capability keys replaced by the mapping's label."""
+        if not self.mapping.capability:
+            return self.local_name
+        rest = self.local_name.split("/")[len(self.mapping.prefix) :]
+        return "/".join([f"<{self.mapping.label}>", *rest])
+
+
+class Matcher:
+    def __init__(self, mappings: tuple[Mapping, ...]) -> None:
+        self._by_prefix: dict[tuple[tuple[str, ...], bool], Mapping] = {(m.prefix, m.namespace): m for m in mappings}
+        self._longest = max((len(m.prefix) for m in mappings), default=0)
+        self._mirrors = {host: m for m in mappings for host in m.mirror_of}
+        self._secrets = frozenset(s for m in mappings if m.capability for s in m.prefix if looks_like_capability(s))
+        # With a root mapping, a name meant for another registry would be served from the root's.
+        self.mirror_mode = bool(self._mirrors) or ((), True) in self._by_prefix
+
+    def match(self, name: str, host: str | None, ns: str | None = None) -> Match | None:
+        """The mapping for a valid repository name on the given Host (and `?ns=` registry), or None."""
+        segments = name.split("/")
+        if ns is not None:
+            registry = mirror_host(ns)
+            mapping = self._mirrors.get(registry) if registry is not None else None
+            if mapping is None or not mapping.serves_host(host) or self._holds_secret(segments):
+                return None
+            return Match(mapping, name, mapping.upstream_name_of(segments))
+        key = tuple(segments)
+        # Down to 0 segments: the root key.
+        for n in range(min(len(key), self._longest), -1, -1):
+            mapping = self._by_prefix.get((key[:n], n < len(key)))
+            if mapping is not None and mapping.serves_host(host):
+                if self._holds_secret(segments[n:]):
+                    return None
+                return Match(mapping, name, mapping.upstream_name_of(segments[n:]))
+        return None
+
+    def _holds_secret(self, segments: list[str]) -> bool:
+        """Whether these segments (those that would go upstream) hold a capability key's secret segment.
+        A set lookup of whole segments: no faster for a key that is almost right."""
+        return bool(self._secrets) and any(s in self._secrets for s in segments)
+
+
+def redact_name(name: str) -> str:
+    """A name for logs when no mapping matched: capability-like segments hidden."""
+    return "/".join("<capability?>" if looks_like_capability(s) else s for s in name.split("/"))

@@ -1,0 +1,198 @@
+"""limiting.py: `Limits` admits or refuses routed requests (429 with Retry-After), in memory."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterator
+
+import pytest
+from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
+from mitmproxy import http
+from mitmproxy.test import taddons
+from regproxy.flow.state import FlowState
+from regproxy.ops.metrics import Metrics
+from regproxy.steps.config_loader import Configuration
+from regproxy.steps.limits import MARK_LIMITED, Limits
+from regproxy.steps.routing import Router
+from regproxy.tokens.paseto import Grant
+
+CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
+CONFIG = f"""
+secretkey: {"ab" * 32}
+trusted_proxies: [127.0.0.1]
+limits:
+  client_requests: 3/1h
+  manifest_gets: 2/1h
+  client_transfers: 1
+  client_bytes: 100/1h
+proxies:
+  "bp/":
+    registry: http://127.0.0.1:5001
+    remote: backplane
+  "{CAP}/nginx":
+    registry: http://127.0.0.1:5002
+    remote: private/nginx
+    limits: {{client_requests: unlimited, manifest_gets: 1/1h, count_heads: true}}
+"""
+BASE = "http://reg.test"
+DIGEST = "sha256:" + "a" * 64
+
+
+@pytest.fixture
+def config(make_config: MakeConfig, metrics: Metrics) -> Configuration:
+    return make_config(CONFIG, metrics)
+
+
+@pytest.fixture
+def metrics() -> Metrics:
+    return new_metrics()
+
+
+@pytest.fixture
+def limits(config: Configuration, metrics: Metrics) -> Iterator[Limits]:
+    addon = Limits(config, metrics)
+    with taddons.context(addon):
+        yield addon
+
+
+def auth(config: Configuration, key: str, name: str) -> tuple[str, str]:
+    state = config.state
+    assert state is not None
+    mapping = next(m for m in state.config.mappings if m.key == key)
+    return ("Authorization", f"Bearer {state.codec.issue_access(BASE, (Grant(mapping.identity, (name,), 'UP'),), 60)}")
+
+
+def send(
+    config: Configuration,
+    limits: Limits,
+    path: str,
+    method: str = "GET",
+    key: str = "bp/",
+    name: str = "bp/app",
+    headers: list[tuple[str, str]] | None = None,
+    peer: str = "192.0.2.1",
+) -> tuple[http.HTTPFlow, FlowState]:
+    f = request_flow(path, method, [auth(config, key, name), *(headers or [])])
+    f.client_conn.peername = (peer, 40000)
+    st = with_state(f)
+    limits.requestheaders(f)  # before Router, as in the chain
+    Router(config).requestheaders(f)
+    assert f.response is None and st.kind == "upstream"
+    asyncio.run(limits.request(f))
+    return f, st
+
+
+def refused(f: http.HTTPFlow) -> tuple[int, str, str]:
+    assert f.response is not None
+    body = json.loads(f.response.content or b"{}")["errors"][0]
+    return f.response.status_code, body["code"], f.response.headers.get("retry-after", "")
+
+
+def test_manifest_gets_per_mapping_then_429_with_retry_after(
+    config: Configuration, limits: Limits, metrics: Metrics
+) -> None:
+    # HEADs do not count by default; the client bucket (3 an hour) does count them.
+    f, _ = send(config, limits, "/v2/bp/app/manifests/v1", "HEAD", peer="192.0.2.10")
+    assert f.response is None
+    for peer in ("192.0.2.1", "192.0.2.2"):
+        f, _ = send(config, limits, "/v2/bp/app/manifests/v1", peer=peer)
+        assert f.response is None
+    f, st = send(config, limits, "/v2/bp/app/manifests/v1", peer="192.0.2.3")
+    status, code, retry = refused(f)
+    assert (status, code) == (429, "TOOMANYREQUESTS") and 1 <= int(retry) <= 3600
+    message = json.loads(f.response.content or b"")["errors"][0]["message"]  # type: ignore[union-attr]
+    assert "manifest_gets" in message and "192.0.2" not in message and "2 per 1h" in message
+    assert st.kind == "local" and st.upstream_auth is None and "limited: manifest_gets" in st.token
+    assert f.marked == MARK_LIMITED
+    assert sample(metrics, "registryproxy_limit_refusals_total", limit="manifest_gets", mapping="bp/") == 1
+    assert sample(metrics, "registryproxy_limit_usage", limit="manifest_gets", mapping="bp/") == 2
+    # Blobs and tags are not manifest requests.
+    f, _ = send(config, limits, f"/v2/bp/app/blobs/{DIGEST}", peer="192.0.2.4")
+    assert f.response is None
+
+
+def test_client_requests_bucket_per_client(config: Configuration, limits: Limits) -> None:
+    for _ in range(3):
+        f, _ = send(config, limits, "/v2/bp/app/tags/list")
+        assert f.response is None
+    f, _ = send(config, limits, "/v2/bp/app/tags/list")
+    assert refused(f)[:2] == (429, "TOOMANYREQUESTS") and int(refused(f)[2]) >= 1
+    # Another client has its own bucket.
+    f, _ = send(config, limits, "/v2/bp/app/tags/list", peer="192.0.2.99")
+    assert f.response is None
+
+
+def test_a_spoofed_forwarded_for_from_an_untrusted_peer_changes_nothing(config: Configuration, limits: Limits) -> None:
+    for i in range(3):
+        f, _ = send(config, limits, "/v2/bp/app/tags/list", headers=[("X-Forwarded-For", f"198.51.100.{i}")])
+        assert f.response is None
+    f, _ = send(config, limits, "/v2/bp/app/tags/list", headers=[("X-Forwarded-For", "198.51.100.77")])
+    assert refused(f)[0] == 429
+    # From the trusted front end (127.0.0.1), the forwarded address is the client.
+    for _ in range(3):
+        f, _ = send(
+            config, limits, "/v2/bp/app/tags/list", headers=[("X-Forwarded-For", "203.0.113.5")], peer="127.0.0.1"
+        )
+        assert f.response is None
+    f, _ = send(config, limits, "/v2/bp/app/tags/list", headers=[("X-Forwarded-For", "203.0.113.6")], peer="127.0.0.1")
+    assert f.response is None
+
+
+def test_a_mapping_overrides_the_defaults(config: Configuration, limits: Limits) -> None:
+    path = f"/v2/{CAP}/nginx/manifests/v1"
+    name = f"{CAP}/nginx"
+    f, _ = send(config, limits, path, "HEAD", key=f"{CAP}/nginx", name=name)
+    assert f.response is None
+    f, _ = send(config, limits, path, "HEAD", key=f"{CAP}/nginx", name=name)
+    # A HEAD answer carries no body: the status and Retry-After say it.
+    assert f.response is not None and f.response.status_code == 429 and f.response.content == b""
+    assert int(f.response.headers["retry-after"]) >= 1
+    f, _ = send(config, limits, path, key=f"{CAP}/nginx", name=name)
+    assert refused(f)[:2] == (429, "TOOMANYREQUESTS")
+    message = (f.response.content or b"").decode()  # type: ignore[union-attr]
+    assert CAP not in message and "1 per 1h" in message
+    # client_requests is lifted for this mapping: many tag lists pass.
+    for _ in range(5):
+        f, _ = send(config, limits, f"/v2/{CAP}/nginx/tags/list", key=f"{CAP}/nginx", name=name)
+        assert f.response is None
+
+
+def test_blob_transfers_hold_a_slot_and_charge_bytes(config: Configuration, limits: Limits) -> None:
+    async def go() -> None:
+        blob = f"/v2/bp/app/blobs/{DIGEST}"
+
+        def flow() -> tuple[http.HTTPFlow, FlowState]:
+            f = request_flow(blob, "GET", [auth(config, "bp/", "bp/app")])
+            f.client_conn.peername = ("192.0.2.50", 1)
+            st = with_state(f)
+            Router(config).requestheaders(f)
+            return f, st
+
+        first, _ = flow()
+        await limits.request(first)
+        assert first.response is None
+        second, _ = flow()
+        await limits.request(second)
+        assert refused(second)[:2] == (429, "TOOMANYREQUESTS")  # one transfer at once
+        first.response = http.Response.make(200, b"x" * 150, {"Content-Length": "150"})
+        limits.responseheaders(first)
+        limits.response(first)
+        await asyncio.sleep(0.01)  # charges and releases run beside the flow
+        third, _ = flow()
+        await limits.request(third)
+        status, _, _ = refused(third)  # the slot is free, but 150 of 100 bytes are spent
+        assert status == 429 and "client_bytes" in (third.response.content or b"").decode()  # type: ignore[union-attr]
+
+    asyncio.run(go())
+
+
+def test_without_limits_nothing_is_checked(make_config: MakeConfig) -> None:
+    config = make_config(
+        CONFIG.split("trusted_proxies")[0] + 'proxies:\n  "bp/":\n    registry: http://127.0.0.1:5001\n'
+    )
+    addon = Limits(config, new_metrics())
+    for _ in range(10):
+        f, _ = send(config, addon, "/v2/bp/app/manifests/v1")
+        assert f.response is None
+    assert addon._store is None
