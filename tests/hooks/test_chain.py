@@ -437,29 +437,3 @@ def test_what_is_sent_is_kept_out_of_the_flow_until_courier_and_after_the_send(
         assert f.response.headers["location"] == "https://cdn.example.net/blob?[redacted]"
 
     asyncio.run(go())
-
-
-def test_the_readme_lists_the_chain_in_order() -> None:
-    """README "Architecture": one row per addon of `chain.addons()`, in the chain's order; and every module
-    of addon/regproxy is named in "Architecture" or "Layout"."""
-    from regproxy import chain
-
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    section = readme[readme.index("## Architecture") : readme.index("## Layout")]
-    rows = [line.split("|")[2].strip() for line in section.splitlines() if line.startswith("| ") and "` (`" in line]
-    listed = [r.split("`")[1] for r in rows if r.split("`")[1] != "Courier"]
-    assert listed == [type(a).__name__ for a in chain.addons()]
-    tail = readme[readme.index("## Architecture") :]
-    modules = sorted(p.name for p in (REPO / "addon" / "regproxy").glob("*.py") if p.name != "__init__.py")
-    assert [m for m in modules if f"`{m}`" not in tail and f"regproxy/{m}" not in tail] == []
-
-
-def test_the_readme_lists_every_option() -> None:
-    """README "Plain `mitmdump -s`": a row for each option the chain declares."""
-    from regproxy import chain
-
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    with taddons.context(*chain.addons()) as tctx:
-        declared = sorted(o for o in set(tctx.options.keys()) if o.startswith("registryproxy_"))
-    assert len(declared) >= 8
-    assert [o for o in declared if f"| `{o}` |" not in readme] == []
