@@ -12,8 +12,8 @@ from pathlib import Path
 from mitmproxy.test import taddons
 from regproxy import chain
 from regproxy.config import MAPPING_KEYS, SECRET_KEY_ENV, SECRET_KEY_FILE_ENV, loads
-from regproxy.config.load import _TOP_KEYS
-from regproxy.limits.settings import _RULE_KEYS, _TOP_ONLY
+from regproxy.config.load import TOP_KEYS
+from regproxy.limits.settings import RULE_KEYS, TOP_ONLY_KEYS
 from regproxy.ops.metrics import MULTIPROC_ENV
 from regproxy.steps.config_loader import CONFIG_ENV
 from regproxy.steps.veil import Courier
@@ -203,9 +203,9 @@ def test_the_configuration_lists_every_option() -> None:
 def test_the_configuration_documents_every_key_the_loader_accepts() -> None:
     text = doc("configuration.md")
     missing = {
-        "Top-level keys": sorted(_TOP_KEYS - first_cells(section(text, "Top-level keys"))),
+        "Top-level keys": sorted(TOP_KEYS - first_cells(section(text, "Top-level keys"))),
         "Mapping keys": sorted(MAPPING_KEYS - first_cells(section(text, "Mapping keys"))),
-        "Limits keys": sorted(set(_RULE_KEYS + _TOP_ONLY) - first_cells(section(text, "Limits keys"))),
+        "Limits keys": sorted(set(RULE_KEYS + TOP_ONLY_KEYS) - first_cells(section(text, "Limits keys"))),
     }
     assert missing == {"Top-level keys": [], "Mapping keys": [], "Limits keys": []}
 

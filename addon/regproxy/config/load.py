@@ -38,7 +38,7 @@ from .registry import TrustChoice, ca_file_setting
 SECRET_KEY_ENV = "REGISTRYPROXY_SECRETKEY"
 SECRET_KEY_FILE_ENV = "REGISTRYPROXY_SECRETKEY_FILE"
 
-_TOP_KEYS = {
+TOP_KEYS = {
     "listen_addr",
     "port",
     "listen_port",
@@ -95,8 +95,8 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
     if not isinstance(data, dict):
         raise ConfigError("config: the top level must be a mapping of keys to values")
     for key in data:
-        if key not in _TOP_KEYS:
-            raise ConfigError(f"{show_key(key)}: unknown key (known: {', '.join(sorted(_TOP_KEYS))})")
+        if key not in TOP_KEYS:
+            raise ConfigError(f"{show_key(key)}: unknown key (known: {', '.join(sorted(TOP_KEYS))})")
     _exclusive(data, "port", "listen_port")
     _exclusive(data, "secretkey", "secret_key", "secretkeys")
     _exclusive(data, "public_url", "proxy_fqdn")

@@ -121,7 +121,7 @@ class LimitSettings:
     on_store_failure: FailMode = "open"
 
 
-_RULE_KEYS = (
+RULE_KEYS = (
     "client_requests",
     "client_burst",
     "manifest_gets",
@@ -130,7 +130,7 @@ _RULE_KEYS = (
     "client_bytes",
     "client_transfers",
 )
-_TOP_ONLY = ("on_store_failure",)
+TOP_ONLY_KEYS = ("on_store_failure",)
 
 
 def parse_settings(data: dict[str, Any]) -> LimitSettings:
@@ -156,14 +156,14 @@ def parse_limits(raw: object, where: str, *, top: bool = False) -> Rules:
     if raw is None:
         return Rules()
     if not isinstance(raw, dict):
-        raise LimitsError(f"{where}: must be a mapping of limits (known: {', '.join(_RULE_KEYS)})")
-    known = _RULE_KEYS + (_TOP_ONLY if top else ())
+        raise LimitsError(f"{where}: must be a mapping of limits (known: {', '.join(RULE_KEYS)})")
+    known = RULE_KEYS + (TOP_ONLY_KEYS if top else ())
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in known:
-            extra = " (a top-level setting)" if key in _TOP_ONLY else ""
+            extra = " (a top-level setting)" if key in TOP_ONLY_KEYS else ""
             raise LimitsError(f"{where}.{str(key)[:40]}: unknown key{extra} (known: {', '.join(known)})")
-        if key in _TOP_ONLY:
+        if key in TOP_ONLY_KEYS:
             continue
         k = f"{where}.{key}"
         if key == "count_heads":

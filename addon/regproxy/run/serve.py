@@ -8,7 +8,7 @@ check), the two addons an operator may still ask for on the command line (`-s` s
 addon chain itself (regproxy.chain). It takes mitmdump's command line, so `./run.sh` passes the
 same arguments to either.
 
-Run as `python -m regproxy.serve [mitmdump arguments]` (this is what `./run.sh` does);
+Run as `python -m regproxy.run.serve [mitmdump arguments]` (this is what `./run.sh` does);
 `mitmdump -s addon/registryproxy.py` keeps working unchanged.
 """
 
