@@ -52,8 +52,9 @@ ensure_venv() {
   fi
 }
 
-# Debian packages the end-to-end tests use (real registry, real clients).
-test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium fonts-noto-color-emoji tinyproxy-bin iproute2 redis-server mmdebstrap)
+# Debian packages the end-to-end tests use (real registry, real clients; Swift and memcached: a real S3 store).
+test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium fonts-noto-color-emoji tinyproxy-bin iproute2 redis-server mmdebstrap
+  swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
 
 # Extra Debian packages the benchmark uses (nginx and haproxy as references, wrk as load generator).
 bench_packages=(nginx haproxy wrk curl)

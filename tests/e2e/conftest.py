@@ -20,7 +20,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from rig import https_upstream, matrix, proxy, registry, standard, tls, wan
+from rig import https_upstream, matrix, proxy, registry, standard, swift, tls, wan
 
 Digests = standard.Digests
 TestImages = standard.TestImages
@@ -104,6 +104,17 @@ def wan_image(tmp_path_factory: pytest.TempPathFactory) -> wan.WanImage:
     """The standard WAN image (8 layers x 4 MiB, rig/wan.py), built on first use; `ensure(upstream)`
     pushes it as platform/wan:8x4m and returns the digest."""
     return wan.WanImage(tmp_path_factory.mktemp("rig-wan") / "layout")
+
+
+@pytest.fixture(scope="session")
+def swift_s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[swift.Swift]:
+    """A one-node OpenStack Swift with s3api on 127.0.0.1 (rig/swift.py), started on first use: an S3 endpoint
+    (`.endpoint_url`, `.region`, `.access_key_id`, `.secret_access_key`), `.client()` (aiobotocore),
+    `.create_bucket(name)`, `.requests()` (its access log). Each test uses buckets of its own."""
+    base = tmp_path_factory.mktemp("rig-swift")
+    with swift.Swift(base) as s3:
+        yield s3
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
