@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         # Stock mitmdump: its own flow printing would repeat the addon's line per request.
         worker = [str(bindir / "mitmdump"), "--set", "flow_detail=0"]
     else:
-        # The lean master (regproxy.serve): only the addons a reverse registry proxy needs; -O drops
+        # The lean master (regproxy.run.serve): only the addons a reverse registry proxy needs; -O drops
         # mitmproxy's per-message debug type checks (the addon's asserts only narrow types).
         worker = [sys.executable, "-O", "-m", "regproxy.run.serve"]
     if args.workers > 1:
