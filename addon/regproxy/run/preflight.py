@@ -26,7 +26,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[3]
 REQUIREMENTS = REPO / "requirements.txt"
 # Distributions whose import name is not their name in lower case with `_` for `-` (PEP 503 names as keys).
-IMPORT_NAMES = {"pyyaml": "yaml"}
+IMPORT_NAMES = {"pyyaml": "yaml", "pyopenssl": "OpenSSL"}
 _NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?")
 
 
