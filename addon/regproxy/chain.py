@@ -1,7 +1,7 @@
 """The registryproxy addon chain: declared once, in order. The order is the design.
 
 Each hook runs on the steps in this order, so each step below sees what the steps before it did.
-Both `addon/registryproxy.py` (`mitmdump -s`) and the lean master (`regproxy.serve`) take this chain
+Both `addon/registryproxy.py` (`mitmdump -s`) and the lean master (`regproxy.run.serve`) take this chain
 as one addon (`proxy()`: see `dispatch` for why one); under mitmdump the script runs where the script
 loader stands, before the display (mitmweb's view), flow saving (`-w`) and mitmdump's dump.
 """
@@ -10,11 +10,11 @@ from __future__ import annotations
 
 from .flow.state import FlowStates
 from .mitm.chain_addon import ChainAddon
-from .mitm.error_pages import RegistryErrors
 from .ops.metrics import Metrics
 from .steps.access_log import AccessLog
 from .steps.client_timeout import ClientTimeout
 from .steps.config_loader import Configuration
+from .steps.error_pages import RegistryErrors
 from .steps.keep_bodies import KeepBodies
 from .steps.limits import Limits
 from .steps.local_address import LocalAddress

@@ -1,3 +1,4 @@
-"""The one seam into mitmproxy's internals: every patch, copied function and private attribute the proxy
-relies on lives here, checked against the tested mitmproxy range when the chain loads.
+"""The one seam into mitmproxy's internals: every patch, copied function and private attribute of mitmproxy
+(and of pyOpenSSL) the proxy relies on lives here, and `compat` checks all of them, and the tested mitmproxy
+range, before the chain is imported (regproxy.run.preflight) and again before any patch is installed.
 """

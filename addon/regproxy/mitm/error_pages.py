@@ -4,7 +4,8 @@ When an upstream cannot be reached or breaks the protocol, mitmproxy answers the
 client itself with an HTML page whose text names the upstream address. No hook can
 change that answer, so this module replaces the one function each HTTP version uses
 to render it: the client gets the registry's JSON error format, decided by the status
-alone, and never mitmproxy's message. Installed once, when the addon loads.
+alone, and never mitmproxy's message. Installed once, when the chain loads (steps/error_pages.py),
+after the compatibility check (compat.py) has found every target as expected.
 
 One more patch, for a hang: mitmproxy 12.3.1 asserts the upstream's peer name right after
 connecting (proxy/server.py, `open_connection`). An upstream that resets the connection at once
@@ -15,6 +16,8 @@ mitmproxy answers as a 502 (rendered as a registry error, above).
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from mitmproxy import http
@@ -24,8 +27,10 @@ from mitmproxy.proxy import events, server
 from mitmproxy.proxy.layers.http import _http1, _http2, _http3
 
 from ..protocol.errors import for_proxy_failure
+from . import compat
 
 _installed = False
+_open_connection_orig: Callable[[server.ConnectionHandler, Any], Awaitable[None]] | None = None
 
 
 def error_body(status_code: int, message: str = "") -> bytes:
@@ -48,10 +53,8 @@ def _make_error_response(status_code: int, message: str = "") -> bytes:
     return raw
 
 
-_open_connection_orig = server.ConnectionHandler.open_connection
-
-
 async def _open_connection(self: server.ConnectionHandler, command: Any) -> None:
+    assert _open_connection_orig is not None
     try:
         await _open_connection_orig(self, command)
     except AssertionError:
@@ -67,20 +70,19 @@ async def _open_connection(self: server.ConnectionHandler, command: Any) -> None
 
 
 def install() -> None:
-    """Replace mitmproxy's HTML error rendering (idempotent)."""
-    global _installed
+    """Replace mitmproxy's HTML error rendering, and wrap its connect (idempotent).
+
+    Raises `compat.Incompatible` instead when the running mitmproxy is not the one these patches fit.
+    """
+    global _installed, _open_connection_orig
     if _installed:
         return
+    compat.require()
+    _open_connection_orig = server.ConnectionHandler.open_connection
+    functools.update_wrapper(_open_connection, _open_connection_orig, assigned=(), updated=())  # `__wrapped__` only
     # Each module imported the function by name, so each binding is replaced.
     setattr(_http1, "make_error_response", _make_error_response)  # noqa: B010
     setattr(_http2, "format_error", error_body)  # noqa: B010
     setattr(_http3, "format_error", error_body)  # noqa: B010
     setattr(server.ConnectionHandler, "open_connection", _open_connection)  # noqa: B010
     _installed = True
-
-
-class RegistryErrors:
-    """The addon that installs these patches when the chain loads."""
-
-    def load(self, loader: object) -> None:
-        install()

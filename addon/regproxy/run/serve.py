@@ -9,12 +9,15 @@ addon chain itself (regproxy.chain). It takes mitmdump's command line, so `./run
 same arguments to either.
 
 Run as `python -m regproxy.run.serve [mitmdump arguments]` (this is what `./run.sh` does);
-`mitmdump -s addon/registryproxy.py` keeps working unchanged.
+`mitmdump -s addon/registryproxy.py` keeps working unchanged. As the entry script does, the master
+asks regproxy.run.preflight first and imports the chain only when it has no objection; otherwise it
+logs preflight's one line, with no chain, and mitmproxy's error check ends the start-up on it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import sys
 
 from mitmproxy import master, options
@@ -22,7 +25,9 @@ from mitmproxy.addons import core, errorcheck, next_layer, proxyserver, save, sc
 from mitmproxy.tools import cmdline
 from mitmproxy.tools.main import run
 
-from .. import chain
+from . import preflight
+
+logger = logging.getLogger("registryproxy")
 
 
 class RegistryProxyMaster(master.Master):
@@ -36,16 +41,24 @@ class RegistryProxyMaster(master.Master):
         # Order matters: hooks run in this order. The registryproxy chain stands where mitmdump's script
         # loader runs `-s` scripts: before flow saving (`-w`), which must see only flows without secrets,
         # and before TlsConfig, which leaves alone an upstream TLS connection the chain has set up.
+        problem = preflight.problem()
+        registryproxy: list[object] = []
+        if problem is None:
+            from .. import chain  # only now: the chain's modules reach into mitmproxy as they are imported
+
+            registryproxy.append(chain.proxy())
         self.addons.add(
             core.Core(),
             proxyserver.Proxyserver(),
             script.ScriptLoader(),
-            chain.proxy(),
+            *registryproxy,
             next_layer.NextLayer(),
             tlsconfig.TlsConfig(),
             save.Save(),
             errorcheck.ErrorCheck(),
         )
+        if problem is not None:
+            logger.error(problem)  # after ErrorCheck is there to see it: the start-up ends on this line
 
 
 def main(argv: list[str] | None = None) -> None:

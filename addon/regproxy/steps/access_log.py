@@ -20,6 +20,7 @@ from ..flow import state as flowstate
 from ..flow.answers import fail_closed
 from ..flow.messages import peer
 from ..flow.state import FlowState
+from ..mitm.connections import CONNECTION_LOGGER
 from ..ops.metrics import Metrics
 from .config_loader import Configuration
 
@@ -159,5 +160,5 @@ def _json_access_log() -> logging.Logger:
 def _connection_logs(on: bool) -> None:
     """One line per request is ours; mitmproxy's per-connection lines only when asked for."""
     level = logging.NOTSET if on else logging.WARNING
-    for name in ("mitmproxy.proxy.server", "httpx", "httpcore"):
+    for name in (CONNECTION_LOGGER, "httpx", "httpcore"):
         logging.getLogger(name).setLevel(level)

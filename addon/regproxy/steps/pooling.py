@@ -3,8 +3,8 @@
 mitmproxy gives every client connection its own upstream connections, and skopeo and podman open
 a new client connection per request, so through a plain mitmproxy every request of a pull paid a
 TCP and a TLS handshake to the upstream: two round trips over the WAN. With the pool
-(`connpool`, the pure part; `upstream_pool`, the documented patch of mitmproxy's connection
-handling) an upstream connection outlives the client connection that opened it and serves the
+(`transport.pool` and `transport.lending`, the pure part; `mitm.pool_layers`, the documented patch of
+mitmproxy's connection handling) an upstream connection outlives the client connection that opened it and serves the
 next request to the same origin, whoever sends it.
 
 This addon keeps the pool's origin table in step with the configuration: one `Origin` per mapped

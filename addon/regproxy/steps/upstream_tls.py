@@ -2,13 +2,14 @@
 
 mitmproxy's own `TlsConfig` verifies every upstream against one store for the whole process
 (certifi, or `ssl_verify_upstream_trusted_ca`/`_confdir`). The proxy instead verifies an upstream
-the way its mapping says (`ca_file`, `tls_verify`; see trust.py), and the token client
-(upstream.py) does the same for the registry and its realm.
+the way its mapping says (`ca_file`, `tls_verify`; see transport/trust.py), and the token client
+(upstream/client.py) does the same for the registry and its realm.
 
 `UpstreamTls.tls_start_server` runs before TlsConfig's (the addon chain puts it first) and, for a
 connection to an https upstream that a mapping names, builds the `SSL.Connection` itself the way
 TlsConfig would (its ciphers, TLS versions, client certificate, SNI, host name check and ALPN),
-but with the mapping's CA locations and verification. TlsConfig's `tls_start_server` returns at
+but with the mapping's CA locations and verification (the copy of TlsConfig's code, and the private
+pyOpenSSL calls it needs, are in mitm/tls.py). TlsConfig's `tls_start_server` returns at
 once when `tls_start.ssl_conn` is already set, so it leaves that connection alone. Connections to
 hosts that are no mapping's upstream stay TlsConfig's. mitmproxy's `ssl_insecure` option does
 not apply to mapped upstreams: `tls_verify: false` does, per mapping. Loaded after TlsConfig, the
@@ -16,16 +17,14 @@ addon can do nothing, and says so at start-up (an error, which ends the start-up
 sets ca_file or tls_verify).
 
 A failed handshake (`tls_failed_server`) is logged as one line naming the mapping and the reason;
-mitmproxy then answers the request 502, which failures.py renders as a registry error. Nothing
+mitmproxy then answers the request 502, which mitm/error_pages.py renders as a registry error. Nothing
 ever falls back to plain HTTP or to another trust: if the connection cannot be set up as
 configured, it is set up so that it fails.
 """
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -33,12 +32,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mitmproxy import connection, ctx, tls
-from mitmproxy.addonmanager import traverse
-from mitmproxy.addons import tlsconfig
-from mitmproxy.net import tls as net_tls
 from OpenSSL import SSL
 
 from ..config import Config
+from ..mitm import tls as mitm_tls
 from ..transport import trust as trust_module
 from ..transport.trust import Trust
 
@@ -102,7 +99,7 @@ class UpstreamTls:
             )
 
     def running(self) -> None:
-        self._late = self._runs_after_tlsconfig()
+        self._late = mitm_tls.runs_after_tlsconfig(self)
         self._config = None  # announce (and check the order against) the configuration in force now
         self._index()
 
@@ -131,7 +128,7 @@ class UpstreamTls:
                 _one_line(e),
             )
             self._refused.add(tls_start.conn.id)
-            tls_start.ssl_conn = _failing_connection()
+            tls_start.ssl_conn = mitm_tls.failing_connection()
 
     def tls_failed_server(self, tls_start: tls.TlsData) -> None:
         """One log line: the upstream, the mapping and why the handshake failed."""
@@ -188,14 +185,6 @@ class UpstreamTls:
                 m.upstream.netloc,
             )
 
-    def _runs_after_tlsconfig(self) -> bool:
-        try:
-            order = list(traverse(ctx.master.addons.chain))
-            mine = next(i for i, a in enumerate(order) if a is self)
-        except (AttributeError, StopIteration):
-            return False
-        return any(isinstance(a, tlsconfig.TlsConfig) for a in order[:mine])
-
     def _complain_about_order(self, config: Config) -> None:
         """TlsConfig runs first, so it builds every upstream connection: say what that breaks.
 
@@ -223,96 +212,20 @@ class UpstreamTls:
         return self._dir
 
     def _connection(self, tls_start: tls.TlsData, server: connection.Server, target: Target) -> SSL.Connection:
-        """What TlsConfig.tls_start_server builds, with the target's trust (kept in step with it)."""
-        client = tls_start.context.client
-        verify = net_tls.Verify.VERIFY_PEER if target.trust.verify else net_tls.Verify.VERIFY_NONE
-        # Always the configured name: the certificate must be valid for the upstream the operator named.
-        server.sni = target.host
-
-        if not server.alpn_offers:
-            if client.alpn_offers:
-                if ctx.options.http2:
-                    server.alpn_offers = tuple(client.alpn_offers)
-                else:
-                    server.alpn_offers = tuple(x for x in client.alpn_offers if x != b"h2")
-            else:
-                server.alpn_offers = []
-
-        if not server.cipher_list and ctx.options.ciphers_server:
-            server.cipher_list = ctx.options.ciphers_server.split(":")
-        cipher_list = server.cipher_list or tlsconfig._default_ciphers(
-            net_tls.Version[ctx.options.tls_version_server_min]
-        )
-
-        client_cert: str | None = None
-        if ctx.options.client_certs:
-            client_certs = os.path.expanduser(ctx.options.client_certs)
-            if os.path.isfile(client_certs):
-                client_cert = client_certs
-            else:
-                p = os.path.join(client_certs, f"{target.host}.pem")
-                if os.path.isfile(p):
-                    client_cert = p
-
+        """What TlsConfig.tls_start_server builds, with the target's trust (mitm/tls.py keeps the copy)."""
         ca_pemfile, ca_path = trust_module.openssl_locations(target.trust, self._workdir())
-        ssl_ctx = net_tls.create_proxy_server_context(
-            method=net_tls.Method.TLS_CLIENT_METHOD,
-            min_version=net_tls.Version[ctx.options.tls_version_server_min],
-            max_version=net_tls.Version[ctx.options.tls_version_server_max],
-            cipher_list=tuple(cipher_list),
-            ecdh_curve=net_tls.get_curve(ctx.options.tls_ecdh_curve_server),
-            verify=verify,
-            ca_path=ca_path,
-            ca_pemfile=ca_pemfile,
-            client_cert=client_cert,
-            legacy_server_connect=False,
+        return mitm_tls.server_connection(
+            tls_start, server, target.host, verify=target.trust.verify, ca_pemfile=ca_pemfile, ca_path=ca_path
         )
-        ssl_conn = SSL.Connection(ssl_ctx)
-        _set_peer_name(ssl_conn, target.host, check=target.trust.verify)
-        if server.alpn_offers:
-            ssl_conn.set_alpn_protos(list(server.alpn_offers))
-        ssl_conn.set_connect_state()
-        return ssl_conn
-
-
-def _set_peer_name(ssl_conn: SSL.Connection, host: str, *, check: bool) -> None:
-    """SNI for a host name (never for an IP address, RFC 6066), and the name the certificate must match."""
-    try:
-        ip: bytes | None = ipaddress.ip_address(host).packed
-    except ValueError:
-        ip = None
-    if ip is None:
-        ssl_conn.set_tlsext_host_name(host.encode("idna"))
-    if not check:
-        return
-    # As TlsConfig does: OpenSSL checks the name during the handshake; no partial wildcards, no CN.
-    param = SSL._lib.SSL_get0_param(ssl_conn._ssl)  # type: ignore[attr-defined]
-    SSL._lib.X509_VERIFY_PARAM_set_hostflags(param, tlsconfig.DEFAULT_HOSTFLAGS)  # type: ignore[attr-defined]
-    if ip is None:
-        name = host.encode("idna")
-        ok = SSL._lib.X509_VERIFY_PARAM_set1_host(param, name, len(name))  # type: ignore[attr-defined]
-    else:
-        ok = SSL._lib.X509_VERIFY_PARAM_set1_ip(param, ip, len(ip))  # type: ignore[attr-defined]
-    SSL._openssl_assert(ok == 1)
 
 
 def failure_reason(ssl_conn: SSL.Connection | None, error: str | None, *, verified: bool) -> str:
     """Why a handshake failed: the certificate check's verdict when there is one, else mitmproxy's words."""
     if verified and ssl_conn is not None:
-        code = int(SSL._lib.SSL_get_verify_result(ssl_conn._ssl))  # type: ignore[attr-defined]
-        if code != 0:  # X509_V_OK
-            text = SSL._ffi.string(SSL._lib.X509_verify_cert_error_string(code)).decode()  # type: ignore[attr-defined]
-            return trust_module.verify_failure(code, text)
+        failed = mitm_tls.verify_result(ssl_conn)
+        if failed is not None:
+            return trust_module.verify_failure(*failed)
     return f"TLS handshake failed ({_one_line(error or 'no reason given')})"
-
-
-def _failing_connection() -> SSL.Connection:
-    """A client connection that cannot complete: it verifies against an empty store."""
-    context = SSL.Context(SSL.TLS_CLIENT_METHOD)
-    context.set_verify(SSL.VERIFY_PEER, None)
-    conn = SSL.Connection(context)
-    conn.set_connect_state()
-    return conn
 
 
 def _one_line(value: object) -> str:

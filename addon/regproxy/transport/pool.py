@@ -10,8 +10,8 @@ mapping's trust: `trust.ssl_context`), and keeps idle
 connections between requests, keyed by everything that makes a connection what it is
 (scheme, host, port, SNI, verification, CA bundle, forward proxy). A connection is
 therefore shared across client connections but never across upstream hosts or TLS
-settings. mitmproxy then speaks plain HTTP/1.1 over the stream it is given
-(`regproxy.upstream_pool` does that wiring); credentials stay in each request.
+settings. mitmproxy then speaks plain HTTP/1.1 over the stream it is given (`regproxy.mitm.pool_layers`
+and `regproxy.transport.lending` do that wiring); credentials stay in each request.
 
 Pure asyncio and ssl: no mitmproxy import here.
 """
