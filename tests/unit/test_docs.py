@@ -28,7 +28,6 @@ MAX_README_LINES = 260
 
 # Modules the architecture document names ahead of their arrival from other branches (issue 19). Drop each
 # once it exists; until then a path of this set need not exist.
-ANNOUNCED = {"mitm/compat.py", "mitm/tls.py", "steps/error_pages.py"}
 
 LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 CODE_SPAN = re.compile(r"`([^`]+)`")
@@ -232,8 +231,6 @@ def _cited(token: str) -> str | None:
     elif first == "regproxy":
         target = REPO / "addon" / path
     elif ("/" in path and first.isidentifier() and (PKG / first).is_dir()) or path == "chain.py":
-        if path in ANNOUNCED:
-            return None
         target = PKG / path
     elif re.fullmatch(r"\w+\.py", path):
         # A bare file name is one of the tests' (`test_pull.py`); modules are named by their package path.
