@@ -37,7 +37,6 @@ from ..config import Mapping
 from ..flow import answers, background
 from ..flow import state as flowstate
 from ..flow.answers import fail_closed
-from ..flow.state import FlowState
 from ..limits.admission import Held, admission
 from ..limits.forwarded import client_address, client_key
 from ..limits.keeper import StoreKeeper
@@ -101,7 +100,7 @@ class Limits:
             self.keeper.failed(e)
             if settings.on_store_failure == "closed":
                 err = RegistryError(503, "UNAVAILABLE", "rate limits cannot be checked now; retry later")
-                self._refuse(flow, st, "store_unavailable", mapping.label, err, CLOSED_RETRY)
+                self._refuse(flow, "store_unavailable", mapping.label, err, CLOSED_RETRY)
             return
         self.keeper.answered()
         for name, check, used in zip(asked.names, asked.checks, verdict.usage, strict=True):
@@ -110,7 +109,7 @@ class Limits:
         if verdict.refused is not None:
             name = asked.names[verdict.refused]
             err = RegistryError(429, "TOOMANYREQUESTS", refusal_message(name, rules))
-            self._refuse(flow, st, name, mapping.label, err, retry_seconds(verdict.retry_after))
+            self._refuse(flow, name, mapping.label, err, retry_seconds(verdict.retry_after))
             return
         held = asked.held
         if held.byte_windows or held.slot is not None:
@@ -175,16 +174,11 @@ class Limits:
         state = self.config.state
         return state.config.limits.on_store_failure if state is not None else "open"
 
-    def _refuse(
-        self, flow: http.HTTPFlow, st: FlowState, name: str, mapping: str, err: RegistryError, retry: int
-    ) -> None:
+    def _refuse(self, flow: http.HTTPFlow, name: str, mapping: str, err: RegistryError, retry: int) -> None:
         """The flow is answered here: nothing goes upstream, and the log line and mitmweb say why."""
         self.metrics.limit_refused(name, mapping)
-        st.kind = "local"
-        st.upstream_auth = None
-        st.token = f"{st.token}; limited: {name}"
         flow.marked = MARK_LIMITED
-        answers.reply_error(flow, err, {"Retry-After": str(retry)})
+        answers.answer_error(flow, err, {"Retry-After": str(retry)}, note=f"limited: {name}")
 
     def _charge(self, held: Held, amount: int) -> None:
         store = self.keeper.current

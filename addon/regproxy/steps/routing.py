@@ -70,14 +70,14 @@ class Router:
             route = parse_route(path)
         except RegistryError as e:
             st.log_path = safe_path(path)
-            answers.reply_error(flow, e)
+            answers.answer_error(flow, e)
             return None
         asked = Asked(route, path, query, host, ns)
         st.route = route
         st.log_path = log_path(asked)
         if ns is None and asked_ns and route.is_repository:
             # No registry has such a name: nothing to look up or ask for a token.
-            answers.reply_error(flow, RegistryError(404, "NAME_UNKNOWN"))
+            answers.answer_error(flow, RegistryError(404, "NAME_UNKNOWN"))
             return None
         return asked
 
@@ -94,22 +94,20 @@ class Router:
         if isinstance(decided, Allowed):
             st.token = "ok"
             return decided
-        self._answer(flow, st, decided)
+        self._answer(flow, st.base, decided)
         return None
 
     @staticmethod
-    def _answer(flow: http.HTTPFlow, st: FlowState, answer: Answer) -> None:
+    def _answer(flow: http.HTTPFlow, base: str, answer: Answer) -> None:
         """The answer `authorize` decided on, with the token outcome it notes."""
-        st.token = answer.token
-        if answer.refusal is not None:
-            st.token_refusal = answer.refusal
+        token, refusal = answer.token, answer.refusal
         match answer.reply:
             case Challenge(scope, error):
-                answers.challenge(flow, st.base, scope, error)
+                answers.answer_challenge(flow, base, scope, error, token=token, refusal=refusal)
             case RegistryError() as err:
-                answers.reply_error(flow, err)
+                answers.answer_error(flow, err, token=token, refusal=refusal)
             case bytes() as body:
-                answers.reply(flow, 200, body)
+                answers.answer_locally(flow, 200, body, token=token, refusal=refusal)
             case _:
                 assert_never(answer.reply)
 
