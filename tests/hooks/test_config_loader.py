@@ -184,7 +184,7 @@ def test_a_failing_503_still_fails_closed(tctx: Any, config: Configuration, monk
     def boom(*args: object) -> None:
         raise RuntimeError("broken")
 
-    monkeypatch.setattr(answers, "reply_error", boom)
+    monkeypatch.setattr(answers, "answer_error", boom)
     f = request_flow("/v2/bp/true/manifests/v1")
     config.requestheaders(f)
     assert f.response is not None and f.response.status_code == 500

@@ -1,16 +1,21 @@
-"""limiting.py: `Limits` admits or refuses routed requests (429 with Retry-After), in memory."""
+"""steps/limits.py: `Limits` admits or refuses routed requests (429 with Retry-After), in memory."""
 
 from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+import logging
+from collections.abc import Iterator, Sequence
 
 import pytest
 from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
+from regproxy.flow import background
 from regproxy.flow.state import FlowState
+from regproxy.limits.keeper import StoreKeeper
+from regproxy.limits.settings import FailMode
+from regproxy.limits.store import Charge, Check, MemoryStore, StoreError, Verdict
 from regproxy.ops.metrics import Metrics
 from regproxy.steps.config_loader import Configuration
 from regproxy.steps.limits import MARK_LIMITED, Limits
@@ -195,4 +200,89 @@ def test_without_limits_nothing_is_checked(make_config: MakeConfig) -> None:
     for _ in range(10):
         f, _ = send(config, addon, "/v2/bp/app/manifests/v1")
         assert f.response is None
-    assert addon._store is None
+    assert addon.keeper.current is None
+
+
+# --- the store's life (StoreKeeper) -------------------------------------------------------
+
+
+class Flaky:
+    """A memory store that fails while `down` (as a Redis out of reach does)."""
+
+    def __init__(self) -> None:
+        self.down = True
+        self.memory = MemoryStore()
+
+    async def admit(self, checks: Sequence[Check]) -> Verdict:
+        if self.down:
+            raise StoreError("redis admit: ConnectionError")
+        return await self.memory.admit(checks)
+
+    async def charge(self, charges: Sequence[Charge]) -> list[int]:
+        return await self.memory.charge(charges)
+
+    async def release(self, key: str, lease: str) -> None:
+        await self.memory.release(key, lease)
+
+    async def renew(self, leases: Sequence[tuple[str, str]]) -> None:
+        await self.memory.renew(leases)
+
+    async def aclose(self) -> None:
+        pass
+
+
+def with_flaky_store(limits: Limits, metrics: Metrics) -> Flaky:
+    """The limits' store from now on: one that fails until told otherwise."""
+    store = Flaky()
+
+    def mode() -> FailMode:
+        assert limits.config.state is not None
+        return limits.config.state.config.limits.on_store_failure
+
+    limits.keeper = StoreKeeper(metrics, mode, background.spawn, lambda url: store)
+    return store
+
+
+def test_the_store_is_opened_by_the_first_limited_request_and_kept(config: Configuration, limits: Limits) -> None:
+    assert limits.keeper.current is None
+    send(config, limits, "/v2/bp/app/tags/list")
+    store = limits.keeper.current
+    assert isinstance(store, MemoryStore)
+    send(config, limits, "/v2/bp/app/tags/list")
+    assert limits.keeper.current is store
+
+
+@pytest.fixture
+def closed(make_config: MakeConfig, metrics: Metrics) -> Iterator[tuple[Configuration, Limits]]:
+    """The configuration with `on_store_failure: closed`, and its `Limits`."""
+    config = make_config(CONFIG.replace("limits:\n", "limits:\n  on_store_failure: closed\n"), metrics)
+    addon = Limits(config, metrics)
+    with taddons.context(addon):
+        yield config, addon
+
+
+def test_a_failing_store_closed_answers_503_and_counts(
+    closed: tuple[Configuration, Limits], metrics: Metrics, caplog: pytest.LogCaptureFixture
+) -> None:
+    config, limits = closed
+    store = with_flaky_store(limits, metrics)
+    with caplog.at_level(logging.INFO, "registryproxy"):
+        f, st = send(config, limits, "/v2/bp/app/manifests/v1")
+        again, _ = send(config, limits, "/v2/bp/app/manifests/v1")
+        store.down = False
+        back, _ = send(config, limits, "/v2/bp/app/manifests/v1")
+    assert refused(f) == (503, "UNAVAILABLE", "5") and refused(again)[0] == 503 and back.response is None
+    assert st.kind == "local" and st.upstream_auth is None and st.token == "ok; limited: store_unavailable"
+    assert f.marked == MARK_LIMITED
+    assert sample(metrics, "registryproxy_limit_store_failures_total") == 2
+    assert sample(metrics, "registryproxy_limit_refusals_total", limit="store_unavailable", mapping="bp/") == 2
+    assert caplog.text.count("limits store failed (redis admit: ConnectionError); answering 503") == 1
+    assert caplog.text.count("limits store answers again; limits apply") == 1
+
+
+def test_a_failing_store_open_serves_without_limits(config: Configuration, limits: Limits, metrics: Metrics) -> None:
+    with_flaky_store(limits, metrics)  # on_store_failure: open, the default
+    for _ in range(5):  # more than client_requests allows
+        f, st = send(config, limits, "/v2/bp/app/tags/list")
+        assert f.response is None and st.kind == "upstream" and st.token == "ok"
+    assert sample(metrics, "registryproxy_limit_store_failures_total") == 5

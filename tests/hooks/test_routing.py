@@ -294,3 +294,36 @@ def test_a_failure_while_routing_answers_500_and_routes_nothing(
     assert f.response is not None and f.response.status_code == 500
     assert f.request.host == "127.0.0.1" and f.request.port == 9
     assert b"secret-looking" not in (f.response.content or b"")
+
+
+# --- what each part notes in the flow's state ---------------------------------------------
+
+
+def test_a_name_refused_before_its_lookup_is_logged_with_capabilities_hidden(
+    router: Router, config: Configuration
+) -> None:
+    f, st = routed(router, f"/v2/{CAP}/nginx/manifests/v1", headers=[pull(config, "bp/", "bp/true")])
+    assert 'error="insufficient_scope"' in challenge(f)
+    assert st.match is None and st.log_path == "<capability?>/nginx/manifests/v1" and st.base == BASE
+
+
+def test_a_refusal_after_the_lookup_names_the_mapping(router: Router, config: Configuration) -> None:
+    name = f"{CAP}/nginx"
+    f, st = routed(router, f"/v2/{name}/manifests/v1", "DELETE", headers=[pull(config, name, name)])
+    assert f.response is not None and f.response.status_code == 405
+    assert st.match is not None and st.log_path == f"<{st.match.mapping.label}>/manifests/v1"
+    assert (st.token, st.token_refusal, st.kind, st.upstream_auth) == ("ok", None, "local", None)
+
+
+def test_a_routed_pull_notes_its_route_token_and_credential(router: Router, config: Configuration) -> None:
+    f, st = routed(router, "/v2/bp/true/tags/list?n=2", headers=[pull(config, "bp/", "bp/true")])
+    assert f.response is None and st.route is not None and st.route.name == "bp/true"
+    assert (st.kind, st.token, st.token_refusal, st.upstream_auth) == ("upstream", "ok", None, "Bearer UP")
+    assert st.page == {"n": "2"} and f.request.path == "/v2/backplane/true/tags/list?n=2"
+
+
+def test_a_token_without_upstream_token_sends_the_mappings_own_credential_or_none(
+    router: Router, config: Configuration
+) -> None:
+    _, st = routed(router, "/v2/bp/true/manifests/v1", headers=[pull(config, "bp/", "bp/true", upstream_token=None)])
+    assert st.kind == "upstream" and st.upstream_auth is None

@@ -1,9 +1,11 @@
 """Answers the proxy gives itself: registry JSON errors, challenges, and the fail-closed guard.
 
-Every addon of the chain that answers a client locally does it through `reply`, and every hook
-is wrapped in `fail_closed`: mitmproxy logs an exception raised in a hook and lets the flow go on
-unmodified to its target (the client's Authorization included), so a hook that fails must answer
-the client with an error, or kill the flow, itself.
+Every step of the chain that answers a client locally does it through `answer_locally` (or its two
+forms, `answer_error` and `answer_challenge`), which is also the one writer of what a local answer says
+in the flow's state: the token outcome, why a token was refused, and that nothing goes upstream. Every
+hook is wrapped in `fail_closed`: mitmproxy logs an exception raised in a hook and lets the flow go on
+unmodified to its target (the client's Authorization included), so a hook that fails must answer the
+client with an error, or kill the flow, itself.
 """
 
 from __future__ import annotations
@@ -32,12 +34,37 @@ JSON_TYPE = "application/json; charset=utf-8"
 MAX_LOCAL_BODY = 64 * 1024
 
 
-def reply(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str] | None = None) -> None:
-    """Answer the client; the request goes no further. A HEAD answer carries the length, not the body."""
+def answer_locally(
+    flow: http.HTTPFlow,
+    status: int,
+    body: bytes,
+    headers: dict[str, str] | None = None,
+    *,
+    token: str | None = None,
+    refusal: str | None = None,
+    note: str | None = None,
+) -> None:
+    """Answer the client here: the request goes no further. A HEAD answer carries the length, not the body.
+
+    What the answer says goes into the flow's state, here and nowhere else: `token` is the token
+    outcome for the log line (None keeps the one so far), `note` is added to it (`limited: …`),
+    `refusal` says why a token was refused (for metrics); a flow routed upstream becomes local again
+    and holds no upstream credential.
+    """
+    st = flowstate.of(flow)
+    if st is not None:
+        if token is not None:
+            st.token = token
+        if note is not None:
+            st.token = f"{st.token}; {note}"
+        if refusal is not None:
+            st.token_refusal = refusal
+        if st.kind == "upstream":
+            st.kind = "local"
+        st.upstream_auth = None
     if content_length(flow.request) > MAX_LOCAL_BODY:
         # mitmproxy would read (and hold) the whole body before sending this answer: a multi-GB
         # upload to a pull-only proxy would fill memory. Close the connection unread instead.
-        st = flowstate.of(flow)
         if st is not None:
             st.token = f"{st.token}; {status} answer replaced by closing: body over {MAX_LOCAL_BODY} bytes"
         flow.kill()
@@ -50,8 +77,17 @@ def reply(flow: http.HTTPFlow, status: int, body: bytes, headers: dict[str, str]
         flow.response = http.Response.make(status, body, all_headers)
 
 
-def reply_error(flow: http.HTTPFlow, err: RegistryError, headers: dict[str, str] | None = None) -> None:
-    reply(flow, err.status, err.body(), headers)
+def answer_error(
+    flow: http.HTTPFlow,
+    err: RegistryError,
+    headers: dict[str, str] | None = None,
+    *,
+    token: str | None = None,
+    refusal: str | None = None,
+    note: str | None = None,
+) -> None:
+    """`answer_locally` with a registry error."""
+    answer_locally(flow, err.status, err.body(), headers, token=token, refusal=refusal, note=note)
 
 
 def service(base: str) -> str:
@@ -63,10 +99,18 @@ def challenge_header(base: str, scope: str | None, error: str | None) -> str:
     return bearer_challenge(base + TOKEN_PATH, service(base), scope, error)
 
 
-def challenge(flow: http.HTTPFlow, base: str, scope: str | None, error: str | None) -> None:
-    """401 with the proxy's own Bearer challenge for `scope`."""
+def answer_challenge(
+    flow: http.HTTPFlow,
+    base: str,
+    scope: str | None,
+    error: str | None,
+    *,
+    token: str | None = None,
+    refusal: str | None = None,
+) -> None:
+    """`answer_locally` with a 401 and the proxy's own Bearer challenge for `scope`."""
     header = challenge_header(base, scope, error)
-    reply_error(flow, RegistryError(401, "UNAUTHORIZED"), {"WWW-Authenticate": header})
+    answer_error(flow, RegistryError(401, "UNAUTHORIZED"), {"WWW-Authenticate": header}, token=token, refusal=refusal)
 
 
 def error_response(err: RegistryError) -> http.Response:

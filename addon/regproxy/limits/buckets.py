@@ -9,7 +9,7 @@
 - **Slots** (concurrent transfers) are held until released.
 
 `check` decides without changing anything and `commit` applies an admitted request, so a request
-refused by one limit takes nothing from the others. limitstore.py runs the same arithmetic in
+refused by one limit takes nothing from the others. store.py runs the same arithmetic in
 memory and (as Lua) in Redis. Nothing here imports mitmproxy.
 """
 

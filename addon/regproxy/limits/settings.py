@@ -98,6 +98,11 @@ class Rules:
         )
 
     @property
+    def per_client(self) -> bool:
+        """Whether a limit counts per client (so the client must be told apart)."""
+        return self.client_requests is not None or self.client_bytes is not None or self.client_transfers is not None
+
+    @property
     def burst(self) -> int:
         """The bucket's size: `client_burst`, else one window's worth of `client_requests`."""
         if self.client_burst is not None:

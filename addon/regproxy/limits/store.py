@@ -5,7 +5,7 @@ token bucket, a mapping's window, a client's transfer slots...) and, atomically,
 naming the first check that failed and changes nothing, or applies all of them. `charge` adds bytes
 to windows; `release` gives a transfer slot back.
 
-This module holds the interface and the memory store; limitstore_redis.py the Redis one. Transfer
+This module holds the interface and the memory store; store_redis.py the Redis one. Transfer
 slots are leases of `LEASE_TTL` seconds that the holder renews, so the slots of a replica that died
 free themselves. Nothing here imports mitmproxy.
 """

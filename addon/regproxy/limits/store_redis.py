@@ -1,10 +1,10 @@
 """The limits' counts in Redis, shared by every replica and worker that names the same server.
 
-Each operation of the `Store` interface (limitstore.py) is one Lua script (no read-modify-write race
+Each operation of the `Store` interface (store.py) is one Lua script (no read-modify-write race
 between replicas), on Redis's own clock (`TIME`), so replicas whose clocks differ still agree on
 windows. Every call is bounded (`TIMEOUT`); after a failure the store is not asked again for
 `DOWN_FOR` seconds, so a dead or black-holed Redis costs a request nothing but the failure mode
-(limiting.py). The client is redis-py's asyncio one, imported only when a store is made.
+(keeper.py, steps/limits.py). The client is redis-py's asyncio one, imported only when a store is made.
 """
 
 from __future__ import annotations

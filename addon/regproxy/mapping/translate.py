@@ -1,8 +1,9 @@
-"""Where the upstream points, said in the proxy's names: Location, Link, tags lists, query strings.
+"""Local names said in the upstream's, and where the upstream points said in the proxy's names.
 
-An upstream names its own repositories (`/v2/backplane/true/...`) in redirects, pagination links
-and tags lists; the client must see the local name (`/v2/bp/true/...`), and the holder of a
-capability URL must never learn the upstream's name. Pure functions over a `Match`.
+A pull goes upstream as the upstream's path with only the query parameters its route defines
+(`upstream_path`, `upstream_params`). An upstream names its own repositories (`/v2/backplane/true/...`)
+in redirects, pagination links and tags lists; the client must see the local name (`/v2/bp/true/...`),
+and the holder of a capability URL must never learn the upstream's name. Pure functions over a `Match`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ def upstream_params(route: Route, query: str) -> list[tuple[str, str]]:
         if ok:
             keep.append((k, v))
     return keep
+
+
+def upstream_path(match: Match, route: Route, params: list[tuple[str, str]]) -> str:
+    """The path (and query) a pull of this route asks the upstream for."""
+    query = f"?{urlencode(params)}" if params else ""
+    return f"/v2/{match.upstream_name}{route.suffix}{query}"
 
 
 def local_path(path: str, match: Match) -> str | None:

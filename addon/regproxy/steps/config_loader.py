@@ -125,7 +125,7 @@ class Configuration:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         if flow.response or flow.error or not flow.live or self.state is not None:
             return
-        answers.reply_error(flow, RegistryError(503, "UNAVAILABLE", "the proxy has no valid configuration"))
+        answers.answer_error(flow, RegistryError(503, "UNAVAILABLE", "the proxy has no valid configuration"))
 
     def ready(self) -> tuple[bool, str]:
         """Whether the proxy can serve (for /readyz), with a short detail."""

@@ -75,7 +75,7 @@ class Operations:
         answer = ops.health_answer(path, self.ready(), self.metrics.render, req.headers.get("accept"))
         if answer is not None and req.method in ("GET", "HEAD"):
             status, body, content_type = answer
-            answers.reply(flow, status, body, {"Content-Type": content_type, "Cache-Control": "no-store"})
+            answers.answer_locally(flow, status, body, {"Content-Type": content_type, "Cache-Control": "no-store"})
 
     def _start(self) -> None:
         """Start (or move, or stop) the separate listener, as the option says."""

@@ -1,7 +1,7 @@
 """The proxy's own token endpoint (`/token`): PASETO tokens wrapping the upstreams' tokens.
 
 It also answers at `/ns/HOST/token`, the realm of requests with containerd's `?ns=HOST` (mirror
-mode, see tokenservice.py): there scopes name that registry's repositories.
+mode, see tokens/issuer.py): there scopes name that registry's repositories.
 
 `requestheaders` claims the path and keeps the query for `request` (which has the body of a
 POST grant and may await upstream token services); the flow itself keeps neither the query (a
@@ -54,10 +54,10 @@ class TokenEndpoint:
         if "authorization" in req.headers:
             req.headers["Authorization"] = "[redacted]"
         if req.method not in ("GET", "POST"):
-            answers.reply_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
+            answers.answer_error(flow, RegistryError(405, "UNSUPPORTED", "the token endpoint answers GET and POST"))
         elif content_length(req) > answers.MAX_LOCAL_BODY:
-            # Refused before mitmproxy reads the body: `reply` closes the connection unread (the log says so).
-            answers.reply_error(flow, RegistryError(413, "SIZE_INVALID", "token request too large"))
+            # Refused before mitmproxy reads the body: the answer closes the connection unread (the log says so).
+            answers.answer_error(flow, RegistryError(413, "SIZE_INVALID", "token request too large"))
 
     @fail_closed
     async def request(self, flow: http.HTTPFlow) -> None:
@@ -84,10 +84,8 @@ class TokenEndpoint:
             else:
                 answer = await state.tokens.answer(parsed, base, host, ns=ns)
         except RegistryError as e:
-            st.token = f"refused: {e.message or e.code}"
-            st.token_refusal = e.code.lower()
-            answers.reply_error(flow, e)
+            answers.answer_error(flow, e, token=f"refused: {e.message or e.code}", refusal=e.code.lower())
             return
-        st.token = answer.outcome
         self.metrics.token_issued(parsed.grant_type or "anonymous")
-        answers.reply(flow, 200, json.dumps(answer.body).encode(), {"Cache-Control": "no-store"})
+        body = json.dumps(answer.body).encode()
+        answers.answer_locally(flow, 200, body, {"Cache-Control": "no-store"}, token=answer.outcome)

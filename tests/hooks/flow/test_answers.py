@@ -12,6 +12,7 @@ from hooks.conftest import request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow import answers
+from regproxy.flow import state as flowstate
 from regproxy.flow.answers import fail_closed
 from regproxy.protocol.errors import RegistryError
 
@@ -23,7 +24,7 @@ def errors(f: http.HTTPFlow) -> list[str]:
 
 def test_reply_answers_json_with_the_api_version() -> None:
     f = request_flow("/v2/")
-    answers.reply(f, 200, b"{}")
+    answers.answer_locally(f, 200, b"{}")
     assert f.response is not None and f.response.status_code == 200
     assert f.response.content == b"{}"
     assert f.response.headers["content-type"] == answers.JSON_TYPE
@@ -32,13 +33,13 @@ def test_reply_answers_json_with_the_api_version() -> None:
 
 def test_reply_headers_override_the_defaults() -> None:
     f = request_flow("/metrics")
-    answers.reply(f, 200, b"x 1\n", {"Content-Type": "text/plain"})
+    answers.answer_locally(f, 200, b"x 1\n", {"Content-Type": "text/plain"})
     assert f.response is not None and f.response.headers["content-type"] == "text/plain"
 
 
 def test_reply_to_head_carries_the_length_not_the_body() -> None:
     f = request_flow("/v2/", method="HEAD")
-    answers.reply(f, 404, b'{"errors":[]}')
+    answers.answer_locally(f, 404, b'{"errors":[]}')
     assert f.response is not None and f.response.content == b""
     assert f.response.headers["content-length"] == str(len(b'{"errors":[]}'))
 
@@ -50,22 +51,75 @@ def test_reply_to_head_carries_the_length_not_the_body() -> None:
 def test_reply_to_a_large_upload_closes_instead_of_reading_it(headers: list[tuple[str, str]]) -> None:
     f = request_flow("/v2/bp/x/blobs/uploads/", method="POST", headers=headers)
     st = with_state(f)
-    answers.reply_error(f, RegistryError(405, "UNSUPPORTED"))
+    answers.answer_error(f, RegistryError(405, "UNSUPPORTED"))
     assert f.response is None and f.error is not None and not f.live
     assert "405 answer replaced by closing" in st.token
 
 
 def test_reply_at_the_body_limit_is_answered() -> None:
     f = request_flow("/token", method="POST", headers=[("Content-Length", str(answers.MAX_LOCAL_BODY))])
-    answers.reply(f, 200, b"{}")
+    answers.answer_locally(f, 200, b"{}")
     assert f.response is not None and f.live
 
 
 def test_reply_error_is_the_registry_error_format() -> None:
     f = request_flow("/v2/x/manifests/v1")
-    answers.reply_error(f, RegistryError(404, "MANIFEST_UNKNOWN"))
+    answers.answer_error(f, RegistryError(404, "MANIFEST_UNKNOWN"))
     assert f.response is not None and f.response.status_code == 404
     assert errors(f) == ["MANIFEST_UNKNOWN"]
+
+
+def test_an_answer_notes_the_token_outcome_and_why_a_token_was_refused() -> None:
+    f = request_flow("/v2/bp/x/manifests/v1")
+    st = with_state(f)
+    answers.answer_challenge(
+        f, "http://reg.test", "repository:bp/x:pull", "invalid_token", token="x", refusal="expired"
+    )
+    assert (st.token, st.token_refusal, st.kind) == ("x", "expired", "local")
+
+
+def test_an_answer_without_an_outcome_keeps_the_one_so_far() -> None:
+    f = request_flow("/healthz")
+    st = with_state(f)
+    answers.answer_locally(f, 200, b"ok")
+    assert (st.token, st.token_refusal, st.kind) == ("-", None, "local")
+
+
+def test_an_answer_to_a_routed_flow_sends_nothing_upstream_and_adds_its_note() -> None:
+    f = request_flow("/v2/bp/x/manifests/v1")
+    st = with_state(f)
+    st.kind, st.token, st.upstream_auth = "upstream", "ok", "Bearer UP"
+    answers.answer_error(f, RegistryError(429, "TOOMANYREQUESTS"), {"Retry-After": "3"}, note="limited: manifest_gets")
+    after = flowstate.of(f)  # the same state (a new name: mypy keeps `st.kind` narrowed to "upstream")
+    assert after is st and (after.kind, after.upstream_auth, after.token) == (
+        "local",
+        None,
+        "ok; limited: manifest_gets",
+    )
+    assert f.response is not None and f.response.status_code == 429 and f.response.headers["retry-after"] == "3"
+
+
+def test_the_token_endpoints_answer_stays_a_token_flow() -> None:
+    f = request_flow("/token")
+    st = with_state(f)
+    st.kind = "token"
+    answers.answer_error(f, RegistryError(400, "UNSUPPORTED"), token="refused: x", refusal="unsupported")
+    assert (st.kind, st.token, st.token_refusal) == ("token", "refused: x", "unsupported")
+
+
+def test_an_answer_closed_unread_keeps_the_outcome_and_its_note_before_the_closing() -> None:
+    f = request_flow("/v2/bp/x/manifests/v1", headers=[("Content-Length", str(answers.MAX_LOCAL_BODY + 1))])
+    st = with_state(f)
+    st.token = "ok"
+    answers.answer_error(f, RegistryError(429, "TOOMANYREQUESTS"), note="limited: client_requests")
+    assert f.response is None and not f.live
+    assert st.token == "ok; limited: client_requests; 429 answer replaced by closing: body over 65536 bytes"
+
+
+def test_an_answer_to_a_flow_without_state_still_answers() -> None:
+    f = request_flow("/v2/")
+    answers.answer_locally(f, 200, b"{}", token="ok", refusal="x", note="y")
+    assert f.response is not None and f.response.status_code == 200
 
 
 def test_service_is_the_public_base_netloc() -> None:
@@ -74,7 +128,7 @@ def test_service_is_the_public_base_netloc() -> None:
 
 def test_challenge_names_the_realm_service_scope_and_error() -> None:
     f = request_flow("/v2/bp/x/manifests/v1")
-    answers.challenge(f, "https://reg.example.com", "repository:bp/x:pull", "invalid_token")
+    answers.answer_challenge(f, "https://reg.example.com", "repository:bp/x:pull", "invalid_token")
     assert f.response is not None and f.response.status_code == 401
     assert f.response.headers["www-authenticate"] == (
         'Bearer realm="https://reg.example.com/token",service="reg.example.com",'

@@ -10,7 +10,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from regproxy.config import Mapping, Upstream
 from regproxy.mapping.matcher import Match, Matcher
-from regproxy.mapping.translate import local_path, rewrite_link, rewrite_location, rewrite_tags, upstream_params
+from regproxy.mapping.translate import (
+    local_path,
+    rewrite_link,
+    rewrite_location,
+    rewrite_tags,
+    upstream_params,
+    upstream_path,
+)
 from regproxy.protocol.names import NAME_RE, TAG_RE, Route, parse_route
 
 CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
@@ -301,3 +308,27 @@ def test_a_page_is_sorted_after_last_at_most_n_and_links_to_the_rest(
         target = link.removeprefix("<").partition(">")[0]
         assert target.startswith("/v2/bp/true/tags/list?")
         assert dict(parse_qsl(urlsplit(target).query)) == {"n": str(n), "last": rest[n - 1]}
+
+
+# --- upstream_path ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("match", "path", "query", "expected"),
+    [
+        (BP, "/v2/bp/true/manifests/v1", "", "/v2/backplane/true/manifests/v1"),
+        (BP, f"/v2/bp/true/blobs/{DIGEST}", "ns=x", f"/v2/backplane/true/blobs/{DIGEST}"),
+        (BP, "/v2/bp/true/tags/list", "last=v1&evil=1&n=10", "/v2/backplane/true/tags/list?last=v1&n=10"),
+        (
+            CAPM,
+            f"/v2/{CAP}/nginx/referrers/{DIGEST}",
+            "artifactType=a/b",
+            f"/v2/private/nginx/referrers/{DIGEST}?artifactType=a%2Fb",
+        ),
+    ],
+)
+def test_a_pull_goes_upstream_under_the_upstream_name_with_its_parameters(
+    match: Match, path: str, query: str, expected: str
+) -> None:
+    r = route(path)
+    assert upstream_path(match, r, upstream_params(r, query)) == expected
