@@ -13,11 +13,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from ..config import Mapping
 from ..protocol.names import RouteKind
 from .settings import Rate, Rules
 from .store import Check
+
+
+class Budgeted(Protocol):
+    """What admission reads of a mapping (`config.Mapping` is one; limits sit below config, so the type
+    is named by what it has)."""
+
+    @property
+    def label(self) -> str: ...
+
+    @property
+    def limits(self) -> Rules | None: ...
 
 
 @dataclass
@@ -45,7 +56,7 @@ def new_lease() -> str:
 
 def admission(
     rules: Rules,
-    mapping: Mapping,
+    mapping: Budgeted,
     kind: RouteKind | None,
     method: str,
     client: str,

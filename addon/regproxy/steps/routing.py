@@ -25,10 +25,10 @@ from ..flow import state as flowstate
 from ..flow.answers import fail_closed
 from ..flow.messages import client_host, client_tls, safe_path
 from ..flow.state import FlowState
-from ..mapping.access import Allowed, Answer, Asked, Challenge, authorize, log_path, mirror_ns, read_token
 from ..mapping.translate import upstream_params, upstream_path
 from ..protocol.errors import RegistryError
 from ..protocol.names import parse_route
+from ..tokens.access import Allowed, Answer, Asked, Challenge, authorize, log_path, mirror_ns, read_token
 from ..tokens.issuer import mirror_base, public_base
 from .config_loader import Configuration, State
 

@@ -17,11 +17,11 @@ from dataclasses import dataclass
 from urllib.parse import parse_qsl
 
 from ..config import mirror_host
+from ..mapping.matcher import Match, Matcher, redact_name
 from ..protocol.errors import RegistryError
 from ..protocol.names import Route, RouteKind, is_valid_name
 from ..protocol.scopes import repository_scope
-from ..tokens.paseto import AccessToken, Grant, TokenCodec, TokenError
-from .matcher import Match, Matcher, redact_name
+from .paseto import AccessToken, Grant, TokenCodec, TokenError
 
 logger = logging.getLogger("registryproxy")
 

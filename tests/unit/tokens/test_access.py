@@ -1,4 +1,4 @@
-"""mapping/access.py: what a request names, and whether the client's token allows it (no proxy)."""
+"""tokens/access.py: what a request names, and whether the client's token allows it (no proxy)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,10 @@ import logging
 
 import pytest
 from regproxy.config import Mapping, Upstream
-from regproxy.mapping.access import (
+from regproxy.mapping.matcher import Matcher
+from regproxy.protocol.errors import RegistryError
+from regproxy.protocol.names import parse_route
+from regproxy.tokens.access import (
     Allowed,
     Answer,
     Asked,
@@ -17,9 +20,6 @@ from regproxy.mapping.access import (
     mirror_ns,
     read_token,
 )
-from regproxy.mapping.matcher import Matcher
-from regproxy.protocol.errors import RegistryError
-from regproxy.protocol.names import parse_route
 from regproxy.tokens.paseto import AccessToken, Grant, TokenCodec, TokenError
 
 CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
