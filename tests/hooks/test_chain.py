@@ -12,6 +12,7 @@ from hooks.conftest import Chain, request_flow
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import taddons
+from regproxy.flow import state as flowstate
 from regproxy.mitm import error_pages as failures
 from regproxy.tokens.paseto import Grant, TokenCodec
 
@@ -437,3 +438,17 @@ def test_what_is_sent_is_kept_out_of_the_flow_until_courier_and_after_the_send(
         assert f.response.headers["location"] == "https://cdn.example.net/blob?[redacted]"
 
     asyncio.run(go())
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v2/", "/token"])
+def test_a_large_body_to_a_path_answered_here_is_closed_once(proxy: Chain, path: str, caplog: Any) -> None:
+    """A step that answers closes a request with a large body unread; the steps after it leave the dead flow
+    alone (no second answer, no second note, no internal error)."""
+    f = flow(path, "POST", [("Content-Length", str(10 * 1024 * 1024))])
+    with caplog.at_level("DEBUG", logger="registryproxy"):
+        proxy.run("requestheaders", f)
+        proxy.run("request", f)
+    assert f.error is not None and not f.live and f.response is None
+    st = flowstate.of(f)
+    assert st is not None and st.token.count("answer replaced by closing") == 1
+    assert not [r for r in caplog.records if "internal error" in r.getMessage()]

@@ -49,8 +49,11 @@ def answer_locally(
     What the answer says goes into the flow's state, here and nowhere else: `token` is the token
     outcome for the log line (None keeps the one so far), `note` is added to it (`limited: …`),
     `refusal` says why a token was refused (for metrics); a flow routed upstream becomes local again
-    and holds no upstream credential.
+    and holds no upstream credential. A flow already ended (a step before closed it unread) is left alone:
+    it gets no second answer.
     """
+    if not flow.live:
+        return
     st = flowstate.of(flow)
     if st is not None:
         if token is not None:

@@ -47,7 +47,7 @@ class Router:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         st = flowstate.of(flow)
         state = self.config.state
-        if flow.response or st is None or state is None or st.kind == "token":
+        if flow.response or flow.error or not flow.live or st is None or state is None or st.kind == "token":
             return
         asked = self._parse(flow, st, state)
         if asked is None:
