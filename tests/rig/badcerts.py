@@ -19,8 +19,6 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import os
-import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -28,14 +26,13 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, Self
 
-import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from .procs import LOOPBACK, Proc, RigError, ServerThread, free_port, http_server, run_checked
-from .registry import registry_binary, registry_config
+from .procs import LOOPBACK, Proc, RigError, ServerThread, http_server, run_checked
+from .registry import launch_registry, registry_config
 from .token_issuer import TokenIssuer
 
 GOOD_NAMES = ("localhost", "127.0.0.1")
@@ -187,13 +184,6 @@ class TlsRegistry:
             self.issuer.stop()
 
 
-def registry_env() -> dict[str, str]:
-    """No *_PROXY and no REGISTRY_* (distribution reads those as settings), no AWS_CA_BUNDLE."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
-    env.pop("AWS_CA_BUNDLE", None)
-    return env
-
-
 def start_tls_registry(
     workdir: Path,
     cert: ServerCert,
@@ -213,31 +203,22 @@ def start_tls_registry(
             workdir, users, service="tls-token-registry", issuer="tls-token-issuer", tls=cert.server_context()
         ).start()
         issuer.public_url = f"https://{name}:{issuer.port}"
-    config_path = workdir / "config.yml"
+
+    def make_config(port: int) -> dict[str, Any]:
+        cfg = registry_config("token" if issuer is not None else "anonymous", port, storage_root, issuer=issuer)
+        cfg["http"]["tls"] = {"certificate": str(cert.cert), "key": str(cert.key)}
+        cfg["http"]["host"] = f"https://{name}:{port}"
+        return cfg
+
     try:
-        for attempt in range(3):
-            port = free_port()
-            cfg: dict[str, Any] = registry_config(
-                "token" if issuer is not None else "anonymous", port, storage_root, issuer=issuer
-            )
-            cfg["http"]["tls"] = {"certificate": str(cert.cert), "key": str(cert.key)}
-            cfg["http"]["host"] = f"https://{name}:{port}"
-            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            proc = Proc(f"tls-registry-{workdir.name}")
-            proc.start([registry_binary(), "serve", str(config_path)], env=registry_env(), cwd=workdir)
-            try:
-                proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
-                proc.wait_for_port(LOOPBACK, port, timeout)
-                return TlsRegistry(proc, port, name, cert, issuer)
-            except RigError:
-                proc.stop()
-                if attempt == 2 or "address already in use" not in proc.output():
-                    raise
-        raise AssertionError("unreachable")
+        proc, port = launch_registry(
+            f"tls-registry-{workdir.name}", workdir, workdir / "config.yml", make_config, timeout
+        )
     except BaseException:
         if issuer is not None:
             issuer.stop()
         raise
+    return TlsRegistry(proc, port, name, cert, issuer)
 
 
 def push(layout: Path, src_tag: str, reg: TlsRegistry, repo: str, tag: str, ca_dir: Path) -> str:

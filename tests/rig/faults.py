@@ -36,12 +36,12 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
-import yaml
 
-from .procs import LOOPBACK, Proc, RigError, free_port, wait_until
-from .registry import registry_binary, registry_config
+from .procs import LOOPBACK, Proc, RigError, wait_until
+from .registry import launch_registry, registry_config
 from .token_issuer import TokenIssuer
 
 _MAX_HEAD = 64 * 1024
@@ -472,33 +472,25 @@ def start_token_registry(workdir: Path, users: dict[str, str], timeout: float = 
     tokens = TokenFaults(issuer)
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
-    try:
-        for attempt in range(3):
-            port = free_port()
-            cfg = registry_config("anonymous", port, storage)
-            cfg["auth"] = {
-                "token": {
-                    "realm": tokens.realm,
-                    "service": issuer.service,
-                    "issuer": issuer.issuer,
-                    "rootcertbundle": str(issuer.cert_path),
-                }
+
+    def make_config(port: int) -> dict[str, Any]:
+        cfg = registry_config("anonymous", port, storage)
+        cfg["auth"] = {
+            "token": {
+                "realm": tokens.realm,
+                "service": issuer.service,
+                "issuer": issuer.issuer,
+                "rootcertbundle": str(issuer.cert_path),
             }
-            config_path = workdir / "config.yml"
-            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            proc = Proc("registry-token-faults").start([registry_binary(), "serve", str(config_path)], env, workdir)
-            try:
-                proc.wait_for_port(LOOPBACK, port, timeout)
-                return TokenRegistry(f"http://{LOOPBACK}:{port}", proc, tokens)
-            except RigError:
-                proc.stop()
-                if attempt == 2 or "address already in use" not in proc.output():
-                    raise
+        }
+        return cfg
+
+    try:
+        proc, port = launch_registry("registry-token-faults", workdir, workdir / "config.yml", make_config, timeout)
     except BaseException:
         tokens.stop()
         raise
-    raise RigError("unreachable")
+    return TokenRegistry(f"http://{LOOPBACK}:{port}", proc, tokens)
 
 
 # --- clients ------------------------------------------------------------------------------------
