@@ -588,7 +588,7 @@ def test_connect_and_odd_request_forms_are_not_tunnels(
     """CONNECT to an upstream or the trap, OPTIONS *, and absolute-form targets at the trap: the reverse
     proxy never opens a tunnel or a connection of the client's choosing."""
     anon = taps["anonymous"].host.encode()
-    trap = hostiles.trap.host.encode()
+    trap = hostiles.trap.netloc.encode()
     before = hostiles.trap.accepted
     requests = [
         b"CONNECT " + anon + b" HTTP/1.1\r\nHost: " + anon + b"\r\n\r\n",

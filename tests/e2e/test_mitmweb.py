@@ -29,7 +29,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,8 @@ from regproxy.config import load_file
 from regproxy.debug.text import short_digest
 from regproxy.steps.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
 from rig import clients, images, registry
-from rig.procs import LOOPBACK, ServerThread, free_port, run, wait_until
+from rig.httpserver import HandlerServer
+from rig.procs import LOOPBACK, free_port, run, wait_until
 from rig.standard import APP
 from screenshot.shoot import MitmWeb, manifest_path, start_mitmweb
 
@@ -211,16 +212,15 @@ class Scene:
 
 
 @pytest.fixture(scope="module")
-def drop_after_ping() -> Iterator[ServerThread]:
-    server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), DropAfterPing), "drop-after-ping")
-    yield server
-    server.stop()
+def drop_after_ping() -> Iterator[HandlerServer]:
+    with HandlerServer("drop-after-ping", DropAfterPing) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def awkward() -> Iterator[ServerThread]:
+def awkward() -> Iterator[HandlerServer]:
     Awkward.release.clear()
-    server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), Awkward), "awkward")
+    server = HandlerServer("awkward", Awkward).start()
     yield server
     Awkward.release.set()
     server.stop()
@@ -229,8 +229,8 @@ def awkward() -> Iterator[ServerThread]:
 @pytest.fixture(scope="module")
 def web(
     upstreams: dict[str, registry.Upstream],
-    drop_after_ping: ServerThread,
-    awkward: ServerThread,
+    drop_after_ping: HandlerServer,
+    awkward: HandlerServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[MitmWeb]:
     basic, tok, redir = upstreams["basic"], upstreams["token"], upstreams["redirect"]

@@ -17,6 +17,7 @@ import httpx
 import pytest
 from rig import clients, daemons, procs, wan
 from rig.https_upstream import HTTPS_KINDS, HttpsRig, HttpsUpstream, client_context
+from rig.httpserver import TcpServer
 from rig.relay import Relay
 from rig.standard import APP, SOLO, TestImages
 
@@ -239,52 +240,21 @@ def test_timed_pulls_of_the_wan_image(
 # -- the relay on its own -----------------------------------------------------------------------------
 
 
-class _Server:
+class _Server(TcpServer):
     """A threaded TCP server on 127.0.0.1 running `handle(conn)` per connection (bounded; stop())."""
 
-    def __init__(self, handle: Callable[[socket.socket], None]) -> None:
-        self.handle = handle
-        self.sock = socket.create_server((procs.LOOPBACK, 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.conns: list[socket.socket] = []
-        self.threads: list[threading.Thread] = []
-        self.thread = threading.Thread(target=self._accept, daemon=True)
-        self.thread.start()
+    def __init__(self, run: Callable[[socket.socket], None]) -> None:
+        super().__init__("test-tcp")
+        self.run = run
+        self.start()
 
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            conn.settimeout(20)
-            self.conns.append(conn)
-            t = threading.Thread(target=self._run, args=(conn,), daemon=True)
-            self.threads.append(t)
-            t.start()
-
-    def _run(self, conn: socket.socket) -> None:
+    def handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+        conn.settimeout(20)
         try:
-            self.handle(conn)
-        except OSError:
-            pass
+            self.run(conn)
         finally:
+            self.forget(conn)
             conn.close()
-
-    def stop(self) -> None:
-        try:
-            self.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self.sock.close()
-        self.thread.join(5)
-        for c in self.conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-        for t in self.threads:
-            t.join(5)
 
 
 def _echo(conn: socket.socket) -> None:

@@ -1,4 +1,4 @@
-"""Subprocesses and in-process servers for the end-to-end rig.
+"""Subprocesses, bounded commands and waiting, for the end-to-end rig (in-process servers: httpserver.py).
 
 Every subprocess runs in its own session (process group) and is stopped through that group
 by pid, never by name. Every wait is bounded and fails with the captured output.
@@ -17,14 +17,12 @@ import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 LOOPBACK = "127.0.0.1"
 ADDRESS_IN_USE = "address already in use"  # EADDRINUSE as every program here reports it (any case)
@@ -290,69 +288,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
     except PermissionError:
         pass
-
-
-TLS_HANDSHAKE_TIMEOUT = 30.0
-
-
-class TLSThreadingHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that speaks TLS: each connection's handshake runs on its own handler
-    thread (never on the accepting one), bounded by TLS_HANDSHAKE_TIMEOUT."""
-
-    def __init__(
-        self,
-        server_address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        context: ssl.SSLContext,
-    ) -> None:
-        self.tls_context = context
-        super().__init__(server_address, handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(TLS_HANDSHAKE_TIMEOUT)
-        try:
-            # wrap_socket detaches `request` (shutdown_request then finds it closed) and closes
-            # the connection itself when the handshake fails.
-            conn = self.tls_context.wrap_socket(request, server_side=True)
-        except (OSError, ValueError):
-            return
-        try:
-            conn.settimeout(None)
-            super().finish_request(conn, client_address)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-
-def http_server(
-    host: str, handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
-) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer on (host, a kernel-chosen port), speaking TLS with `tls` when given."""
-    if tls is not None:
-        return TLSThreadingHTTPServer((host, 0), handler, tls)
-    return ThreadingHTTPServer((host, 0), handler)
-
-
-class ServerThread:
-    """Runs a ThreadingHTTPServer on a daemon thread; `stop()` shuts it down and closes it."""
-
-    def __init__(self, server: ThreadingHTTPServer, name: str) -> None:
-        self.server = server
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=name)
-        self._thread.daemon = True
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        port: int = self.server.server_address[1]
-        return port
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
 
 
 class RunResult:

@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Coroutine
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -29,7 +29,7 @@ from regproxy.upstream.auth import (
 )
 from regproxy.upstream.client import MAX_TOKEN_RESPONSE, RegistryClient
 from rig import badcerts
-from rig.procs import ServerThread
+from rig.httpserver import HandlerServer
 
 HTTPS_UP = Upstream("https", "registry.example.com", 443)
 HTTP_UP = Upstream("http", "127.0.0.1", 5000)
@@ -786,7 +786,7 @@ class _ForwardProxy:
             def do_CONNECT(self) -> None:
                 self._answer(403)
 
-        self._server = ServerThread(ThreadingHTTPServer(("127.0.0.1", 0), Handler), "forward-proxy")
+        self._server = HandlerServer("forward-proxy", Handler).start()
 
     @property
     def spec(self) -> ProxySpec:
