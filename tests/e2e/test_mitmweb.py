@@ -46,6 +46,7 @@ from regproxy.debug.text import short_digest
 from regproxy.steps.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
 from rig import clients, images, registry
 from rig.httpserver import HandlerServer
+from rig.keys import CAP
 from rig.procs import LOOPBACK, free_port, run, wait_until
 from rig.standard import APP
 from screenshot.shoot import MitmWeb, manifest_path, start_mitmweb
@@ -54,7 +55,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_HEX = "c3" * 16 + "9d" * 16
-CAP = "5f0c2b7e-8a41-4d93-b6e2-71c9a3d04f58"
 ALMOST_CAP = CAP[:-1] + "9"  # one character off
 FORGED = "v4.local.Zm9yZ2VkLXRva2VuLXRoYXQtbmV2ZXItZGVjcnlwdHM"
 JWT_RE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")

@@ -34,6 +34,8 @@ pytestmark = pytest.mark.e2e
 
 KEY_A = "a1" * 16 + "4f" * 16
 KEY_B = "b2" * 16 + "e8" * 16
+# Not rig.keys.CAP: /metrics is searched for each part of this key, so every part holds a letter
+# (one of only digits could be a number there).
 CAP = "3c9e1f7a-6b2d-4e80-9a5c-d41f0b7e2a96"
 CAP_ENV = "RP_OPS_CAP_PASSWORD"
 MANIFEST_ACCEPT = [

@@ -24,13 +24,13 @@ import pytest
 from regproxy.config import load_file
 from regproxy.tokens.paseto import Grant, TokenCodec
 from rig import clients, proxy, registry, standard
+from rig.keys import CAP
 from rig.procs import Proc, free_port, with_free_port
 from rig.standard import APP, MANY, MANY_TAGS, SOLO
 
 pytestmark = pytest.mark.e2e
 
 KEY_HEX = "5e" * 16 + "a7" * 16
-CAP = "7d3f5a8e-91c2-4b6d-8e0f-2a4c6e8b0d1f"
 NS = {"anonymous": "anon", "basic": "basic", "token": "tok", "redirect": "redir"}
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST_TYPES = [

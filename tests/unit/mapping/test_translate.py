@@ -12,8 +12,8 @@ from regproxy.config import Mapping, Upstream
 from regproxy.mapping.matcher import Match, Matcher
 from regproxy.mapping.translate import local_path, rewrite_link, rewrite_location, rewrite_tags, upstream_params
 from regproxy.protocol.names import NAME_RE, TAG_RE, Route, parse_route
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 NAMESPACE = Mapping("bp/", ("bp",), True, Upstream("http", "127.0.0.1", 5001), "backplane")
 CAPABILITY = Mapping(
     f"{CAP}/nginx",
