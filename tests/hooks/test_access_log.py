@@ -1,4 +1,4 @@
-"""accesslog.py: one log line per request (text or JSON), its metrics, and its comment and mark."""
+"""steps/access_log.py: one log line per request (text or JSON), its metrics, and its comment and mark."""
 
 from __future__ import annotations
 

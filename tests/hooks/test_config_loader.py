@@ -1,4 +1,4 @@
-"""configuration.py: options, loading, reload (file change, SIGHUP) and the 503 without a configuration."""
+"""steps/config_loader.py: options, loading, reload (file change, SIGHUP) and the 503 without a configuration."""
 
 from __future__ import annotations
 

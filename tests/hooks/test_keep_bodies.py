@@ -1,4 +1,4 @@
-"""keep_bodies.py: which upstream bodies are read whole and kept in the flow, and what a flow shows after the send."""
+"""steps/keep_bodies.py: which upstream bodies are read whole and kept in the flow, and what a flow shows after the send."""
 
 from __future__ import annotations
 

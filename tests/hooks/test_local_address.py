@@ -1,4 +1,4 @@
-"""local_address.py: a flow the proxy answered itself shows the proxy's address, as the client used it."""
+"""steps/local_address.py: a flow the proxy answered itself shows the proxy's address, as the client used it."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """Mirror mode through the whole chain in-process (no network): the root key `*`, containerd's `?ns=HOST`,
-the realm `/ns/HOST/token` and the binding of its tokens (routing.py, token_endpoint.py, tokenservice.py)."""
+the realm `/ns/HOST/token` and the binding of its tokens (steps/routing.py,
+steps/token_endpoint.py, tokens/issuer.py)."""
 
 from __future__ import annotations
 

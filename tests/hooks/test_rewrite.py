@@ -1,4 +1,4 @@
-"""rewrite.py: `ResponseRewrite` says the upstream's answer in local terms (errors, headers, links, tags)."""
+"""steps/rewrite.py: `ResponseRewrite` says the upstream's answer in local terms (errors, headers, links, tags)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""token_endpoint.py: `/token` answers the proxy's own tokens; the flow keeps no credential."""
+"""steps/token_endpoint.py: `/token` answers the proxy's own tokens; the flow keeps no credential."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""upstream_watch.py: the upstream's time to answer, bodies that stop flowing, bytes and latency."""
+"""steps/upstream_watch.py: the upstream's time to answer, bodies that stop flowing, bytes and latency."""
 
 from __future__ import annotations
 

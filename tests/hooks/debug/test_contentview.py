@@ -1,4 +1,4 @@
-"""ociview.py: the OCI view as mitmproxy picks and runs it (`contentviews.prettify_message`, as mitmweb does)."""
+"""debug/contentview.py: the OCI view as mitmproxy picks and runs it (`contentviews.prettify_message`, as mitmweb does)."""
 
 from __future__ import annotations
 

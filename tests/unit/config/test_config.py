@@ -1,4 +1,4 @@
-"""Loading and validating the configuration (config.py)."""
+"""Loading and validating the configuration (config/)."""
 
 from __future__ import annotations
 

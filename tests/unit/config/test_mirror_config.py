@@ -1,5 +1,5 @@
-"""Mirror mode in the pure modules: the root key `*`, `mirror_of` and `?ns=` (config.py, mapping.py,
-tokenservice.py)."""
+"""Mirror mode in the pure modules: the root key `*`, `mirror_of` and `?ns=` (config/, mapping/,
+tokens/issuer.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Redaction of tokens, credentials and capability keys from text."""
+"""Redaction of tokens, credentials and capability keys from text (debug/redact.py)."""
 
 from __future__ import annotations
 

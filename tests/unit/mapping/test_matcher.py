@@ -1,4 +1,4 @@
-"""Which mapping serves a name (mapping.py, with config.Mapping's helpers)."""
+"""Which mapping serves a name (mapping/matcher.py, with config.Mapping's helpers)."""
 
 from __future__ import annotations
 

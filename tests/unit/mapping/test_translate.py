@@ -1,4 +1,4 @@
-"""links.py: where the upstream points, said in the proxy's names (pure functions over a `Match`)."""
+"""mapping/translate.py: where the upstream points, said in the proxy's names (pure functions over a `Match`)."""
 
 from __future__ import annotations
 

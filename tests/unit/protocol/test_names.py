@@ -1,4 +1,4 @@
-"""Repository names, references and route parsing (names.py)."""
+"""Repository names, references and route parsing (protocol/names.py)."""
 
 from __future__ import annotations
 

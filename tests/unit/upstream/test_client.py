@@ -1,4 +1,4 @@
-"""Upstream registry knowledge: realms, token answers and the client (upstream.py)."""
+"""Upstream registry knowledge: realms, token answers and the client (upstream/client.py, upstream/auth.py)."""
 
 from __future__ import annotations
 
