@@ -27,7 +27,8 @@ import httpx
 sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parents[2] / "addon")]
 
 from rig import proxy
-from rig.procs import LOOPBACK, ServerThread, http_server
+from rig.httpserver import HandlerServer
+from rig.procs import LOOPBACK
 from rig.redis_server import start_redis
 
 MANIFEST = json.dumps({"schemaVersion": 2, "pad": "x" * 440}).encode()
@@ -86,8 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="300 requests, 1 round")
     args = ap.parse_args(argv)
     n, rounds = (300, 1) if args.quick else (args.requests, args.rounds)
-    server = http_server(LOOPBACK, Upstream)
-    upstream = ServerThread(server, "limits-bench-upstream")
+    upstream = HandlerServer("limits-bench-upstream", Upstream).start()
     started: list[Any] = []
     with tempfile.TemporaryDirectory(prefix="limits-bench-") as tmp:
         try:

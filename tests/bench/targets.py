@@ -23,7 +23,7 @@ from typing import Any
 import httpx
 import yaml
 from rig import proxy as rig_proxy
-from rig.procs import LOOPBACK, Proc, RigError, clean_env, free_port, wait_until
+from rig.procs import LOOPBACK, Proc, clean_env, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 SECRET_KEY = "6b" * 16 + "e1" * 16
@@ -193,8 +193,6 @@ def _wait_registryproxy(url: str, proc: Proc, timeout: float, consecutive: int =
 
     def ready() -> bool:
         nonlocal ok
-        if not proc.running():
-            raise RigError(f"{proc.name} exited before it was ready\n{proc.describe()}")
         try:
             r = httpx.get(f"{url}/v2/", timeout=2, trust_env=False)
             good = r.status_code == 401 and "docker-distribution-api-version" in r.headers
@@ -203,7 +201,7 @@ def _wait_registryproxy(url: str, proc: Proc, timeout: float, consecutive: int =
         ok = ok + 1 if good else 0
         return ok >= consecutive
 
-    wait_until(ready, timeout, f"{proc.name} to answer /v2/", proc.describe, interval=0.05)
+    proc.wait_ready(ready, timeout, "to answer /v2/", interval=0.05)
 
 
 def start_direct(registry_port: int, registry_pgid: int) -> Target:

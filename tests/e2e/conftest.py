@@ -20,7 +20,7 @@ TESTS_DIR = Path(__file__).resolve().parents[1]
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
-from rig import https_upstream, matrix, proxy, registry, standard, swift, tls, wan
+from rig import attack_proxy, hostile_upstreams, https_upstream, matrix, proxy, registry, standard, swift, tls, wan
 
 Digests = standard.Digests
 TestImages = standard.TestImages
@@ -182,3 +182,54 @@ def issued_upstream_tokens(upstreams: dict[str, registry.Upstream]) -> Callable[
     issuers = [u.token_issuer for u in upstreams.values() if u.token_issuer is not None]
     marks = [len(i.issued()) for i in issuers]
     return lambda: [t for i, m in zip(issuers, marks, strict=True) for t in i.issued()[m:]]
+
+
+# --- the attack suite (test_attacks.py; rig/attack_proxy.py, rig/hostile_upstreams.py) ------------
+
+
+@pytest.fixture(scope="module")
+def hostiles() -> Iterator[hostile_upstreams.Hostiles]:
+    """Every hostile upstream and the trap, started for the module."""
+    h = hostile_upstreams.start_hostiles()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def ap(
+    upstreams: dict[str, registry.Upstream],
+    hostiles: hostile_upstreams.Hostiles,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[proxy.ProxyProc]:
+    """The attacked proxy: mappings onto the rig's upstreams and onto the hostile ones (attack_config)."""
+    p = proxy.start_proxy(attack_proxy.attack_config(upstreams, hostiles), tmp_path_factory.mktemp("attacks"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture(scope="module")
+def ap_root(
+    upstreams: dict[str, registry.Upstream],
+    hostiles: hostile_upstreams.Hostiles,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[proxy.ProxyProc]:
+    """The same mappings plus a root mapping, `*`, mirroring docker.io (root_config)."""
+    p = proxy.start_proxy(attack_proxy.root_config(upstreams, hostiles), tmp_path_factory.mktemp("attacks-root"))
+    yield p
+    p.stop()
+
+
+@pytest.fixture
+def public_proxy(make_proxy: ProxyFactory, upstreams: dict[str, registry.Upstream]) -> proxy.ProxyProc:
+    """A proxy with `public_url` set (public_config), for this test."""
+    return make_proxy(attack_proxy.public_config(upstreams))
+
+
+@pytest.fixture
+def taps(upstreams: dict[str, registry.Upstream]) -> dict[str, registry.Upstream]:
+    """The rig's upstreams with their access logs (and token issuers' logs) cleared for this test."""
+    for u in upstreams.values():
+        u.clear_access_log()
+        if u.token_issuer is not None:
+            u.token_issuer.clear()
+    return upstreams

@@ -2,8 +2,8 @@
 
 One proxy serves the module: namespace mappings onto the rig's anonymous, basic and token
 upstreams, two capability mappings (token and redirect upstreams), a `hosts:` mapping, and
-mappings onto hostile servers (rig/hostile.py) that play a malicious upstream: challenges whose
-realm points at a trap, malformed, oversized and dribbled token answers. Every attack must get a
+mappings onto hostile servers (rig/hostile_upstreams.py) that play a malicious upstream: challenges
+whose realm points at a trap, malformed, oversized and dribbled token answers. Every attack must get a
 registry JSON error (never 200 for content outside a mapping, never a 5xx of the proxy's own
 making, never a traceback); the upstreams' taps show what reached them.
 
@@ -15,447 +15,60 @@ The enumeration checks also run against a second proxy (`ap_root`) with the same
 root mapping (`*`, onto the anonymous upstream, mirroring docker.io): there every name no key matches
 is asked of that upstream, so an almost-right key must get exactly what a random name gets from it,
 and no capability key may be forwarded there inside a name.
+
+The proxies' configurations and the helpers the tests talk to them with are in rig/attack_proxy.py,
+the fixtures (`ap`, `ap_root`, `public_proxy`, `hostiles`, `taps`) in conftest.py.
 """
 
 from __future__ import annotations
 
-import json
 import random
-import secrets
 import socket
 import statistics
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import httpx
-import pyseto
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
-from regproxy.tokens.paseto import ACCESS_ASSERTION, Grant, TokenCodec, key_id
+from regproxy.tokens.paseto import Grant, TokenCodec
 from rig import proxy, registry
-from rig.hostile import Reply, Request, ScriptedServer, Trap, dribble, repeat
+from rig.attack_proxy import (
+    CAP2,
+    CAP2_NAME,
+    CAP_NAME,
+    KEY_HEX,
+    MANIFEST_TYPES,
+    OPERATOR_PASSWORD,
+    OPERATOR_USER,
+    OTHER_KEY_HEX,
+    PUBLIC_URL,
+    ROOT_KIND,
+    TIMEOUT,
+    absolute_form_tricks,
+    assert_registry_error,
+    assert_still_serving,
+    assert_within_prefixes,
+    attack_config,
+    comparable,
+    enumeration_proxy,
+    forged,
+    get,
+    holds_a_key,
+    one_off,
+    pyseto_token,
+    raw_exchange,
+    raw_get,
+    realm_of,
+    token_for,
+    twin,
+    vm_kb,
+)
+from rig.hostile_upstreams import REALM_CASES, TIMEOUT_CASES, TOKEN_ANSWERS, Hostiles
+from rig.keys import CAP
 from rig.standard import APP
 
 pytestmark = pytest.mark.e2e
-
-KEY_HEX = "4b" * 16 + "d2" * 16
-OTHER_KEY_HEX = "91" * 32
-CAP = "3f9c1e7a-5b2d-4c8e-a6f0-1d3b5e7a9c2e"
-CAP2 = "b7e2d4f6a8c0e2f4a6b8"  # a 20-character capability key (no UUID)
-CAP_NAME = f"{CAP}/app"
-CAP2_NAME = f"{CAP2}/app"
-OPERATOR_USER = "operator"
-OPERATOR_PASSWORD = "op-" + secrets.token_hex(12)
-TIMEOUT = 15.0
-MANIFEST_TYPES = [
-    "application/vnd.oci.image.manifest.v1+json",
-    "application/vnd.oci.image.index.v1+json",
-    "application/vnd.docker.distribution.manifest.v2+json",
-    "application/vnd.docker.distribution.manifest.list.v2+json",
-]
-ERROR_STATUSES = {400, 401, 403, 404, 405, 413, 414, 416, 431}
-
-
-# --- hostile servers ------------------------------------------------------------------------------
-
-
-def _json(data: object) -> bytes:
-    return json.dumps(data).encode()
-
-
-def _challenge_reply(challenge: str) -> Reply:
-    return Reply(
-        401,
-        [("WWW-Authenticate", challenge), ("Content-Type", "application/json")],
-        b'{"errors":[{"code":"UNAUTHORIZED","message":"hostile upstream"}]}',
-    )
-
-
-GOOD_TOKEN = _json({"token": "hostile-upstream-token", "expires_in": 300})
-
-
-def _token_case(req: Request) -> str:
-    """The case a token request is for: the last component of its upstream repository name."""
-    scopes = parse_qs(urlsplit(req.path).query).get("scope", [""])
-    return scopes[0].rsplit(":", 1)[0].rsplit("/", 1)[-1]
-
-
-# Token answers from a hostile token service on the upstream's own host (a realm the proxy may
-# use): each is refused with a registry error. Keyed by the repository name the client asks for.
-TOKEN_ANSWERS: dict[str, Callable[[ScriptedServer], Reply]] = {
-    "big-length": lambda s: Reply(200, [], chunks=repeat(b'{"token":"' + b"a" * 65526, 20 << 20), length=20 << 20),
-    "big-chunked": lambda s: Reply(200, [], chunks=repeat(b'{"token":"' + b"a" * 65526, 20 << 20)),
-    "html": lambda s: Reply(200, [("Content-Type", "text/html")], b"<html><body>token</body></html>"),
-    "empty": lambda s: Reply(200, [], b""),
-    "null": lambda s: Reply(200, [], b"null"),
-    "array": lambda s: Reply(200, [], b'["hostile-upstream-token"]'),
-    "nested": lambda s: Reply(200, [], b"[" * 200_000),
-    "no-token": lambda s: Reply(200, [], _json({"expires_in": 300})),
-    "empty-token": lambda s: Reply(200, [], _json({"token": "", "access_token": ""})),
-    "null-token": lambda s: Reply(200, [], _json({"token": None, "access_token": None})),
-    "int-token": lambda s: Reply(200, [], _json({"token": 12345})),
-    "list-token": lambda s: Reply(200, [], _json({"token": ["a", "b"]})),
-    "object-token": lambda s: Reply(200, [], _json({"token": {"a": "b"}})),
-    "bool-token": lambda s: Reply(200, [], _json({"token": True})),
-    "crlf-token": lambda s: Reply(200, [], _json({"token": "abc\r\nX-Injected: 1"})),
-    "space-token": lambda s: Reply(200, [], _json({"token": "abc def"})),
-    "quote-token": lambda s: Reply(200, [], _json({"token": 'abc"def'})),
-    "nonascii-token": lambda s: Reply(200, [], _json({"token": "tökén"})),
-    "long-token": lambda s: Reply(200, [], _json({"token": "a" * 40_000})),
-    "exp-negative": lambda s: Reply(200, [], _json({"token": "t", "expires_in": -1})),
-    "exp-zero": lambda s: Reply(200, [], _json({"token": "t", "expires_in": 0})),
-    "exp-huge": lambda s: Reply(200, [], _json({"token": "t", "expires_in": 10**12})),
-    "exp-bigint": lambda s: Reply(200, [], b'{"token":"t","expires_in":' + b"9" * 400 + b"}"),
-    "exp-inf": lambda s: Reply(200, [], b'{"token":"t","expires_in":1e400}'),
-    "exp-nan": lambda s: Reply(200, [], b'{"token":"t","expires_in":NaN}'),
-    "status-500": lambda s: Reply(500, [], GOOD_TOKEN),
-    "status-401": lambda s: Reply(401, [("WWW-Authenticate", 'Basic realm="x"')], GOOD_TOKEN),
-    "status-404": lambda s: Reply(404, [], GOOD_TOKEN),
-    "redirect": lambda s: Reply(307, [("Location", f"http://localhost:{s.trap_port}/token")], b""),  # type: ignore[attr-defined]
-    "dribble": lambda s: Reply(200, [], chunks=dribble(GOOD_TOKEN, 0.5, s.stopping)),
-    "stall": lambda s: Reply(200, [], chunks=dribble(GOOD_TOKEN, 30, s.stopping, step=len(GOOD_TOKEN))),
-}
-TIMEOUT_CASES = {"dribble", "stall"}
-
-
-@dataclass(frozen=True)
-class RealmCase:
-    """A hostile upstream whose challenge sends the proxy's credentials somewhere else."""
-
-    id: str
-    challenge: str  # WWW-Authenticate on /v2/; {own} and {trap} are ports
-    token: str | None = None  # on /token of its own host: None answers a good token, else a Location (307)
-    live: str | None = None  # a challenge answered on every other /v2/... path
-    expect: int = 502
-
-
-def _bearer(realm: str) -> str:
-    return f'Bearer realm="{realm}",service="hostile"'
-
-
-REALM_CASES = [
-    RealmCase("localhost-http", _bearer("http://localhost:{trap}/token")),
-    RealmCase("localhost-https", _bearer("https://localhost:{trap}/token")),
-    RealmCase("localhost-upper", _bearer("HTTP://LOCALHOST:{trap}/token")),
-    RealmCase("localhost-dot", _bearer("http://localhost.:{trap}/token")),
-    RealmCase("other-loopback", _bearer("http://127.0.0.2:{trap}/token")),
-    RealmCase("ipv4-short", _bearer("https://127.1:{trap}/token")),
-    RealmCase("ipv4-decimal", _bearer("https://2130706433:{trap}/token")),
-    RealmCase("ipv4-hex", _bearer("https://0x7f000001:{trap}/token")),
-    RealmCase("ipv4-octal", _bearer("https://0177.0.0.1:{trap}/token")),
-    RealmCase("ipv4-mapped-v6", _bearer("https://[::ffff:127.0.0.1]:{trap}/token")),
-    RealmCase("any-address", _bearer("https://0.0.0.0:{trap}/token")),
-    RealmCase("v6-loopback", _bearer("https://[::1]:{trap}/token")),
-    RealmCase("private-10", _bearer("https://10.0.0.1/token")),
-    RealmCase("private-192", _bearer("https://192.168.1.1/token")),
-    RealmCase("private-172", _bearer("https://172.16.0.1/token")),
-    RealmCase("metadata", _bearer("https://169.254.169.254/latest/meta-data/")),
-    RealmCase("cgnat", _bearer("https://100.64.0.1/token")),
-    RealmCase("v6-ula", _bearer("https://[fd00::1]/token")),
-    RealmCase("v6-link-local", _bearer("https://[fe80::1]/token")),
-    RealmCase("file", _bearer("file:///etc/passwd")),
-    RealmCase("gopher", _bearer("gopher://127.0.0.1:{trap}/_GET%20/")),
-    RealmCase("ftp", _bearer("ftp://127.0.0.1:{trap}/token")),
-    RealmCase("dict", _bearer("dict://127.0.0.1:{trap}/")),
-    RealmCase("ldap", _bearer("ldap://127.0.0.1:{trap}/")),
-    RealmCase("ws", _bearer("ws://127.0.0.1:{trap}/token")),
-    RealmCase("data", _bearer("data:application/json,%7B%22token%22:%22x%22%7D")),
-    RealmCase("javascript", _bearer("javascript:alert(1)")),
-    RealmCase("scheme-relative", _bearer("//localhost:{trap}/token")),
-    RealmCase("relative", _bearer("/token")),
-    RealmCase("userinfo-own-host", _bearer("http://operator:pw@127.0.0.1:{own}/token")),
-    RealmCase("userinfo-confusion", _bearer("http://127.0.0.1:{own}@localhost:{trap}/token")),
-    RealmCase("backslash-confusion", _bearer("http://localhost:{trap}\\\\@127.0.0.1:{own}/token")),
-    RealmCase("fragment-confusion", _bearer("http://127.0.0.1:{own}#@localhost:{trap}/token")),
-    RealmCase("unquoted", "Bearer realm=http://localhost:{trap}/token,service=hostile"),
-    # A repeated parameter: the last one counts (werkzeug); the operator's credentials go to the one used only.
-    RealmCase(
-        "duplicate-realm-own-last",
-        'Bearer realm="http://localhost:{trap}/token",realm="http://127.0.0.1:{own}/token"',
-        expect=200,
-    ),
-    RealmCase(
-        "duplicate-realm-trap-last", 'Bearer realm="http://127.0.0.1:{own}/token",realm="http://localhost:{trap}/token"'
-    ),
-    RealmCase("redirect-other-host", _bearer("http://127.0.0.1:{own}/token"), token="http://localhost:{trap}/token"),
-    RealmCase("redirect-other-port", _bearer("http://127.0.0.1:{own}/token"), token="http://127.0.0.1:{trap}/token"),
-    RealmCase("basic-first", 'Basic realm="r", Bearer realm="http://localhost:{trap}/token"', expect=200),
-    RealmCase(
-        "learned-live-401",
-        _bearer("http://127.0.0.1:{own}/token"),
-        live=_bearer("http://localhost:{trap}/token"),
-        expect=200,
-    ),
-]
-
-
-def _realm_script(case: RealmCase, trap_port: int) -> Callable[[Request, ScriptedServer], Reply]:
-    def fill(template: str, s: ScriptedServer) -> str:
-        return template.replace("{own}", str(s.port)).replace("{trap}", str(trap_port))
-
-    def script(req: Request, s: ScriptedServer) -> Reply:
-        path = urlsplit(req.path).path
-        if path in ("/v2", "/v2/"):
-            return _challenge_reply(fill(case.challenge, s))
-        if path == "/token":
-            if case.token is not None:
-                return Reply(307, [("Location", fill(case.token, s))])
-            return Reply(200, [("Content-Type", "application/json")], GOOD_TOKEN)
-        if case.live is not None:
-            return _challenge_reply(fill(case.live, s))
-        return Reply(404, [("Content-Type", "application/json")], b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
-
-    return script
-
-
-def _token_script(req: Request, s: ScriptedServer) -> Reply:
-    path = urlsplit(req.path).path
-    if path in ("/v2", "/v2/"):
-        return _challenge_reply(_bearer(f"http://127.0.0.1:{s.port}/token"))
-    if path == "/token":
-        answer = TOKEN_ANSWERS.get(_token_case(req))
-        if answer is not None:
-            return answer(s)
-        return Reply(200, [("Content-Type", "application/json")], GOOD_TOKEN)
-    return Reply(404, [("Content-Type", "application/json")], b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
-
-
-PING_BODY = 1 << 30
-
-
-def _huge_ping_script(req: Request, s: ScriptedServer) -> Reply:
-    """A challenge on /v2/ followed by a 1 GiB body, then good token answers."""
-    path = urlsplit(req.path).path
-    if path in ("/v2", "/v2/"):
-        challenge = _bearer(f"http://127.0.0.1:{s.port}/token")
-        return Reply(401, [("WWW-Authenticate", challenge)], chunks=repeat(b"z" * 65536, PING_BODY), length=PING_BODY)
-    if path == "/token":
-        return Reply(200, [("Content-Type", "application/json")], GOOD_TOKEN)
-    return Reply(404, [("Content-Type", "application/json")], b'{"errors":[{"code":"MANIFEST_UNKNOWN"}]}')
-
-
-@dataclass
-class Hostiles:
-    trap: Trap
-    tokens: ScriptedServer
-    huge_ping: ScriptedServer
-    realms: dict[str, ScriptedServer]
-
-    def all(self) -> list[ScriptedServer]:
-        return [self.tokens, self.huge_ping, *self.realms.values()]
-
-
-@pytest.fixture(scope="module")
-def hostiles() -> Iterator[Hostiles]:
-    trap = Trap()
-    started: list[ScriptedServer] = []
-    try:
-        tokens = ScriptedServer(_token_script, "hostile-tokens")
-        started.append(tokens)
-        tokens.trap_port = trap.port  # type: ignore[attr-defined]
-        huge = ScriptedServer(_huge_ping_script, "hostile-huge-ping")
-        started.append(huge)
-        realms = {}
-        for case in REALM_CASES:
-            realms[case.id] = ScriptedServer(_realm_script(case, trap.port), f"hostile-{case.id}")
-            started.append(realms[case.id])
-        yield Hostiles(trap, tokens, huge, realms)
-    finally:
-        for s in started:
-            s.stop()
-        trap.stop()
-
-
-# --- the proxy ------------------------------------------------------------------------------------
-
-
-def _hostile_mapping(server: ScriptedServer) -> dict[str, Any]:
-    return {
-        "registry": server.url,
-        "remote": "platform",
-        "username": OPERATOR_USER,
-        "password": OPERATOR_PASSWORD,
-    }
-
-
-def _config(up: dict[str, registry.Upstream], h: Hostiles, key_hex: str = KEY_HEX) -> dict[str, Any]:
-    def creds(u: registry.Upstream) -> dict[str, Any]:
-        return {"username": u.username, "password": u.password} if u.username else {}
-
-    proxies: dict[str, Any] = {
-        "anon/": {"registry": up["anonymous"].url, "remote": "platform"},
-        "basic/": {"registry": up["basic"].url, "remote": "platform", **creds(up["basic"])},
-        "tok/": {"registry": up["token"].url, "remote": "platform", **creds(up["token"])},
-        CAP_NAME: {"registry": up["token"].url, "remote": APP, **creds(up["token"])},
-        CAP2_NAME: {"registry": up["redirect"].url, "remote": APP, **creds(up["redirect"])},
-        "dom/": {"registry": up["anonymous"].url, "remote": "platform", "hosts": ["images.test"]},
-        "evt/": _hostile_mapping(h.tokens),
-        "evping/": _hostile_mapping(h.huge_ping),
-    }
-    for case_id, server in h.realms.items():
-        proxies[f"evr-{case_id}/"] = _hostile_mapping(server)
-    return {"secretkey": key_hex, "upstream_timeout": 3, "proxies": proxies}
-
-
-@pytest.fixture(scope="module")
-def ap(
-    upstreams: dict[str, registry.Upstream], hostiles: Hostiles, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[proxy.ProxyProc]:
-    p = proxy.start_proxy(_config(upstreams, hostiles), tmp_path_factory.mktemp("attacks"))
-    yield p
-    p.stop()
-
-
-ROOT_KIND = "anonymous"  # the upstream of ap_root's root mapping
-
-
-@pytest.fixture(scope="module")
-def ap_root(
-    upstreams: dict[str, registry.Upstream], hostiles: Hostiles, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[proxy.ProxyProc]:
-    config = _config(upstreams, hostiles)
-    config["proxies"]["*"] = {"registry": upstreams[ROOT_KIND].url, "mirror_of": ["docker.io"]}
-    p = proxy.start_proxy(config, tmp_path_factory.mktemp("attacks-root"))
-    yield p
-    p.stop()
-
-
-def enumeration_proxy(request: pytest.FixtureRequest, root: bool) -> proxy.ProxyProc:
-    rp: proxy.ProxyProc = request.getfixturevalue("ap_root" if root else "ap")
-    return rp
-
-
-def holds_a_key(name: str) -> bool:
-    """Whether a name holds a capability key whole, as one of its segments."""
-    return any(s in (CAP, CAP2) for s in name.split("/"))
-
-
-@pytest.fixture
-def taps(upstreams: dict[str, registry.Upstream]) -> dict[str, registry.Upstream]:
-    """The rig's upstreams with their access logs (and token issuers' logs) cleared for this test."""
-    for u in upstreams.values():
-        u.clear_access_log()
-        if u.token_issuer is not None:
-            u.token_issuer.clear()
-    return upstreams
-
-
-# --- helpers --------------------------------------------------------------------------------------
-
-
-def token_for(rp: proxy.ProxyProc, *names: str, host: str | None = None) -> str:
-    headers = {"Host": host} if host else {}
-    params: list[tuple[str, str | int | float | bool | None]] = [("scope", f"repository:{n}:pull") for n in names]
-    r = httpx.get(f"{rp.url}/token", params=params, headers=headers, timeout=TIMEOUT)
-    assert r.status_code == 200, r.text
-    tok: str = r.json()["token"]
-    return tok
-
-
-def get(
-    rp: proxy.ProxyProc,
-    path: str,
-    tok: str | None = None,
-    method: str = "GET",
-    client: httpx.Client | None = None,
-    **kw: Any,
-) -> httpx.Response:
-    given = kw.pop("headers", {})
-    headers = list(given.items()) if isinstance(given, dict) else list(given)
-    if "/manifests/" in path and not any(k.lower() == "accept" for k, _ in headers):
-        headers += [("Accept", t) for t in MANIFEST_TYPES]
-    if tok:
-        headers.append(("Authorization", f"Bearer {tok}"))
-    if client is not None:
-        return client.request(method, f"{rp.url}{path}", headers=headers, timeout=TIMEOUT, **kw)
-    return httpx.request(method, f"{rp.url}{path}", headers=headers, timeout=TIMEOUT, **kw)
-
-
-def assert_registry_error(status: int, body: bytes, allowed: set[int] = ERROR_STATUSES, head: bool = False) -> str:
-    """A registry JSON error of an allowed status; returns its code ("" for HEAD)."""
-    assert status in allowed, (status, body[:300])
-    if head:
-        return ""
-    doc = json.loads(body)
-    errors = doc["errors"]
-    assert isinstance(errors, list) and errors and all("code" in e and "message" in e for e in errors), doc
-    code: str = errors[0]["code"]
-    return code
-
-
-def assert_still_serving(rp: proxy.ProxyProc) -> None:
-    """A normal pull works (fresh token, manifest GET), the proxy runs and has logged no traceback."""
-    r = get(rp, "/v2/anon/app/manifests/v1", token_for(rp, "anon/app"))
-    assert r.status_code == 200, r.text
-    assert json.loads(r.content)["schemaVersion"] == 2
-    assert rp.running(), "the proxy died"
-    out = rp.output()
-    assert "Traceback" not in out and "Addon error" not in out, out[-4000:]
-    assert "internal error" not in out, out[-4000:]
-
-
-def assert_within_prefixes(upstreams: dict[str, registry.Upstream]) -> None:
-    """Every request that reached a rig upstream was the ping or under its mapped remote prefix."""
-    for kind, u in upstreams.items():
-        for e in u.access_log():
-            assert e.path == "/v2/" or e.path.startswith("/v2/platform/"), (kind, e)
-            rest = e.path.split("?", 1)[0][len("/v2/") :]
-            lowered = rest.lower()
-            assert not any(x in lowered for x in ("..", "%2e", "%2f", "%5c", "\\", "//", "%00")), (kind, e)
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: list[tuple[str, str]]
-    body: bytes
-
-    def header(self, name: str) -> str | None:
-        return next((v for k, v in self.headers if k == name.lower()), None)
-
-
-def raw_exchange(rp: proxy.ProxyProc, data: bytes, head: bool = False, timeout: float = TIMEOUT) -> Answer | None:
-    """Send one raw request (`Connection: close`) and read one answer; None if closed without one."""
-    with socket.create_connection(("127.0.0.1", rp.port), timeout=timeout) as sock:
-        try:
-            sock.sendall(data)
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        buf = b""
-        try:
-            while b"\r\n\r\n" not in buf:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    return None
-                buf += chunk
-            head_bytes, _, rest = buf.partition(b"\r\n\r\n")
-            lines = head_bytes.decode("latin-1").split("\r\n")
-            status = int(lines[0].split(" ", 2)[1])
-            headers = [(k.strip().lower(), v.strip()) for k, _, v in (h.partition(":") for h in lines[1:])]
-            length = next((int(v) for k, v in headers if k == "content-length"), None)
-            if head:
-                return Answer(status, headers, b"")
-            while length is None or len(rest) < length:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                rest += chunk
-            return Answer(status, headers, rest if length is None else rest[:length])
-        except ConnectionResetError:
-            return None
-
-
-def raw_get(rp: proxy.ProxyProc, target: bytes, headers: list[tuple[bytes, bytes]], method: bytes = b"GET") -> bytes:
-    out = method + b" " + target + b" HTTP/1.1\r\n"
-    for k, v in headers:
-        out += k + b": " + v + b"\r\n"
-    return out + b"Connection: close\r\n\r\n"
 
 
 # --- 1. path tricks -------------------------------------------------------------------------------
@@ -541,22 +154,12 @@ QUERY_TRICKS: list[bytes] = [
 ]
 
 
-def _absolute_form_tricks(up: dict[str, registry.Upstream]) -> list[bytes]:
-    anon = up["anonymous"].host.encode()
-    return [
-        b"http://" + anon + b"/v2/library/solo/manifests/latest",
-        b"http://" + anon + b"/v2/anon/../library/solo/manifests/latest",
-        b"http://evil.example/v2/library/solo/manifests/latest",
-        b"//" + anon + b"/v2/library/solo/manifests/latest",
-    ]
-
-
 def test_path_tricks_never_leave_the_remote_prefix(ap: proxy.ProxyProc, taps: dict[str, registry.Upstream]) -> None:
     """Raw request targets with dot segments, encodings, bad bytes and grammar breakers (with a token
     good for `anon/app` and for the names a trick aims at): a registry 4xx error every time, and no
     upstream ever sees a path outside `/v2/platform/`."""
     tok = token_for(ap, "anon/app", "anon/library/solo", "library/solo", "anon/a/x")
-    targets = PATH_TRICKS + _absolute_form_tricks(taps)
+    targets = PATH_TRICKS + absolute_form_tricks(taps)
     unanswered = []
     for target in targets:
         for method in (b"GET", b"HEAD"):
@@ -588,7 +191,7 @@ def test_connect_and_odd_request_forms_are_not_tunnels(
     """CONNECT to an upstream or the trap, OPTIONS *, and absolute-form targets at the trap: the reverse
     proxy never opens a tunnel or a connection of the client's choosing."""
     anon = taps["anonymous"].host.encode()
-    trap = hostiles.trap.host.encode()
+    trap = hostiles.trap.netloc.encode()
     before = hostiles.trap.accepted
     requests = [
         b"CONNECT " + anon + b" HTTP/1.1\r\nHost: " + anon + b"\r\n\r\n",
@@ -715,29 +318,6 @@ def test_mixed_capability_and_namespace_scopes_stay_apart(
     assert_still_serving(ap)
 
 
-def _pyseto_token(version: int, purpose: str, payload: dict[str, Any], key: bytes | None = None) -> str:
-    if purpose == "public":
-        priv = ed25519.Ed25519PrivateKey.generate()
-        pem = priv.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        )
-        k = pyseto.Key.new(version=version, purpose="public", key=pem)
-    else:
-        k = pyseto.Key.new(version=version, purpose="local", key=key or bytes.fromhex(KEY_HEX))
-    return pyseto.encode(k, payload, serializer=json, exp=300).decode()
-
-
-def _forged(payload: dict[str, Any], assertion: bytes | None = ACCESS_ASSERTION, exp: int | None = 300) -> str:
-    """A v4.local token made with the proxy's own key (what only a key holder could make)."""
-    key = bytes.fromhex(KEY_HEX)
-    k = pyseto.Key.new(version=4, purpose="local", key=key)
-    kw: dict[str, Any] = {"exp": exp} if exp is not None else {}
-    tok = pyseto.encode(
-        k, payload, footer={"kid": key_id(key)}, implicit_assertion=assertion or b"", serializer=json, **kw
-    )
-    return tok.decode()
-
-
 def test_replayed_forged_and_foreign_tokens_get_401(
     ap: proxy.ProxyProc, taps: dict[str, registry.Upstream], hostiles: Hostiles, make_proxy: Any
 ) -> None:
@@ -750,7 +330,7 @@ def test_replayed_forged_and_foreign_tokens_get_401(
     refresh = httpx.post(
         f"{ap.url}/token", data={"grant_type": "password", "username": "u", "password": "p"}, timeout=TIMEOUT
     ).json()["refresh_token"]
-    other_proxy = make_proxy(_config(taps, hostiles, OTHER_KEY_HEX))
+    other_proxy = make_proxy(attack_config(taps, hostiles, OTHER_KEY_HEX))
     from_other_proxy = token_for(other_proxy, "tok/app")
     upstream_jwt = taps["token"].token([f"repository:{APP}:pull"])
     i = len("v4.local.") + 20
@@ -764,12 +344,12 @@ def test_replayed_forged_and_foreign_tokens_get_401(
         "truncated": good[: len(good) // 2],
         "truncated by one": good[:-1],
         "doubled": good + good,
-        "v2.local same key": _pyseto_token(2, "local", payload),
-        "v3.local same key": _pyseto_token(3, "local", payload),
-        "v4.public": _pyseto_token(4, "public", payload),
-        "v4.local other key": _pyseto_token(4, "local", payload, b"\x07" * 32),
-        "no implicit assertion": _forged(payload, assertion=None),
-        "expired": _forged({**payload, "exp": "2020-01-01T00:00:00+00:00"}, exp=None),
+        "v2.local same key": pyseto_token(2, "local", payload),
+        "v3.local same key": pyseto_token(3, "local", payload),
+        "v4.public": pyseto_token(4, "public", payload),
+        "v4.local other key": pyseto_token(4, "local", payload, b"\x07" * 32),
+        "no implicit assertion": forged(payload, assertion=None),
+        "expired": forged({**payload, "exp": "2020-01-01T00:00:00+00:00"}, exp=None),
         "refresh as access": refresh,
         "upstream jwt": upstream_jwt,
         "empty": "",
@@ -786,7 +366,7 @@ def test_replayed_forged_and_foreign_tokens_get_401(
         "exp not a date": {"aud": aud, "iat": 1, "g": [], "exp": "soon"},
     }
     for label, claims in forged_claims.items():
-        bad_tokens[f"forged: {label}"] = _forged(claims, exp=None if "exp" in claims else 300)
+        bad_tokens[f"forged: {label}"] = forged(claims, exp=None if "exp" in claims else 300)
     taps["token"].clear_access_log()
     for label, bad in bad_tokens.items():
         for method in ("GET", "HEAD"):
@@ -853,11 +433,6 @@ def test_small_uploads_and_writes_are_refused(ap: proxy.ProxyProc, taps: dict[st
     assert_still_serving(ap)
 
 
-def _vm_kb(rp: proxy.ProxyProc, field: str) -> int:
-    status = Path(f"/proc/{rp.proc.pid}/status").read_text()
-    return int(next(line.split()[1] for line in status.splitlines() if line.startswith(field + ":")))
-
-
 STREAMED_UPLOADS = [
     ("PATCH", "/v2/anon/app/blobs/uploads/abc", "length", True),
     ("PATCH", "/v2/anon/app/blobs/uploads/abc", "chunked", True),
@@ -876,7 +451,7 @@ def test_streamed_upload_is_refused_unread(
 ) -> None:
     """A multi-GB body (4 GiB declared, or chunked without end) to the pull-only proxy: the connection
     is closed (or answered) without the body being read, and the proxy's memory stays flat."""
-    rss_before = _vm_kb(ap, "VmRSS")
+    rss_before = vm_kb(ap, "VmRSS")
     tok = token_for(ap, "anon/app")
     head = f"{method} {path} HTTP/1.1\r\nHost: {ap.host}\r\nContent-Type: application/octet-stream\r\n"
     if authorized:
@@ -908,37 +483,17 @@ def test_streamed_upload_is_refused_unread(
         except OSError:
             pass
     assert sent < (64 << 20), f"{sent >> 20} MiB were taken in"
-    rss_after = _vm_kb(ap, "VmRSS")
+    rss_after = vm_kb(ap, "VmRSS")
     assert rss_after - rss_before < 64 * 1024, f"RSS {rss_before} -> {rss_after} kB"
-    assert _vm_kb(ap, "VmHWM") < 250 * 1024
+    assert vm_kb(ap, "VmHWM") < 250 * 1024
     assert_still_serving(ap)
 
 
 # --- 4. enumeration -------------------------------------------------------------------------------
 
 
-def _twin(guess: str) -> str:
-    """A random name shaped like `guess` (same length and character classes), sharing nothing with CAP."""
-    rnd = random.Random(guess)
-    out = []
-    for c in guess:
-        if c.isdigit() or c in "abcdef":
-            out.append(rnd.choice("0123456789abcdef"))
-        elif c in "ABCDEF":
-            out.append(rnd.choice("0123456789ABCDEF"))
-        else:
-            out.append(c)
-    twin = "".join(out)
-    assert CAP not in twin and CAP2 not in twin
-    return twin
-
-
-def _one_off(key: str, i: int) -> str:
-    return key[:i] + ("0" if key[i] != "0" else "1") + key[i + 1 :]
-
-
 ALMOST_RIGHT = [
-    *(f"{_one_off(CAP, i)}/app" for i in (0, 9, 20, len(CAP) - 1)),
+    *(f"{one_off(CAP, i)}/app" for i in (0, 9, 20, len(CAP) - 1)),
     f"{CAP[:-1]}/app",
     f"{CAP[:8]}/app",
     f"{CAP}0/app",
@@ -950,24 +505,11 @@ ALMOST_RIGHT = [
     f"{CAP.upper()}/app",
     f"{CAP}/APP",
     f"x/{CAP}/app",
-    *(f"{_one_off(CAP2, i)}/app" for i in (0, len(CAP2) - 1)),
+    *(f"{one_off(CAP2, i)}/app" for i in (0, len(CAP2) - 1)),
     f"{CAP2[:-1]}/app",
     f"{CAP2}a/app",
     f"{CAP2.upper()}/app",
 ]
-
-
-def _comparable(
-    r: httpx.Response, name: str, rp: proxy.ProxyProc | None = None
-) -> tuple[int, bytes, list[tuple[str, str]]]:
-    """Status, body and headers (but Date) with the name replaced, and the proxy's address when given."""
-
-    def norm(text: str) -> str:
-        text = text.replace(name, "NAME")
-        return text.replace(rp.host, "PROXY") if rp is not None else text
-
-    headers = sorted((k, norm(v)) for k, v in r.headers.items() if k != "date")
-    return r.status_code, norm(r.content.decode("latin-1")).encode("latin-1"), headers
 
 
 @pytest.mark.parametrize("root", [False, True], ids=["keys", "keys-and-root"])
@@ -983,18 +525,18 @@ def test_almost_right_capability_keys_learn_nothing(
     forwarded: set[str] = set()
     for guess in ALMOST_RIGHT:
         # What the guess is compared with: a random name of its shape on the same proxy, or itself without root.
-        other, other_rp = (guess, ap) if root and holds_a_key(guess) else (_twin(guess), rp)
+        other, other_rp = (guess, ap) if root and holds_a_key(guess) else (twin(guess), rp)
         if root and not holds_a_key(guess):
             forwarded |= {guess, other}
         ta, tb = token_for(rp, guess), token_for(other_rp, other)
         for suffix in ("manifests/v1", "tags/list", f"blobs/sha256:{'a' * 64}"):
             for method in ("GET", "HEAD"):
-                a = _comparable(get(rp, f"/v2/{guess}/{suffix}", method=method, client=c), guess, rp)
-                b = _comparable(get(other_rp, f"/v2/{other}/{suffix}", method=method, client=c), other, other_rp)
+                a = comparable(get(rp, f"/v2/{guess}/{suffix}", method=method, client=c), guess, rp)
+                b = comparable(get(other_rp, f"/v2/{other}/{suffix}", method=method, client=c), other, other_rp)
                 assert a == b, (guess, method, a, b)
                 assert a[0] in (400, 401, 404)
-                a2 = _comparable(get(rp, f"/v2/{guess}/{suffix}", ta, method=method, client=c), guess, rp)
-                b2 = _comparable(get(other_rp, f"/v2/{other}/{suffix}", tb, method=method, client=c), other, other_rp)
+                a2 = comparable(get(rp, f"/v2/{guess}/{suffix}", ta, method=method, client=c), guess, rp)
+                b2 = comparable(get(other_rp, f"/v2/{other}/{suffix}", tb, method=method, client=c), other, other_rp)
                 assert a2 == b2, (guess, method, a2, b2)
                 # distribution answers HEAD on a tags list 405, forwarded from the root's upstream.
                 assert a2[0] in ((400, 404, 405) if root else (400, 404)), (guess, a2)
@@ -1164,7 +706,7 @@ def test_malformed_oversized_and_slow_token_answers_are_refused(ap: proxy.ProxyP
     """A token service on the upstream's own host (a realm the proxy uses) answering garbage: each is a
     registry error (502, or 504 for the slow ones) in bounded time, memory stays flat, and the
     proxy goes on serving."""
-    rss_before = _vm_kb(ap, "VmRSS")
+    rss_before = vm_kb(ap, "VmRSS")
     for case in TOKEN_ANSWERS:
         started = time.monotonic()
         r = httpx.get(f"{ap.url}/token", params={"scope": f"repository:evt/{case}:pull"}, timeout=TIMEOUT)
@@ -1177,25 +719,24 @@ def test_malformed_oversized_and_slow_token_answers_are_refused(ap: proxy.ProxyP
     assert hostiles.trap.accepted == 0
     # A good answer from the same service still works.
     assert token_for(ap, "evt/fine")
-    assert _vm_kb(ap, "VmRSS") - rss_before < 64 * 1024
+    assert vm_kb(ap, "VmRSS") - rss_before < 64 * 1024
     assert_still_serving(ap)
 
 
 def test_huge_ping_body_is_not_read(ap: proxy.ProxyProc, hostiles: Hostiles) -> None:
     """An upstream answering its /v2/ challenge with a 1 GiB body: the proxy reads the challenge only."""
-    rss_before = _vm_kb(ap, "VmRSS")
+    rss_before = vm_kb(ap, "VmRSS")
     started = time.monotonic()
     r = httpx.get(f"{ap.url}/token", params={"scope": "repository:evping/app:pull"}, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     assert time.monotonic() - started < 8
-    assert _vm_kb(ap, "VmRSS") - rss_before < 64 * 1024
+    assert vm_kb(ap, "VmRSS") - rss_before < 64 * 1024
     assert [q.path.split("?")[0] for q in hostiles.huge_ping.requests()] == ["/v2/", "/token"]
     assert_still_serving(ap)
 
 
 # --- 6. Host and X-Forwarded-* spoofing -----------------------------------------------------------
 
-PUBLIC_URL = "https://reg.example.test"
 SPOOFED_HEADERS: list[list[tuple[str, str]]] = [
     [("Host", "evil.example")],
     [("Host", "evil.example:443")],
@@ -1223,25 +764,6 @@ SPOOFED_HEADERS: list[list[tuple[str, str]]] = [
 ALLOWED_REALMS = {f"{PUBLIC_URL}/token", "https://images.test/token"}
 
 
-@pytest.fixture
-def public_proxy(make_proxy: Any, upstreams: dict[str, registry.Upstream]) -> proxy.ProxyProc:
-    config = {
-        "secretkey": KEY_HEX,
-        "public_url": PUBLIC_URL,
-        "proxies": {
-            "anon/": {"registry": upstreams["anonymous"].url, "remote": "platform"},
-            "dom/": {"registry": upstreams["anonymous"].url, "remote": "platform", "hosts": ["images.test"]},
-        },
-    }
-    p: proxy.ProxyProc = make_proxy(config)
-    return p
-
-
-def _realm(challenge: str) -> str:
-    assert challenge.startswith('Bearer realm="'), challenge
-    return challenge.split('"', 2)[1]
-
-
 def test_spoofed_host_and_forwarded_headers_change_no_realm(
     public_proxy: proxy.ProxyProc, taps: dict[str, registry.Upstream]
 ) -> None:
@@ -1261,7 +783,7 @@ def test_spoofed_host_and_forwarded_headers_change_no_realm(
             assert a is not None, headers
             assert_registry_error(a.status, a.body, {400, 401})
             if a.status == 401:
-                realm = _realm(a.header("www-authenticate") or "")
+                realm = realm_of(a.header("www-authenticate") or "")
                 assert realm in ALLOWED_REALMS, (headers, realm)
                 host = next((v for k, v in headers if k == "Host"), "")
                 if realm != f"{PUBLIC_URL}/token":
@@ -1277,7 +799,7 @@ def test_spoofed_host_and_forwarded_headers_change_no_realm(
     assert all(e.path == "/v2/" for u in taps.values() for e in u.access_log())
     tok = token_for(rp, "anon/app")
     assert get(rp, "/v2/anon/app/manifests/v1", tok, headers={"X-Forwarded-Host": "evil.example"}).status_code == 200
-    assert_still_serving_public(rp)
+    assert_still_serving(rp)
 
 
 def test_hosts_mapping_answers_only_its_own_domain(
@@ -1307,8 +829,4 @@ def test_hosts_mapping_answers_only_its_own_domain(
         r = get(rp, "/v2/dom/app/manifests/v1", tok, headers=headers)
         assert_registry_error(r.status_code, r.content, want)
     assert taps["anonymous"].access_log() == []
-    assert_still_serving_public(rp)
-
-
-def assert_still_serving_public(rp: proxy.ProxyProc) -> None:
     assert_still_serving(rp)

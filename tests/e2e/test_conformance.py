@@ -28,12 +28,12 @@ from urllib.parse import parse_qsl
 import httpx
 import pytest
 from rig import proxy, registry, standard
+from rig.keys import CAP
 from rig.standard import APP, MANY_TAGS
 
 pytestmark = pytest.mark.e2e
 
 KEY_HEX = "5e" * 16 + "a7" * 16
-CAP = "0c1d2e3f-4a5b-4c6d-8e7f-9a0b1c2d3e4f"
 NS = {"anonymous": "conf", "token": "conftok"}
 MANIFEST_ACCEPT = [
     ("Accept", "application/vnd.oci.image.manifest.v1+json"),

@@ -38,6 +38,7 @@ import pytest
 from rig import clients, https_upstream, images, proxy, tls
 from rig.forward_proxy import PORT, ForwardProxy, ProxyLog
 from rig.netns import Netns
+from rig.procs import wait_quiet, wait_until
 from rig.remote_upstream import RemoteUpstream, start_remote_upstream
 from rig.standard import APP
 
@@ -104,7 +105,7 @@ class Rig:
         return "Bearer " + self.remote.source.token([f"repository:{APP}:pull"])
 
     def log(self) -> ProxyLog:
-        time.sleep(0.3)  # lines of a request that just ended
+        wait_quiet(lambda: len(self.fwd.log_text()), 0.3)  # lines of a request that just ended
         return self.fwd.log(self.mark)
 
     def assert_every_connection_tunnelled(self, remote: RemoteUpstream) -> dict[str, int]:
@@ -193,7 +194,7 @@ def settled(p: proxy.ProxyProc) -> int:
 
 
 def new_lines(p: proxy.ProxyProc, since: int) -> list[str]:
-    time.sleep(0.3)  # a line logged right after the answer
+    p.wait_quiet(0.3)  # a line logged right after the answer
     return [line for line in p.output()[since:].splitlines() if line.strip()]
 
 
@@ -479,8 +480,13 @@ def test_untrusted_upstream_through_the_forward_proxy_fails_naming_the_upstream(
     r, took = ask(p, "farstatic/app")
     assert took < 5
     assert_registry_error(r, 502, "upstream registry unreachable or failed to answer")
-    time.sleep(0.3)
-    lines = re.findall(r"^.*upstream TLS to .*$", p.output(), re.MULTILINE)
+
+    def tls_lines() -> list[str]:
+        return re.findall(r"^.*upstream TLS to .*$", p.output(), re.MULTILINE)
+
+    wait_until(lambda: len(tls_lines()) >= 2, 10, "two 'upstream TLS to' lines", p.output)
+    p.wait_quiet(0.3)  # and no third one
+    lines = tls_lines()
     # The token client's line names the request's mapping; the pool's, every mapping of that upstream.
     labels = ["mapping far/", "mappings far/, farstatic/"]
     assert len(lines) == 2, p.output()

@@ -33,7 +33,7 @@ import pytest
 from regproxy.config import load_file
 from regproxy.tokens.paseto import Grant, TokenCodec
 from rig import clients, faults, images, proxy, registry, standard
-from rig.procs import wait_until
+from rig.procs import wait_quiet, wait_until
 from rig.standard import APP
 
 pytestmark = pytest.mark.e2e
@@ -452,7 +452,7 @@ def test_clients_disconnecting_mid_blob_release_the_upstream_connection(
         storm_tok = httpx.get(f"{p.url}/token", params={"scope": "repository:storm/storm:pull"}, timeout=30)
         cases = [(mint(p, "paced"), "/v2/paced/app/blobs/sha256:" + "3" * 64)] * 8
         cases += [(storm_tok.json()["token"], f"/v2/storm/storm/blobs/{rig.storm_blob}")] * 4
-        time.sleep(0.5)  # let the warm-up connections close
+        wait_quiet(lambda: faults.open_fds(p.proc.pid), 0.5)  # let the warm-up connections close
         baseline = faults.open_fds(p.proc.pid)
         socks = []
         for tok, path in cases:
@@ -490,7 +490,7 @@ def test_slowloris_clients_are_cut_at_client_timeout(
     registryproxy_client_timeout=2 each is closed after 2-4 s, while normal clients are served."""
     p = make_proxy(_config(upstreams, None), extra_args=["--set", f"registryproxy_client_timeout={CLIENT_TIMEOUT}"])
     h = healthy_for(p, image_digests)
-    time.sleep(0.5)
+    wait_quiet(lambda: faults.open_fds(p.proc.pid), 0.5)  # let the warm-up connections close
     baseline = faults.open_fds(p.proc.pid)
     head = f"GET /v2/ HTTP/1.1\r\nHost: {p.host}\r\nUser-Agent: slowloris/1.0\r\nAccept: */*\r\n\r\n".encode()
     idle = socket.create_connection(("127.0.0.1", p.port), timeout=10)

@@ -25,12 +25,12 @@ from typing import Any
 import httpx
 import pytest
 from rig import proxy, registry
+from rig.keys import CAP
 from rig.standard import APP
 
 pytestmark = pytest.mark.e2e
 
 KEY_HEX = "3c" * 16 + "e1" * 16
-CAP = "0b6e2f4a-7c1d-4e8f-9a3b-5d7c9e1f2a4b"
 CAP_NAME = f"{CAP}/app"
 TIMEOUT = 10.0
 N_REQUESTS = int(os.environ.get("FUZZ_REQUESTS", "400"))

@@ -43,7 +43,7 @@ import pytest
 import yaml
 from regproxy.tokens.paseto import TokenCodec, TokenError
 from rig import clients, daemons, image_build, registry, standard
-from rig.procs import LOOPBACK, RigError, run, wait_until
+from rig.procs import LOOPBACK, StopWaiting, run, wait_until
 from rig.standard import APP
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(900)]
@@ -145,7 +145,7 @@ class Container:
     def wait_ready(self, timeout: float = 90.0) -> None:
         def ready() -> bool:
             if not self.running():
-                raise RigError(f"the container exited\n{self.describe()}")
+                raise StopWaiting(f"the container exited\n{self.describe()}")
             try:
                 return httpx.get(f"{OPS}/readyz", timeout=2).status_code == 200
             except httpx.HTTPError:

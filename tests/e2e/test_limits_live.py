@@ -24,8 +24,8 @@ from typing import Any
 
 import httpx
 import pytest
-from e2e.test_replicas import HAProxy, start_haproxy
 from rig import clients, daemons, proxy, registry, standard
+from rig.haproxy import HAProxy, start_haproxy
 from rig.procs import LOOPBACK, wait_until
 from rig.redis_server import RedisServer, start_redis
 from rig.standard import APP
@@ -307,10 +307,15 @@ def test_redis_killed_mid_run_open_serves_on_and_closed_answers_503(
                 metrics = httpx.get(f"{p.url}/metrics", timeout=10).text
                 assert re.search(r"registryproxy_limit_store_failures_total [1-9]", metrics)
             assert "status=500" not in opened.output() + closed.output()
-            # Redis back on the same port: limits apply again (after the store's short pause).
+            # Redis back on the same port: limits apply again (after the store's short pause, 2 s, during
+            # which it still answers 503).
             server = start_redis(tmp_path / "redis2", port=port)
-            time.sleep(2.5)
-            assert _manifest(c, closed.url, tok_closed).status_code == 200
+            wait_until(
+                lambda: _manifest(c, closed.url, tok_closed).status_code == 200,
+                15,
+                "the closed proxy to serve again once Redis is back",
+                interval=0.25,
+            )
             closed.wait_for_output(r"limits store answers again")
     finally:
         server.stop()

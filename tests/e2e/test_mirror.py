@@ -35,13 +35,13 @@ from typing import Any
 import httpx
 import pytest
 from rig import daemons, proxy, registry, standard, tls
+from rig.keys import CAP
 from rig.procs import wait_until
 from rig.standard import APP, SOLO
 
 pytestmark = pytest.mark.e2e
 
 KEY = "6d" * 32
-CAP = "5e4d3c2b-1a09-4f8e-b7d6-c5b4a3928170"
 HUB = "docker.io"
 
 

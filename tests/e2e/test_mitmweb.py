@@ -29,7 +29,7 @@ import time
 import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,9 @@ from regproxy.config import load_file
 from regproxy.debug.text import short_digest
 from regproxy.steps.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
 from rig import clients, images, registry
-from rig.procs import LOOPBACK, ServerThread, free_port, run, wait_until
+from rig.httpserver import HandlerServer
+from rig.keys import CAP
+from rig.procs import LOOPBACK, free_port, run, wait_until
 from rig.standard import APP
 from screenshot.shoot import MitmWeb, manifest_path, start_mitmweb
 
@@ -53,7 +55,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_HEX = "c3" * 16 + "9d" * 16
-CAP = "5f0c2b7e-8a41-4d93-b6e2-71c9a3d04f58"
 ALMOST_CAP = CAP[:-1] + "9"  # one character off
 FORGED = "v4.local.Zm9yZ2VkLXRva2VuLXRoYXQtbmV2ZXItZGVjcnlwdHM"
 JWT_RE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
@@ -211,16 +212,15 @@ class Scene:
 
 
 @pytest.fixture(scope="module")
-def drop_after_ping() -> Iterator[ServerThread]:
-    server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), DropAfterPing), "drop-after-ping")
-    yield server
-    server.stop()
+def drop_after_ping() -> Iterator[HandlerServer]:
+    with HandlerServer("drop-after-ping", DropAfterPing) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
-def awkward() -> Iterator[ServerThread]:
+def awkward() -> Iterator[HandlerServer]:
     Awkward.release.clear()
-    server = ServerThread(ThreadingHTTPServer((LOOPBACK, 0), Awkward), "awkward")
+    server = HandlerServer("awkward", Awkward).start()
     yield server
     Awkward.release.set()
     server.stop()
@@ -229,8 +229,8 @@ def awkward() -> Iterator[ServerThread]:
 @pytest.fixture(scope="module")
 def web(
     upstreams: dict[str, registry.Upstream],
-    drop_after_ping: ServerThread,
-    awkward: ServerThread,
+    drop_after_ping: HandlerServer,
+    awkward: HandlerServer,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[MitmWeb]:
     basic, tok, redir = upstreams["basic"], upstreams["token"], upstreams["redirect"]

@@ -27,13 +27,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from regproxy.config import load_file
 from regproxy.tokens.paseto import key_id
 from rig import clients, proxy, registry, standard
-from rig.procs import RigError, free_port, wait_until
+from rig.procs import RigError, wait_until, with_free_port
 from rig.standard import APP
 
 pytestmark = pytest.mark.e2e
 
 KEY_A = "a1" * 16 + "4f" * 16
 KEY_B = "b2" * 16 + "e8" * 16
+# Not rig.keys.CAP: /metrics is searched for each part of this key, so every part holds a letter
+# (one of only digits could be a number there).
 CAP = "3c9e1f7a-6b2d-4e80-9a5c-d41f0b7e2a96"
 CAP_ENV = "RP_OPS_CAP_PASSWORD"
 MANIFEST_ACCEPT = [
@@ -232,10 +234,18 @@ def test_metrics_count_a_session_by_mapping_route_and_status(
 def test_ops_listener_takes_the_operations_paths_off_the_registry_port(
     make_proxy: ProxyFactory, upstreams: dict[str, registry.Upstream], image_digests: dict[str, standard.Digests]
 ) -> None:
-    ops_port = free_port()
-    p = make_proxy(
-        ops_config(upstreams), ["--set", f"registryproxy_ops_listen=127.0.0.1:{ops_port}"], env=ops_env(upstreams)
-    )
+    def start(ops_port: int) -> tuple[proxy.ProxyProc, int]:
+        p = make_proxy(
+            ops_config(upstreams), ["--set", f"registryproxy_ops_listen=127.0.0.1:{ops_port}"], env=ops_env(upstreams)
+        )
+        try:  # the port was free when picked; the ops listener says when it is not any more
+            proxy.wait_listening(p.proc, ops_port)
+        except BaseException:
+            p.stop()
+            raise
+        return p, ops_port
+
+    p, ops_port = with_free_port(start)
     # Both listeners log "listening at": take the registry port from mitmproxy's own line.
     m = p.wait_for_output(r"reverse proxy to \S+ listening at 127\.0\.0\.1:(\d+)")
     p.port = int(m.group(1))

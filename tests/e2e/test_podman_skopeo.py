@@ -386,7 +386,7 @@ def test_client_wire_behaviour_over_tls(
     manifest GET and none on blob GETs."""
     mark = len(probe_proxy.output())
     _run_client(client, podman, f"{probe_proxy.host}/tok/app:multi", tmp_layout, ca_dir)
-    time.sleep(0.2)  # the log lines of the last request
+    probe_proxy.wait_quiet(0.2)  # the log lines of the last request
     log = _probe_since(probe_proxy, mark)
     reqs = log.requests
     assert reqs and log.hellos
@@ -417,7 +417,7 @@ def test_tls_verify_false_speaks_tls_to_the_plain_port(
     the ClientHello on its port and answers with TLS (its certificate is simply not checked)."""
     mark = len(probe_proxy.output())
     _run_client(client, podman, f"{probe_proxy.host}/anon/app:v1", tmp_layout, None)
-    time.sleep(0.2)
+    probe_proxy.wait_quiet(0.2)
     reqs = _probe_since(probe_proxy, mark).requests
     assert reqs and all(r.tls for r in reqs), reqs
 
@@ -561,6 +561,6 @@ def test_h2_bodies_without_content_length_are_refused_unread(
     assert (ping.status_code, ping.http_version) == (401, "HTTP/2")
     assert not [e for e in upstreams["token"].access_log() if e.method != "GET"]
     if which == "probe_proxy":
-        time.sleep(0.2)
+        p.wait_quiet(0.2)
         seen = _probe_since(p, mark).requests
         assert [(r.method, r.http_version) for r in seen][:1] == [("POST", "HTTP/2.0")], seen

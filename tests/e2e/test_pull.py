@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 import socket
 import subprocess
 import threading
@@ -25,13 +24,13 @@ import pytest
 from regproxy.config import load_file
 from regproxy.tokens.paseto import Grant, TokenCodec
 from rig import clients, proxy, registry, standard
-from rig.procs import free_port
+from rig.keys import CAP
+from rig.procs import Proc, free_port, with_free_port
 from rig.standard import APP, MANY, MANY_TAGS, SOLO
 
 pytestmark = pytest.mark.e2e
 
 KEY_HEX = "5e" * 16 + "a7" * 16
-CAP = "7d3f5a8e-91c2-4b6d-8e0f-2a4c6e8b0d1f"
 NS = {"anonymous": "anon", "basic": "basic", "token": "tok", "redirect": "redir"}
 REPO = Path(__file__).resolve().parents[2]
 MANIFEST_TYPES = [
@@ -649,41 +648,43 @@ def test_no_secret_in_the_proxys_output(rp: proxy.ProxyProc, upstreams: dict[str
 
 
 class RunSh:
-    """`./run.sh ARGS` with a config, in its own process group: started, waited for, stopped."""
+    """`./run.sh ARGS` with a config, in its own process group (rig.procs.Proc): started on a free port
+    (another one when something took it before run.sh bound it), waited for, stopped."""
 
     def __init__(self, config_text: str, tmp_path: Path, args: list[str]) -> None:
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cfg = tmp_path / "run-sh.yaml"
-        cfg.write_text(f"listen_addr: 127.0.0.1\nport: {self.port}\n{config_text}")
-        self.proc = subprocess.Popen(
-            [str(REPO / "run.sh"), *args],
-            env={**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+        self.config_text = config_text
+        self.tmp_path = tmp_path
+        self.args = args
+        self.port = 0
+        self.proc: Proc | None = None
         self.output = ""
 
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def _start(self, port: int) -> tuple[Proc, int]:
+        cfg = self.tmp_path / "run-sh.yaml"
+        cfg.write_text(f"listen_addr: 127.0.0.1\nport: {port}\n{self.config_text}")
+        env = {**os.environ, "REGISTRYPROXY_CONFIG": str(cfg)}
+        proc = Proc("run.sh").start([str(REPO / "run.sh"), *self.args], env=env)
+        try:
+            # A refused connection is "not yet"; run.sh exiting (a port taken first among others) ends the wait.
+            url = f"http://127.0.0.1:{port}/v2/"
+            proc.wait_ready(lambda: httpx.get(url, timeout=2).status_code > 0, 60, f"to answer {url}", interval=0.2)
+        except BaseException:
+            proc.stop(timeout=15)
+            raise
+        return proc, port
+
     def __enter__(self) -> Self:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{self.url}/v2/", timeout=2)
-                return self
-            except httpx.TransportError:
-                time.sleep(0.2)
-        self.__exit__()
-        raise AssertionError(f"./run.sh did not listen on {self.port}:\n{self.output}")
+        self.proc, self.port = with_free_port(self._start)
+        return self
 
     def __exit__(self, *exc: object) -> None:
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(15)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
-        self.output = self.proc.stdout.read().decode() if self.proc.stdout else ""
+        if self.proc is not None:
+            self.proc.stop(timeout=15)
+            self.output = self.proc.output()
 
 
 @pytest.mark.parametrize("mode", [[], ["--stock"], ["--workers", "2"]], ids=["lean", "stock", "workers"])

@@ -20,14 +20,12 @@ socket (`show stat`) says which servers it counts up or down and how often it re
 
 from __future__ import annotations
 
-import csv
 import itertools
 import json
 import os
 import re
 import shlex
 import signal
-import socket
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -39,17 +37,16 @@ import httpx
 import pytest
 from regproxy.tokens.paseto import TokenCodec, TokenError
 from rig import clients, daemons, proxy, registry, standard
-from rig.procs import LOOPBACK, Proc, clean_env, free_port, wait_until
+from rig.haproxy import BACKEND, HAProxy, start_haproxy
+from rig.procs import LOOPBACK, Proc, clean_env, wait_until, with_free_port
 from rig.standard import APP
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "addon" / "deploy" / "Dockerfile"
-HAPROXY = "/usr/sbin/haproxy"
 KEY_HEX = "3c" * 16 + "d1" * 16
 REPLICAS = 3
-BACKEND = "replicas"
 MANIFEST_ACCEPT = [
     ("Accept", "application/vnd.oci.image.manifest.v1+json"),
     ("Accept", "application/vnd.oci.image.index.v1+json"),
@@ -70,103 +67,6 @@ def _served_ok(output: str, path: str) -> list[str]:
     """The replica's log lines for `path` answered 200 with a valid client token."""
     line = re.compile(rf"^.*\b(?:GET|HEAD) {re.escape(path)} mapping=\S+ status=200 .*token=ok$", re.MULTILINE)
     return line.findall(output)
-
-
-# --- HAProxy --------------------------------------------------------------------------------------
-
-
-def haproxy_config(port: int, stats_socket: Path, servers: list[int], forwardfor: bool = False) -> str:
-    lines = "\n".join(f"    server r{i} {LOOPBACK}:{p}" for i, p in enumerate(servers))
-    # X-Forwarded-For with the client's address (test_limits_live.py trusts it from HAProxy).
-    forward = "    option forwardfor\n" if forwardfor else ""
-    return f"""global
-    stats socket {stats_socket} mode 600 level admin
-    maxconn 512
-
-defaults
-    mode http
-    timeout connect 2s
-    timeout client 60s
-    timeout server 60s
-    retries 3
-    option redispatch 1
-{forward}
-frontend registry
-    bind {LOOPBACK}:{port}
-    default_backend {BACKEND}
-
-backend {BACKEND}
-    balance roundrobin
-    option httpchk GET /readyz
-    http-check expect status 200
-    default-server check inter 1s fall 2 rise 1
-{lines}
-"""
-
-
-@dataclass
-class HAProxy:
-    proc: Proc
-    port: int
-    stats_socket: Path
-
-    @property
-    def host(self) -> str:
-        return f"{LOOPBACK}:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"http://{self.host}"
-
-    def command(self, line: str) -> str:
-        """One command on HAProxy's admin socket; its answer."""
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-            s.settimeout(5)
-            s.connect(str(self.stats_socket))
-            s.sendall(line.encode() + b"\n")
-            chunks = []
-            while chunk := s.recv(65536):
-                chunks.append(chunk)
-        return b"".join(chunks).decode()
-
-    def stats(self) -> dict[str, dict[str, str]]:
-        """`show stat` for the backend's servers: server name -> column -> value."""
-        text = self.command("show stat").lstrip("# ")
-        rows = csv.DictReader(text.splitlines())
-        return {r["svname"]: r for r in rows if r["pxname"] == BACKEND and r["svname"] not in ("BACKEND", "FRONTEND")}
-
-    def redispatches(self, server: str) -> int:
-        return int(self.stats()[server]["wredis"] or 0)
-
-    def status(self) -> dict[str, str]:
-        """server name -> "UP" / "DOWN" / … (the first word of the status column)."""
-        return {name: row["status"].split()[0] for name, row in self.stats().items()}
-
-    def wait_status(self, want: dict[str, str], timeout: float = 15.0) -> None:
-        wait_until(
-            lambda: all(self.status().get(k) == v for k, v in want.items()),
-            timeout,
-            f"HAProxy to report {want}",
-            lambda: f"status now: {self.status()}\n{self.proc.describe()}",
-            interval=0.1,
-        )
-
-
-def start_haproxy(tmp: Path, servers: list[int], forwardfor: bool = False) -> HAProxy:
-    tmp.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    sock = tmp / "haproxy.sock"
-    cfg = tmp / "haproxy.cfg"
-    cfg.write_text(haproxy_config(port, sock, servers, forwardfor))
-    proc = Proc("haproxy").start([HAPROXY, "-db", "-f", str(cfg)], env=clean_env(), cwd=tmp)
-    try:
-        proc.wait_for_port(LOOPBACK, port, timeout=15)
-        hp = HAProxy(proc, port, sock)
-        hp.wait_status({f"r{i}": "UP" for i in range(len(servers))})
-    except BaseException:
-        proc.stop()
-        raise
-    return hp
 
 
 @dataclass
@@ -362,11 +262,6 @@ def test_the_dockerfile_cmd_runs_the_server(
 ) -> None:
     cmd, image_env = dockerfile_cmd_and_env(DOCKERFILE.read_text())
     assert cmd[0] == "python"
-    port, ops = free_port(), free_port()
-    argv = [sys.executable, *cmd[1:]]
-    argv = _swap(argv, "0.0.0.0:5000", f"{LOOPBACK}:{port}")
-    argv = _swap(argv, "0.0.0.0:9090", f"{LOOPBACK}:{ops}")
-    argv = _swap(argv, "=/tmp/", f"={tmp_path}/tmp/")
     # The image's environment, its paths mapped onto the repository and this test's directory.
     config_file = tmp_path / "etc" / "config.yaml"
     config_file.parent.mkdir()
@@ -385,10 +280,25 @@ def test_the_dockerfile_cmd_runs_the_server(
     }
     (tmp_path / "tmp").mkdir()
     base_env = {k: v for k, v in clean_env().items() if not k.startswith(("REGISTRYPROXY_", "PROMETHEUS_"))}
-    server = Proc("dockerfile-cmd").start(argv, env={**base_env, **env}, cwd=tmp_path)
+
+    def start(port: int, ops: int) -> tuple[Proc, int, int]:
+        argv = [sys.executable, *cmd[1:]]
+        argv = _swap(argv, "0.0.0.0:5000", f"{LOOPBACK}:{port}")
+        argv = _swap(argv, "0.0.0.0:9090", f"{LOOPBACK}:{ops}")
+        argv = _swap(argv, "=/tmp/", f"={tmp_path}/tmp/")
+        server = Proc("dockerfile-cmd").start(argv, env={**base_env, **env}, cwd=tmp_path)
+        try:
+            # Its own "listening at" lines, not just open ports: both ports were free when picked only.
+            proxy.wait_listening(server, port, timeout=30)
+            proxy.wait_listening(server, ops, timeout=10)
+        except BaseException:
+            server.stop()
+            sys.stdout.write(f"--- Dockerfile CMD output:\n{server.output()[-3000:]}\n")
+            raise
+        return server, port, ops
+
+    server, port, ops = with_free_port(lambda port: with_free_port(lambda ops: start(port, ops)))
     try:
-        server.wait_for_port(LOOPBACK, port, timeout=30)
-        server.wait_for_port(LOOPBACK, ops, timeout=10)
         ready = httpx.get(f"http://{LOOPBACK}:{ops}/readyz", timeout=10)
         assert ready.status_code == 200 and ready.json()["status"] == "ready", ready.text
         alive = httpx.get(f"http://{LOOPBACK}:{ops}/healthz", timeout=10)
@@ -437,18 +347,27 @@ def test_workers_share_their_metrics_and_are_checked_on_readyz(
     """`run.sh --workers 2` (regproxy.cli, as run.sh runs it): HAProxy checks GET /readyz, and
     /metrics through either worker counts the requests of both (one PROMETHEUS_MULTIPROC_DIR),
     a directory the supervisor made and removes at exit."""
-    port = free_port()
-    config = {"listen_addr": LOOPBACK, "port": port, **_config(upstreams)}
     config_file = tmp_path / "config.yaml"
-    config_file.write_text(json.dumps(config))
     env = {k: v for k, v in clean_env().items() if not k.startswith(("REGISTRYPROXY_", "PROMETHEUS_"))}
     env.update(PYTHONPATH=str(REPO / "addon"), REGISTRYPROXY_CONFIG=str(config_file))
     argv = [sys.executable, "-m", "regproxy.run.cli", "run", "--workers", "2", "--", "--set", "termlog_verbosity=info"]
-    group = Proc("workers").start(argv, env=env, cwd=tmp_path)
+
+    def start(port: int) -> tuple[Proc, int]:
+        config_file.write_text(json.dumps({"listen_addr": LOOPBACK, "port": port, **_config(upstreams)}))
+        group = Proc("workers").start(argv, env=env, cwd=tmp_path)
+        try:
+            group.wait_for_output(r"2 workers on 127\.0\.0\.1:\d+,\d+ behind HAProxy", timeout=60)
+            # HAProxy binds the port; the supervisor exits, with HAProxy's "Address already in use", when
+            # something took it first (with_free_port then tries another).
+            group.wait_for_port(LOOPBACK, port, timeout=15)
+        except BaseException:
+            group.stop(timeout=15)
+            raise
+        return group, port
+
+    group, port = with_free_port(start)
     base = f"http://{LOOPBACK}:{port}"
     try:
-        group.wait_for_output(r"2 workers on 127\.0\.0\.1:\d+,\d+ behind HAProxy", timeout=60)
-        group.wait_for_port(LOOPBACK, port, timeout=15)
         workers = [c for c in _children(group.pid) if "regproxy.run.serve" in Path(f"/proc/{c}/cmdline").read_text()]
         assert len(workers) == 2
         dirs = {_environ(w).get("PROMETHEUS_MULTIPROC_DIR") for w in workers}

@@ -500,3 +500,96 @@ def test_proc_stops_the_whole_group_and_reports_output(tmp_path: Path) -> None:
         5,
         "the child to die",
     )
+
+
+# -- waiting -------------------------------------------------------------------------------------
+
+
+def test_wait_until_treats_a_raising_check_as_not_yet(tmp_path: Path) -> None:
+    """A check that raises (a socket file not there yet) is polled again; a lasting error is named."""
+    path = tmp_path / "appears.sock"
+    calls = 0
+
+    def check() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 3:
+            path.write_text("up")
+        return path.read_text() == "up"  # FileNotFoundError twice first
+
+    procs.wait_until(check, 5, "the file", interval=0.01)
+    assert calls == 3
+    with pytest.raises(procs.RigError, match=r"(?s)waiting for a socket.*FileNotFoundError") as info:
+        procs.wait_until(
+            lambda: (tmp_path / "never").exists() or bool((tmp_path / "never").read_text()), 0.2, "a socket"
+        )
+    assert isinstance(info.value.__cause__, FileNotFoundError)
+
+    # Details that fail themselves do not hide the timeout.
+    def details() -> str:
+        raise KeyError("gone")
+
+    with pytest.raises(procs.RigError, match=r"(?s)timed out.*no details: KeyError"):
+        procs.wait_until(lambda: False, 0.1, "nothing", details=details)
+
+
+def test_stop_waiting_ends_a_wait_at_once() -> None:
+    started = time.monotonic()
+
+    def check() -> bool:
+        raise procs.StopWaiting("it exited")
+
+    with pytest.raises(procs.StopWaiting, match="it exited"):
+        procs.wait_until(check, 30, "something")
+    assert time.monotonic() - started < 5
+
+
+def test_wait_ready_stops_when_the_process_exits() -> None:
+    p = procs.Proc("quitter").start([sys.executable, "-c", "print('bye')"])
+    try:
+        started = time.monotonic()
+        with pytest.raises(procs.StopWaiting, match=r"(?s)quitter exited \(waiting for it to be ready\).*bye"):
+            p.wait_ready(lambda: False, 30, "to be ready")
+        assert time.monotonic() - started < 10
+    finally:
+        p.stop()
+
+
+def test_with_free_port_tries_another_port_when_one_was_taken() -> None:
+    tried: list[int] = []
+
+    def taken_twice(port: int) -> int:
+        tried.append(port)
+        if len(tried) < 3:
+            raise procs.RigError(f"listen tcp 127.0.0.1:{port}: bind: Address already in use")
+        return port
+
+    def taken(port: int) -> int:
+        tried.append(port)
+        raise procs.RigError("listen tcp: bind: address already in use")
+
+    def broken(port: int) -> int:
+        raise procs.RigError("something else")
+
+    assert procs.with_free_port(taken_twice) == tried[-1] and len(tried) == 3
+    tried.clear()
+    with pytest.raises(procs.RigError, match="already in use"):
+        procs.with_free_port(taken)
+    assert len(tried) == 3  # bounded
+    with pytest.raises(procs.RigError, match="something else"):
+        procs.with_free_port(broken)
+
+
+def test_wait_quiet_waits_while_a_log_grows() -> None:
+    sizes = iter([1, 2, 3, 4, 5])
+    last = [0]
+
+    def size() -> int:
+        last[0] = next(sizes, last[0])
+        return last[0]
+
+    started = time.monotonic()
+    assert procs.wait_quiet(size, 0.1, timeout=5, interval=0.01)
+    assert last[0] == 5 and time.monotonic() - started >= 0.1
+    growing = iter(range(10**6))
+    assert not procs.wait_quiet(lambda: next(growing), 0.1, timeout=0.3, interval=0.01)

@@ -27,6 +27,7 @@ import yaml
 from mitmproxy import http
 from mitmproxy import io as mitmio
 from rig import clients, proxy, registry, standard
+from rig.keys import CAP
 from rig.procs import LOOPBACK, Proc, clean_env
 from rig.standard import APP
 
@@ -34,7 +35,6 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 KEY_HEX = "6d" * 16 + "19" * 16
-CAP = "9b4e2d71-0c8a-4f3e-a6d5-28e1f7c40b93"
 CAP_ENV = "RP_SECRETS_CAP_PASSWORD"
 CLIENT_USER = "client-robot"
 CLIENT_PASSWORD = "client-password-7Qx2"  # what a client sends the token endpoint (`docker login`)

@@ -89,7 +89,7 @@ def failure_lines(p: proxy.ProxyProc, label: str) -> list[str]:
 
 def wait_for_failure_line(p: proxy.ProxyProc, label: str) -> str:
     p.wait_for_output(rf"upstream TLS to \S+ failed for mapping {re.escape(label)}: ", timeout=10)
-    time.sleep(0.3)  # anything else it would print about this failure comes right after
+    p.wait_quiet(0.3)  # anything else it would print about this failure comes right after
     (line,) = failure_lines(p, label)
     return line
 

@@ -2,17 +2,22 @@
 
 `Chain` dispatches a hook to every addon in chain order, as mitmproxy's master does, followed
 by the `update` in which `veil.Courier` puts back what is about to be sent.
+
+The configuration the hook tests load: `CONFIG` (secret key `KEY`, one mapping `bp/` -> backplane on
+127.0.0.1:5001), or `config_text(...)` for one that differs, saying how: other mappings (`BACKPLANE`,
+`nginx(...)` for the capability mapping `CAP/nginx`, or a test file's own), other settings.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import pytest
+import yaml
 from mitmproxy import hooks, http
 from mitmproxy.proxy.layers.http import _hooks as http_layers
 from mitmproxy.test import taddons, tflow
@@ -23,8 +28,32 @@ from regproxy.flow.state import FlowState, FlowStates
 from regproxy.ops.metrics import Metrics
 from regproxy.steps.config_loader import Configuration, State
 from regproxy.steps.veil import Courier, FlowSecrets, Veil
+from rig.keys import CAP
 
 T = TypeVar("T")
+
+# --- the configuration ----------------------------------------------------------------------------
+
+KEY = "ab" * 32  # the secret key of the hook tests' configuration
+BACKPLANE: dict[str, dict[str, Any]] = {"bp/": {"registry": "http://127.0.0.1:5001", "remote": "backplane"}}
+ROBOT = {"username": "robot", "password": "s3cret-password"}  # a mapping's upstream credentials
+
+
+def nginx(registry: str = "http://127.0.0.1:5003", **settings: Any) -> dict[str, dict[str, Any]]:
+    """The capability mapping `CAP/nginx` -> private/nginx on `registry`, with `settings` (e.g. **ROBOT)."""
+    return {f"{CAP}/nginx": {"registry": registry, "remote": "private/nginx", **settings}}
+
+
+def config_text(*mappings: Mapping[str, Mapping[str, Any]], **settings: Any) -> str:
+    """A configuration file's text: `secretkey: KEY`, then `settings` (a `secretkey` among them replaces
+    it), then `proxies:`, the `mappings` merged in order (BACKPLANE alone when none is given)."""
+    proxies: dict[str, Any] = {}
+    for m in mappings or (BACKPLANE,):
+        proxies.update({k: dict(v) for k, v in m.items()})
+    return yaml.safe_dump({"secretkey": KEY, **settings, "proxies": proxies}, sort_keys=False)
+
+
+CONFIG = config_text()  # the common one
 
 HOOKS: dict[str, type[hooks.Hook]] = {
     "requestheaders": http_layers.HttpRequestHeadersHook,

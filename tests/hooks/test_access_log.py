@@ -1,4 +1,4 @@
-"""accesslog.py: one log line per request (text or JSON), its metrics, and its comment and mark."""
+"""steps/access_log.py: one log line per request (text or JSON), its metrics, and its comment and mark."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
+from hooks.conftest import BACKPLANE, MakeConfig, config_text, new_metrics, nginx, request_flow, sample, with_state
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 from regproxy.flow.state import FlowState
@@ -17,18 +17,9 @@ from regproxy.ops.metrics import Metrics
 from regproxy.protocol.names import parse_route
 from regproxy.steps.access_log import MARK_FAILED, MARK_REFUSED, AccessLog
 from regproxy.steps.config_loader import Configuration
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "{CAP}/nginx":
-    registry: http://127.0.0.1:5003
-    remote: private/nginx
-"""
+CONFIG = config_text(BACKPLANE, nginx())
 PASETO = "v4.local.c2VjcmV0LXRva2VuLWJ5dGVz"
 QUIETED = ("mitmproxy.proxy.server", "httpx", "httpcore")
 

@@ -8,38 +8,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hooks.conftest import Chain, request_flow
+from hooks.conftest import BACKPLANE, ROBOT, Chain, config_text, nginx, request_flow
 from mitmproxy import http
 from mitmproxy.proxy.layers.http import _http1
 from mitmproxy.test import taddons
 from regproxy.flow import state as flowstate
 from regproxy.mitm import error_pages as failures
 from regproxy.tokens.paseto import Grant, TokenCodec
+from rig.keys import CAP
 
 REPO = Path(__file__).resolve().parents[2]
-KEY = "ab" * 32
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {KEY}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "bp/special/":
-    registry: http://127.0.0.1:5002
-    remote: other
-  "{CAP}/nginx":
-    registry: http://127.0.0.1:5003
-    remote: private/nginx
-    username: robot
-    password: s3cret-password
-  "hub/":
-    registry: docker.io
-  "only/":
-    registry: http://127.0.0.1:5004
-    remote: x
-    hosts: [images.example.org]
-"""
+CONFIG = config_text(
+    BACKPLANE,
+    {"bp/special/": {"registry": "http://127.0.0.1:5002", "remote": "other"}},
+    nginx(**ROBOT),
+    {"hub/": {"registry": "docker.io"}},
+    {"only/": {"registry": "http://127.0.0.1:5004", "remote": "x", "hosts": ["images.example.org"]}},
+)
 HOST = "reg.test"
 BASE = f"http://{HOST}"
 

@@ -1,4 +1,4 @@
-"""client_timeout.py: a client connection idle (or slow to send a request) past the timeout is closed."""
+"""steps/client_timeout.py: a client connection idle (or slow to send a request) past the timeout is closed."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""configuration.py: options, loading, reload (file change, SIGHUP) and the 503 without a configuration."""
+"""steps/config_loader.py: options, loading, reload (file change, SIGHUP) and the 503 without a configuration."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hooks.conftest import new_metrics, request_flow, sample
+from hooks.conftest import BACKPLANE, config_text, new_metrics, request_flow, sample
 from mitmproxy import exceptions, http, options
 from mitmproxy.test import taddons
 from regproxy.flow import answers
@@ -20,23 +20,8 @@ from regproxy.ops.metrics import Metrics
 from regproxy.steps import config_loader as configuration
 from regproxy.steps.config_loader import Configuration
 
-KEY = "ab" * 32
-CONFIG = f"""
-secretkey: {KEY}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-"""
-TWO_MAPPINGS = f"""
-secretkey: {KEY}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "other/":
-    registry: http://127.0.0.1:5002
-"""
+CONFIG = config_text()
+TWO_MAPPINGS = config_text(BACKPLANE, {"other/": {"registry": "http://127.0.0.1:5002"}})
 
 
 @pytest.fixture

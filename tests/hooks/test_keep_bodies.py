@@ -1,4 +1,4 @@
-"""keep_bodies.py: which upstream bodies are read whole and kept in the flow, and what a flow shows after the send."""
+"""steps/keep_bodies.py: which upstream bodies are read whole and kept in the flow, and what a flow shows after the send."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hooks.conftest import Chain, request_flow, with_state
+from hooks.conftest import Chain, config_text, request_flow, with_state
 from mitmproxy import contentviews, exceptions, http
 from mitmproxy.test import taddons
 from regproxy.flow import state as flowstate
@@ -21,14 +21,7 @@ from regproxy.tokens.paseto import Grant
 
 DIGEST = "sha256:" + "c" * 64
 MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
-CONFIG = f"""
-secretkey: {"ab" * 32}
-upstream_timeout: 5
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-"""
+CONFIG = config_text(upstream_timeout=5)
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ import logging
 from collections.abc import Iterator, Sequence
 
 import pytest
-from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
+from hooks.conftest import BACKPLANE, MakeConfig, config_text, new_metrics, nginx, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow import background
@@ -21,25 +21,17 @@ from regproxy.steps.config_loader import Configuration
 from regproxy.steps.limits import MARK_LIMITED, Limits
 from regproxy.steps.routing import Router
 from regproxy.tokens.paseto import Grant
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {"ab" * 32}
-trusted_proxies: [127.0.0.1]
-limits:
-  client_requests: 3/1h
-  manifest_gets: 2/1h
-  client_transfers: 1
-  client_bytes: 100/1h
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "{CAP}/nginx":
-    registry: http://127.0.0.1:5002
-    remote: private/nginx
-    limits: {{client_requests: unlimited, manifest_gets: 1/1h, count_heads: true}}
-"""
+CONFIG = config_text(
+    BACKPLANE,
+    nginx(
+        "http://127.0.0.1:5002",
+        limits={"client_requests": "unlimited", "manifest_gets": "1/1h", "count_heads": True},
+    ),
+    trusted_proxies=["127.0.0.1"],
+    limits={"client_requests": "3/1h", "manifest_gets": "2/1h", "client_transfers": 1, "client_bytes": "100/1h"},
+)
 BASE = "http://reg.test"
 DIGEST = "sha256:" + "a" * 64
 

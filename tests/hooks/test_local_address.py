@@ -1,4 +1,4 @@
-"""local_address.py: a flow the proxy answered itself shows the proxy's address, as the client used it."""
+"""steps/local_address.py: a flow the proxy answered itself shows the proxy's address, as the client used it."""
 
 from __future__ import annotations
 
@@ -6,18 +6,12 @@ import asyncio
 from typing import Any
 
 import pytest
-from hooks.conftest import Chain, request_flow, with_state
+from hooks.conftest import Chain, config_text, request_flow, with_state
 from mitmproxy import http
 from regproxy.flow.state import FlowState
 from regproxy.steps.local_address import LocalAddress, proxy_address
 
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-"""
+CONFIG = config_text()
 
 
 def answered(host: str = "reg.test:5000", kind: str = "local", tls: bool = False) -> tuple[http.HTTPFlow, FlowState]:

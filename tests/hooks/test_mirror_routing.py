@@ -1,5 +1,6 @@
 """Mirror mode through the whole chain in-process (no network): the root key `*`, containerd's `?ns=HOST`,
-the realm `/ns/HOST/token` and the binding of its tokens (routing.py, token_endpoint.py, tokenservice.py)."""
+the realm `/ns/HOST/token` and the binding of its tokens (steps/routing.py,
+steps/token_endpoint.py, tokens/issuer.py)."""
 
 from __future__ import annotations
 
@@ -10,40 +11,23 @@ from typing import Any
 from urllib.parse import urlencode
 
 import pytest
-from hooks.conftest import Chain, request_flow
+from hooks.conftest import BACKPLANE, ROBOT, Chain, config_text, nginx, request_flow
 from mitmproxy import http
 from regproxy.config import Mapping
 from regproxy.flow import answers
 from regproxy.tokens import issuer as tokenservice
 from regproxy.upstream.auth import UpstreamToken
+from rig.keys import CAP
 
 KEY = "cd" * 32
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {KEY}
-proxies:
-  "*":
-    registry: docker.io
-    mirror_of: [docker.io]
-  "gh/":
-    registry: http://127.0.0.1:5002
-    mirror_of: [ghcr.io, "registry.example.com:5000"]
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "{CAP}/nginx":
-    registry: http://127.0.0.1:5003
-    remote: private/nginx
-    username: robot
-    password: s3cret-password
-"""
-OLD_CONFIG = f"""
-secretkey: {KEY}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-"""
+CONFIG = config_text(
+    {"*": {"registry": "docker.io", "mirror_of": ["docker.io"]}},
+    {"gh/": {"registry": "http://127.0.0.1:5002", "mirror_of": ["ghcr.io", "registry.example.com:5000"]}},
+    BACKPLANE,
+    nginx(**ROBOT),
+    secretkey=KEY,
+)
+OLD_CONFIG = config_text(secretkey=KEY)
 HOST = "reg.test"
 BASE = f"http://{HOST}"
 FORM = "application/x-www-form-urlencoded"

@@ -1,4 +1,4 @@
-"""operations.py: /healthz, /readyz and /metrics on the registry port, or on a listener of their own."""
+"""steps/ops_endpoints.py: /healthz, /readyz and /metrics on the registry port, or on a listener of their own."""
 
 from __future__ import annotations
 

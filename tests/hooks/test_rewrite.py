@@ -1,4 +1,4 @@
-"""rewrite.py: `ResponseRewrite` says the upstream's answer in local terms (errors, headers, links, tags)."""
+"""steps/rewrite.py: `ResponseRewrite` says the upstream's answer in local terms (errors, headers, links, tags)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
+from hooks.conftest import BACKPLANE, MakeConfig, config_text, new_metrics, nginx, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow.state import FlowState
@@ -16,18 +16,9 @@ from regproxy.protocol.names import parse_route
 from regproxy.steps import rewrite
 from regproxy.steps.config_loader import Configuration
 from regproxy.steps.rewrite import ResponseRewrite
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "{CAP}/nginx":
-    registry: http://127.0.0.1:5003
-    remote: private/nginx
-"""
+CONFIG = config_text(BACKPLANE, nginx())
 BASE = "http://reg.test"
 DIGEST = "sha256:" + "c" * 64
 

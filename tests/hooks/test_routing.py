@@ -6,30 +6,20 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from hooks.conftest import MakeConfig, request_flow, with_state
+from hooks.conftest import BACKPLANE, ROBOT, MakeConfig, config_text, nginx, request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow.state import FlowState
 from regproxy.steps.config_loader import Configuration
 from regproxy.steps.routing import Router
 from regproxy.tokens.paseto import AccessToken, Grant, TokenError
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "{CAP}/nginx":
-    registry: https://registry.example.com
-    remote: private/nginx
-    username: robot
-    password: s3cret-password
-  "only/":
-    registry: http://127.0.0.1:5004
-    hosts: [images.example.org]
-"""
+CONFIG = config_text(
+    BACKPLANE,
+    nginx("https://registry.example.com", **ROBOT),
+    {"only/": {"registry": "http://127.0.0.1:5004", "hosts": ["images.example.org"]}},
+)
 BASE = "http://reg.test"
 DIGEST = "sha256:" + "a" * 64
 

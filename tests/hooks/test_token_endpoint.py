@@ -1,4 +1,4 @@
-"""token_endpoint.py: `/token` answers the proxy's own tokens; the flow keeps no credential."""
+"""steps/token_endpoint.py: `/token` answers the proxy's own tokens; the flow keeps no credential."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
+from hooks.conftest import MakeConfig, config_text, new_metrics, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.config import Mapping
@@ -22,13 +22,7 @@ from regproxy.steps.token_endpoint import TokenEndpoint
 from regproxy.tokens.issuer import TokenAnswer, TokenRequest
 from regproxy.upstream.auth import UpstreamError, UpstreamToken
 
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-"""
+CONFIG = config_text()
 BASE = "http://reg.test"
 FORM = "application/x-www-form-urlencoded"
 

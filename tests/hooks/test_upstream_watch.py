@@ -1,4 +1,4 @@
-"""upstream_watch.py: the upstream's time to answer, bodies that stop flowing, bytes and latency."""
+"""steps/upstream_watch.py: the upstream's time to answer, bodies that stop flowing, bytes and latency."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from hooks.conftest import MakeConfig, new_metrics, request_flow, sample, with_state
+from hooks.conftest import MakeConfig, config_text, new_metrics, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow.state import FlowState
@@ -17,13 +17,7 @@ from regproxy.steps import upstream_watch
 from regproxy.steps.config_loader import Configuration
 from regproxy.steps.upstream_watch import UpstreamWatch
 
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-"""
+CONFIG = config_text()
 TIMEOUT = 0.05  # the configuration allows 1 s at least; the watch reads whatever the state says
 DIGEST = "sha256:" + "d" * 64
 

@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from hooks.conftest import MakeConfig, request_flow, with_state
+from hooks.conftest import BACKPLANE, MakeConfig, config_text, nginx, request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.debug.redact import Redactor
@@ -23,18 +23,9 @@ from regproxy.steps.veil import (
     scrubbed_body,
     scrubbed_headers,
 )
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CONFIG = f"""
-secretkey: {"ab" * 32}
-proxies:
-  "bp/":
-    registry: http://127.0.0.1:5001
-    remote: backplane
-  "{CAP}/nginx":
-    registry: http://127.0.0.1:5003
-    remote: private/nginx
-"""
+CONFIG = config_text(BACKPLANE, nginx())
 SIGNED = "https://cdn.example.net/blob?X-Amz-Signature=SECRET"
 PASETO = "v4.local.c2VjcmV0LXRva2VuLWJ5dGVz"
 

@@ -1,9 +1,9 @@
 """TLS upstreams whose certificates are right or wrong in one way each, for the upstream-trust tests.
 
-- `make_pki(dir)`: a private test CA (`ca.crt`) that can issue server certificates: for the right
-  names (`localhost`, `127.0.0.1`), for another name only (a host name mismatch), or expired.
-  Certificates satisfy Python 3.13's strict checks (critical basicConstraints, keyUsage, SAN, AKI),
-  so a failure is always the one the test made.
+- `make_pki(dir)`: a private test CA (`ca.crt`, from pki.py) that can issue server certificates: for
+  the right names (`localhost`, `127.0.0.1`), for another name only (a host name mismatch), or expired.
+  Certificates satisfy Python 3.13's strict checks (see pki.py), so a failure is always the one the
+  test made.
 - `start_tls_registry(...)`: a real `docker-registry` serving TLS itself (`http.tls`) with one of those
   certificates, anonymous or with token auth whose token service (`TokenIssuer` over HTTPS) is on
   its own port under the registry's host name (`https://localhost:P1`, realm `https://localhost:P2/token`).
@@ -17,25 +17,18 @@ Every server binds 127.0.0.1 on a port the kernel picks; `stop()` ends what was 
 from __future__ import annotations
 
 import datetime
-import ipaddress
 import json
-import os
-import re
 import ssl
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler
 from pathlib import Path
-from typing import Any, Self
+from typing import Any
 
-import yaml
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-from .procs import LOOPBACK, Proc, RigError, ServerThread, free_port, http_server, run_checked
-from .registry import registry_binary, registry_config
+from . import pki
+from .httpserver import HttpServer
+from .procs import Proc, run_checked
+from .registry import launch_registry, registry_config
 from .token_issuer import TokenIssuer
 
 GOOD_NAMES = ("localhost", "127.0.0.1")
@@ -51,10 +44,7 @@ class ServerCert:
     names: tuple[str, ...]
 
     def server_context(self) -> ssl.SSLContext:
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(str(self.cert), str(self.key))
-        ctx.set_alpn_protocols(["http/1.1"])
-        return ctx
+        return pki.server_context(self.cert, self.key)
 
 
 @dataclass(frozen=True)
@@ -63,8 +53,7 @@ class Pki:
 
     dir: Path
     ca_cert: Path  # PEM: what a client (or the proxy's ca_file) trusts
-    _ca_key: ec.EllipticCurvePrivateKey = field(repr=False)
-    _ca: x509.Certificate = field(repr=False)
+    authority: pki.CertificateAuthority = field(repr=False)
 
     def issue(
         self,
@@ -75,36 +64,10 @@ class Pki:
         not_after: datetime.timedelta = datetime.timedelta(days=2),
     ) -> ServerCert:
         """A server certificate valid for `names` from now+not_before to now+not_after."""
-        now = datetime.datetime.now(datetime.UTC)
-        key = ec.generate_private_key(ec.SECP256R1())
-        alt: list[x509.GeneralName] = []
-        for n in names:
-            try:
-                alt.append(x509.IPAddress(ipaddress.ip_address(n)))
-            except ValueError:
-                alt.append(x509.DNSName(n))
-        cert = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0])]))
-            .issuer_name(self._ca.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now + not_before)
-            .not_valid_after(now + not_after)
-            .add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self._ca_key.public_key()), critical=False
-            )
-            .sign(self._ca_key, hashes.SHA256())
-        )
-        pem = serialization.Encoding.PEM
+        issued = self.authority.issue(names, not_before=not_before, not_after=not_after)
         cert_path = self.dir / f"{stem}.crt"
-        key_path = self.dir / f"{stem}.key"
-        cert_path.write_bytes(cert.public_bytes(pem))
-        key_path.write_bytes(key.private_bytes(pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-        key_path.chmod(0o600)
+        cert_path.write_bytes(issued.cert_pem())
+        key_path = pki.write_private(self.dir / f"{stem}.key", issued.key_pem())
         return ServerCert(cert_path, key_path, tuple(names))
 
     def good(self) -> ServerCert:
@@ -119,38 +82,10 @@ class Pki:
 
 def make_pki(directory: Path, name: str = "registryproxy upstream-trust test CA") -> Pki:
     directory.mkdir(parents=True, exist_ok=True)
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(days=60))
-        .not_valid_after(now + datetime.timedelta(days=30))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .sign(key, hashes.SHA256())
-    )
+    authority = pki.new_ca(name, not_before=datetime.timedelta(days=-60), not_after=datetime.timedelta(days=30))
     ca_path = directory / "ca.crt"
-    ca_path.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
-    return Pki(directory, ca_path, key, ca)
+    ca_path.write_bytes(authority.cert_pem())
+    return Pki(directory, ca_path, authority)
 
 
 # --- a real docker-registry over TLS -----------------------------------------------------------
@@ -187,13 +122,6 @@ class TlsRegistry:
             self.issuer.stop()
 
 
-def registry_env() -> dict[str, str]:
-    """No *_PROXY and no REGISTRY_* (distribution reads those as settings), no AWS_CA_BUNDLE."""
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
-    env.pop("AWS_CA_BUNDLE", None)
-    return env
-
-
 def start_tls_registry(
     workdir: Path,
     cert: ServerCert,
@@ -213,31 +141,22 @@ def start_tls_registry(
             workdir, users, service="tls-token-registry", issuer="tls-token-issuer", tls=cert.server_context()
         ).start()
         issuer.public_url = f"https://{name}:{issuer.port}"
-    config_path = workdir / "config.yml"
+
+    def make_config(port: int) -> dict[str, Any]:
+        cfg = registry_config("token" if issuer is not None else "anonymous", port, storage_root, issuer=issuer)
+        cfg["http"]["tls"] = {"certificate": str(cert.cert), "key": str(cert.key)}
+        cfg["http"]["host"] = f"https://{name}:{port}"
+        return cfg
+
     try:
-        for attempt in range(3):
-            port = free_port()
-            cfg: dict[str, Any] = registry_config(
-                "token" if issuer is not None else "anonymous", port, storage_root, issuer=issuer
-            )
-            cfg["http"]["tls"] = {"certificate": str(cert.cert), "key": str(cert.key)}
-            cfg["http"]["host"] = f"https://{name}:{port}"
-            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            proc = Proc(f"tls-registry-{workdir.name}")
-            proc.start([registry_binary(), "serve", str(config_path)], env=registry_env(), cwd=workdir)
-            try:
-                proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
-                proc.wait_for_port(LOOPBACK, port, timeout)
-                return TlsRegistry(proc, port, name, cert, issuer)
-            except RigError:
-                proc.stop()
-                if attempt == 2 or "address already in use" not in proc.output():
-                    raise
-        raise AssertionError("unreachable")
+        proc, port = launch_registry(
+            f"tls-registry-{workdir.name}", workdir, workdir / "config.yml", make_config, timeout
+        )
     except BaseException:
         if issuer is not None:
             issuer.stop()
         raise
+    return TlsRegistry(proc, port, name, cert, issuer)
 
 
 def push(layout: Path, src_tag: str, reg: TlsRegistry, repo: str, tag: str, ca_dir: Path) -> str:
@@ -251,46 +170,26 @@ def push(layout: Path, src_tag: str, reg: TlsRegistry, repo: str, tag: str, ca_d
     return digestfile.read_text().strip()
 
 
-def cert_dir(pki: Pki, directory: Path) -> Path:
+def cert_dir(ca: Pki, directory: Path) -> Path:
     """A directory holding `ca.crt`, as skopeo's --*-cert-dir takes it."""
-    directory.mkdir(parents=True, exist_ok=True)
-    (directory / "ca.crt").write_bytes(pki.ca_cert.read_bytes())
-    return directory
+    return pki.cert_dir(ca.ca_cert, directory)
 
 
 # --- a tiny HTTPS server for unit tests --------------------------------------------------------
 
 
-class TlsHttpServer:
+class TlsHttpServer(HttpServer):
     """HTTPS on 127.0.0.1: `/v2/` answers `status` with `challenge`; `/token` a token. Records paths."""
 
     def __init__(self, cert: ServerCert, *, status: int = 200, challenge: str | None = None) -> None:
+        super().__init__("tls-http", tls=cert.server_context())
         self.cert = cert
         self.status = status
         self.challenge = challenge
         self.paths: list[str] = []
-        self._server: ServerThread | None = None
 
-    def start(self) -> Self:
-        self._server = ServerThread(http_server(LOOPBACK, _handler(self), self.cert.server_context()), "tls-http")
-        return self
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RigError("not started")
-        return self._server.port
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    def __enter__(self) -> Self:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _handler(self)
 
 
 def _handler(srv: TlsHttpServer) -> type[BaseHTTPRequestHandler]:

@@ -20,7 +20,8 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from .procs import LOOPBACK, ServerThread, http_server
+from .httpserver import HttpServer
+from .procs import LOOPBACK
 
 _RANGE = re.compile(r"^bytes=(\d*)-(\d*)$")
 _CHUNK = 256 * 1024
@@ -32,7 +33,7 @@ class BlobRequest(NamedTuple):
     had_authorization: bool
 
 
-class BlobServer:
+class BlobServer(HttpServer):
     def __init__(
         self,
         root: Path,
@@ -41,38 +42,20 @@ class BlobServer:
         tls: ssl.SSLContext | None = None,
         public_url: str | None = None,
     ) -> None:
+        super().__init__("blob-server", host, tls=tls, public_url=public_url)
         self.root = root.resolve()
-        self.host = host
-        self.tls = tls
-        self.public_url = public_url
         self._lock = threading.Lock()
         self._requests: list[BlobRequest] = []
         self._statuses: list[int] = []
-        self._server: ServerThread | None = None
 
-    def start(self) -> BlobServer:
+    def handler(self) -> type[BaseHTTPRequestHandler]:
         self.root.mkdir(parents=True, exist_ok=True)
-        server = http_server(self.host, _make_handler(self), self.tls)
-        self._server = ServerThread(server, "blob-server")
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("blob server not started")
-        return self._server.port
+        return _make_handler(self)
 
     @property
     def url(self) -> str:
         """Base URL with a trailing slash (what the registry's redirect middleware wants)."""
-        if self.public_url is not None:
-            return self.public_url.rstrip("/") + "/"
-        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}/"
+        return super().url + "/"
 
     def requests(self) -> list[BlobRequest]:
         with self._lock:

@@ -30,7 +30,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .procs import Proc, RigError, RunResult, clean_env, run, wait_until
+from .procs import Proc, RigError, RunResult, clean_env, run
 
 MAX_SOCKET_PATH = 100  # sun_path holds 108 bytes; leave room
 DOCKER_CERTS_D = Path("/etc/docker/certs.d")
@@ -146,13 +146,8 @@ def start_containerd(workdir: Path, timeout: float = 30.0) -> Containerd:
     daemon = Containerd(proc, workdir, address)
     try:
         proc.wait_for_output(r"containerd successfully booted", timeout)
-        wait_until(
-            lambda: daemon.ctr("version", timeout=10).returncode == 0,
-            timeout,
-            "containerd to answer `ctr version`",
-            proc.describe,
-            interval=0.1,
-        )
+        # A refused or hung `ctr version` (socket not there yet) is "not yet"; containerd exiting ends the wait.
+        proc.wait_ready(lambda: daemon.ctr("version", timeout=10).returncode == 0, timeout, "to answer `ctr version`")
     except BaseException:
         proc.stop()
         raise
@@ -276,12 +271,8 @@ def start_dockerd(workdir: Path, containerd: Containerd, timeout: float = 60.0) 
     daemon = Dockerd(proc, workdir, socket, cli_config, _remove_plugins_dir=not plugins_dir_existed)
     try:
         proc.wait_for_output(r"API listen on ", timeout)
-        wait_until(
-            lambda: daemon.docker("version", timeout=10).returncode == 0,
-            timeout,
-            "dockerd to answer `docker version`",
-            proc.describe,
-            interval=0.1,
+        proc.wait_ready(
+            lambda: daemon.docker("version", timeout=10).returncode == 0, timeout, "to answer `docker version`"
         )
     except BaseException:
         daemon.stop()

@@ -36,12 +36,13 @@ from collections.abc import Callable, Iterator
 from contextlib import suppress
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
-import yaml
 
-from .procs import LOOPBACK, Proc, RigError, free_port, wait_until
-from .registry import registry_binary, registry_config
+from .httpserver import TcpServer
+from .procs import LOOPBACK, Proc, RigError, wait_until
+from .registry import launch_registry, registry_config
 from .token_issuer import TokenIssuer
 
 _MAX_HEAD = 64 * 1024
@@ -97,7 +98,7 @@ class Conn:
     def hold(self) -> None:
         """Say nothing until the peer closes or the server stops; the peer closing is noted."""
         self.sock.settimeout(0.1)
-        while not self.server.stopping:
+        while not self.server.stopping.is_set():
             try:
                 data = self.sock.recv(65536)
             except TimeoutError:
@@ -112,29 +113,18 @@ class Conn:
 Behaviour = Callable[[Conn], None]
 
 
-class FaultServer:
-    """A listener on 127.0.0.1 that runs `behaviour` on every connection (one thread each)."""
+class FaultServer(TcpServer):
+    """A listener on 127.0.0.1 that runs `behaviour` on every connection (one thread each); started when made."""
+
+    backlog = 256
 
     def __init__(self, behaviour: Behaviour, name: str = "fault") -> None:
+        super().__init__(name)
         self.behaviour = behaviour
-        self.name = name
-        self._listener = socket.socket()
-        self._listener.bind((LOOPBACK, 0))
-        self._listener.listen(256)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
-        self._socks: set[socket.socket] = set()
-        self._threads: list[threading.Thread] = []
         self.accepted = 0
         self.peer_gone = 0  # connections the peer closed while the behaviour still sent or held on
         self.request_lines: list[str] = []
-        self.stopping = False
-        self._accepter = threading.Thread(target=self._accept_loop, name=f"{name}-{self.port}", daemon=True)
-        self._accepter.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://{LOOPBACK}:{self.port}"
+        self.start()
 
     def note_request(self, line: str) -> None:
         with self._lock:
@@ -152,21 +142,11 @@ class FaultServer:
     def wait_accepted(self, n: int, timeout: float = 10.0) -> None:
         wait_until(lambda: self.counts()[0] >= n, timeout, f"{n} connections to {self.name}")
 
-    def _accept_loop(self) -> None:
-        while not self.stopping:
-            try:
-                sock, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted += 1
-                self._socks.add(sock)
-            t = threading.Thread(target=self._serve, args=(sock,), daemon=True)
-            with self._lock:
-                self._threads = [x for x in self._threads if x.is_alive()] + [t]
-            t.start()
+    def on_accept(self) -> None:
+        with self._lock:
+            self.accepted += 1
 
-    def _serve(self, sock: socket.socket) -> None:
+    def handle(self, sock: socket.socket, peer: tuple[str, int]) -> None:
         try:
             self.behaviour(Conn(sock, self))
         except PeerGone:
@@ -175,26 +155,9 @@ class FaultServer:
         except OSError:
             pass
         finally:
-            with self._lock:
-                self._socks.discard(sock)
+            self.forget(sock)
             with suppress(OSError):
                 sock.close()
-
-    def stop(self) -> None:
-        self.stopping = True
-        with suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._accepter.join(timeout=5)
-        with self._lock:
-            socks, threads = list(self._socks), list(self._threads)
-        for s in socks:
-            with suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            with suppress(OSError):
-                s.close()
-        for t in threads:
-            t.join(timeout=5)
 
 
 class ClosedPort:
@@ -266,7 +229,7 @@ def paced_body(total: int, chunk: int = 64 * 1024, interval: float = 0.02) -> Be
         )
         sent = 0
         c.sock.settimeout(5)
-        while sent < total and not c.server.stopping:
+        while sent < total and not c.server.stopping.is_set():
             n = min(chunk, total - sent)
             c.send(b"\xab" * n)
             sent += n
@@ -424,7 +387,7 @@ class TokenFaults:
             return
         elif mode == "trickle":
             c.send(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n")
-            while not c.server.stopping:
+            while not c.server.stopping.is_set():
                 c.send(b" ")
                 time.sleep(self.trickle_interval)
         else:
@@ -472,33 +435,25 @@ def start_token_registry(workdir: Path, users: dict[str, str], timeout: float = 
     tokens = TokenFaults(issuer)
     storage = workdir / "storage"
     storage.mkdir(parents=True, exist_ok=True)
-    env = {k: v for k, v in os.environ.items() if not k.upper().endswith("_PROXY") and not k.startswith("REGISTRY_")}
-    try:
-        for attempt in range(3):
-            port = free_port()
-            cfg = registry_config("anonymous", port, storage)
-            cfg["auth"] = {
-                "token": {
-                    "realm": tokens.realm,
-                    "service": issuer.service,
-                    "issuer": issuer.issuer,
-                    "rootcertbundle": str(issuer.cert_path),
-                }
+
+    def make_config(port: int) -> dict[str, Any]:
+        cfg = registry_config("anonymous", port, storage)
+        cfg["auth"] = {
+            "token": {
+                "realm": tokens.realm,
+                "service": issuer.service,
+                "issuer": issuer.issuer,
+                "rootcertbundle": str(issuer.cert_path),
             }
-            config_path = workdir / "config.yml"
-            config_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-            proc = Proc("registry-token-faults").start([registry_binary(), "serve", str(config_path)], env, workdir)
-            try:
-                proc.wait_for_port(LOOPBACK, port, timeout)
-                return TokenRegistry(f"http://{LOOPBACK}:{port}", proc, tokens)
-            except RigError:
-                proc.stop()
-                if attempt == 2 or "address already in use" not in proc.output():
-                    raise
+        }
+        return cfg
+
+    try:
+        proc, port = launch_registry("registry-token-faults", workdir, workdir / "config.yml", make_config, timeout)
     except BaseException:
         tokens.stop()
         raise
-    raise RigError("unreachable")
+    return TokenRegistry(f"http://{LOOPBACK}:{port}", proc, tokens)
 
 
 # --- clients ------------------------------------------------------------------------------------

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import re
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
 from .netns import Netns
-from .procs import Proc, RigError, port_open, wait_until
+from .procs import Proc, RigError, port_open, wait_quiet, wait_until
 
 PORT = 3128  # the default; inside the namespace its ports are its own
 _REQUEST = re.compile(r"Request \(file descriptor \d+\): (\S+) (\S+) HTTP/")
@@ -101,21 +100,17 @@ class ForwardProxy:
         conf.write_text("\n".join(lines) + "\n")
         self.proc.start(self.net.argv("tinyproxy", "-d", "-c", str(conf)), cwd=self.workdir)
         try:
-            wait_until(
-                lambda: self._alive() and port_open(self.net.link_addr, self.port),
-                timeout,
-                f"tinyproxy on {self.address}",
-                self.describe,
+            # Its port is its own (the namespace's address): no other program can take it first.
+            self.proc.wait_ready(
+                lambda: port_open(self.net.link_addr, self.port), timeout, f"to listen on {self.address}"
             )
+        except RigError as e:
+            self.stop()
+            raise RigError(f"{e}\n--- log:\n{self.log_text()[-4000:]}") from e
         except BaseException:
             self.stop()
             raise
         return self
-
-    def _alive(self) -> bool:
-        if not self.proc.running():
-            raise RigError(f"tinyproxy exited\n{self.describe()}")
-        return True
 
     def describe(self) -> str:
         return f"{self.proc.describe()}\n--- log:\n{self.log_text()[-4000:]}"
@@ -137,7 +132,7 @@ class ForwardProxy:
     def wait_established(self, since: int, count: int, timeout: float = 5.0) -> ProxyLog:
         """The log since `since` once it shows at least `count` established tunnels."""
         wait_until(lambda: self.log(since).established >= count, timeout, f"{count} tunnels", self.describe)
-        time.sleep(0.1)  # and anything logged right after
+        wait_quiet(lambda: len(self.log_text()), 0.1)  # and anything logged right after
         return self.log(since)
 
     def stop(self) -> None:

@@ -8,8 +8,9 @@
   ClientHellos included), and answers anything HTTP-looking with a plausible token so that a
   proxy that did follow a hostile realm would go on and use it. A test asserts it saw nothing.
 
-Both listen on 127.0.0.1 on a port the kernel picks, run on daemon threads, and are stopped
-(listener closed, open connections closed, bodies in progress abandoned) by `stop()`.
+Both listen on 127.0.0.1 on a port the kernel picks (they are rig.httpserver servers, started when
+made), run on daemon threads, and are stopped (listener closed, open connections closed, bodies in
+progress abandoned) by `stop()`.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import NamedTuple
 
-from .procs import LOOPBACK, ServerThread
+from .httpserver import HttpServer, TcpServer, shut
 
 
 class Request(NamedTuple):
@@ -120,21 +121,21 @@ class _Server(ThreadingHTTPServer):
         """A peer that hangs up mid-answer is expected here: no traceback on stderr."""
 
 
-class ScriptedServer:
+class ScriptedServer(HttpServer):
     """A malicious HTTP server on 127.0.0.1: `script(request, self)` decides every answer."""
 
     def __init__(self, script: Script, name: str = "hostile") -> None:
+        super().__init__(name)
         self.script = script
-        self.stopping = threading.Event()
         self._lock = threading.Lock()
         self._requests: list[Request] = []
-        self._open: set[socket.socket] = set()
-        server = _Server((LOOPBACK, 0), _Handler)
+        self._open_conns: set[socket.socket] = set()
+        self.start()
+
+    def make_server(self) -> ThreadingHTTPServer:
+        server = _Server((self.host, 0), _Handler)
         server.owner = self
-        self._thread = ServerThread(server, f"{name}-{server.server_address[1]}")
-        self.port = self._thread.port
-        self.host = f"{LOOPBACK}:{self.port}"
-        self.url = f"http://{self.host}"
+        return server
 
     def _record(self, req: Request) -> None:
         with self._lock:
@@ -143,9 +144,9 @@ class ScriptedServer:
     def _track(self, conn: socket.socket, add: bool) -> None:
         with self._lock:
             if add:
-                self._open.add(conn)
+                self._open_conns.add(conn)
             else:
-                self._open.discard(conn)
+                self._open_conns.discard(conn)
 
     def requests(self) -> list[Request]:
         with self._lock:
@@ -155,13 +156,12 @@ class ScriptedServer:
         with self._lock:
             self._requests.clear()
 
-    def stop(self) -> None:
-        self.stopping.set()
-        self._thread.stop()
+    def _close(self) -> None:
+        super()._close()
         with self._lock:
-            still_open = list(self._open)
+            still_open = list(self._open_conns)
         for c in still_open:
-            _shut(c)
+            shut(c)
 
 
 def dribble(data: bytes, every: float, stopping: threading.Event, step: int = 1) -> Iterator[bytes]:
@@ -190,7 +190,7 @@ class TrapConnection(NamedTuple):
         return b"\nauthorization:" in self.data.lower()
 
 
-class Trap:
+class Trap(TcpServer):
     """A TCP listener that records every connection: a place credentials must never reach."""
 
     ANSWER = (
@@ -199,39 +199,20 @@ class Trap:
     )
 
     def __init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((LOOPBACK, 0))
-        self._sock.listen(64)
-        self._sock.settimeout(0.1)
-        self.port: int = self._sock.getsockname()[1]
-        self.host = f"{LOOPBACK}:{self.port}"
-        self._lock = threading.Lock()
+        super().__init__("trap")
         self._conns: list[TrapConnection] = []
         self.accepted = 0  # connections accepted so far (recorded in `connections()` once they end)
-        self._open: set[socket.socket] = set()
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._accept, name=f"trap-{self.port}", daemon=True)
-        self._thread.start()
+        self.start()
 
     def connections(self) -> list[TrapConnection]:
         with self._lock:
             return list(self._conns)
 
-    def _accept(self) -> None:
-        while not self._stopping.is_set():
-            try:
-                conn, peer = self._sock.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._lock:
-                self._open.add(conn)
-                self.accepted += 1
-            threading.Thread(target=self._handle, args=(conn, peer), daemon=True).start()
+    def on_accept(self) -> None:
+        with self._lock:
+            self.accepted += 1
 
-    def _handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
+    def handle(self, conn: socket.socket, peer: tuple[str, int]) -> None:
         data = b""
         conn.settimeout(1.0)
         deadline = time.monotonic() + 3
@@ -251,22 +232,5 @@ class Trap:
         finally:
             with self._lock:
                 self._conns.append(TrapConnection(peer, data))
-                self._open.discard(conn)
+            self.forget(conn)
             conn.close()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._sock.close()
-        self._thread.join(timeout=5)
-        with self._lock:
-            still_open = list(self._open)
-        for c in still_open:
-            _shut(c)
-
-
-def _shut(c: socket.socket) -> None:
-    try:
-        c.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    c.close()

@@ -26,7 +26,6 @@ are bound first, so the registry's configuration names the relayed realm and blo
 
 from __future__ import annotations
 
-import shutil
 import ssl
 from collections.abc import Collection, Iterator
 from contextlib import contextmanager
@@ -34,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import daemons, tls
+from . import daemons, pki, tls
 from .blobserver import BlobServer
 from .procs import LOOPBACK, RigError
 from .registry import (
@@ -59,10 +58,7 @@ RELAY_NAMES = ("registry", "token", "blobs")
 
 def server_context(ca: tls.TestCA) -> ssl.SSLContext:
     """A server-side context presenting `ca`'s server certificate, ALPN http/1.1 only."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.load_cert_chain(ca.server_pem)
-    ctx.set_alpn_protocols(["http/1.1"])
-    return ctx
+    return pki.server_context(ca.server_pem)
 
 
 def client_context(ca: tls.TestCA | Path) -> ssl.SSLContext:
@@ -73,9 +69,7 @@ def client_context(ca: tls.TestCA | Path) -> ssl.SSLContext:
 
 def cert_dir_for(ca: tls.TestCA, directory: Path) -> Path:
     """A directory holding only `ca.crt` (skopeo/podman `--src-cert-dir`/`--cert-dir`)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ca.ca_cert, directory / "ca.crt")
-    return directory
+    return pki.cert_dir(ca.ca_cert, directory)
 
 
 @dataclass

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import pki
 from .procs import RigError, RunResult, run
 
 PODMAN_TIMEOUT = 90.0
@@ -54,9 +55,7 @@ def host_goarch() -> str:
 
 def cert_dir(directory: Path, ca_cert: Path) -> Path:
     """A directory holding `ca.crt` (a copy of `ca_cert`): what `--cert-dir`/`--src-cert-dir` take."""
-    directory.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(ca_cert, directory / "ca.crt")
-    return directory
+    return pki.cert_dir(ca_cert, directory)
 
 
 @dataclass(frozen=True)

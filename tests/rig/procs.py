@@ -1,7 +1,14 @@
-"""Subprocesses and in-process servers for the end-to-end rig.
+"""Subprocesses, bounded commands and waiting, for the end-to-end rig (in-process servers: httpserver.py).
 
 Every subprocess runs in its own session (process group) and is stopped through that group
 by pid, never by name. Every wait is bounded and fails with the captured output.
+
+Waiting: `wait_until(predicate, ...)` polls until the predicate is true. Whatever the predicate
+raises counts as "not there yet" (a refused connection, a socket file not created yet, partial
+output that does not parse, a command that timed out), except `StopWaiting`, which a predicate
+raises when what it waits for can no longer happen (its process exited). `Proc.wait_ready` is
+wait_until that stops at once when the process exits. Ports: `with_free_port(start)` runs
+`start(port)` again on another port when something took the one picked before it was bound.
 """
 
 from __future__ import annotations
@@ -10,20 +17,24 @@ import os
 import re
 import signal
 import socket
-import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 LOOPBACK = "127.0.0.1"
+ADDRESS_IN_USE = "address already in use"  # EADDRINUSE as every program here reports it (any case)
+T = TypeVar("T")
 
 
 class RigError(RuntimeError):
     """A rig component failed to start or did not reach the expected state in time."""
+
+
+class StopWaiting(RigError):
+    """Raised by a wait's predicate when what it waits for can no longer happen (e.g. the process exited)."""
 
 
 def free_port(host: str = LOOPBACK) -> int:
@@ -42,6 +53,21 @@ def port_open(host: str, port: int) -> bool:
         return False
 
 
+def with_free_port(start: Callable[[int], T], attempts: int = 3) -> T:
+    """`start(port)` on a port that is free right now. Only what `start` runs binds it, so something
+    else may take it first: when `start` raises a RigError that says the address is in use (its message
+    carries the process's output), `start` runs again on another port. `start` stops what it started
+    before it raises."""
+    for attempt in range(1, attempts + 1):
+        port = free_port()
+        try:
+            return start(port)
+        except RigError as e:
+            if attempt == attempts or ADDRESS_IN_USE not in str(e).lower():
+                raise
+    raise AssertionError("unreachable")
+
+
 def wait_until(
     predicate: Callable[[], bool],
     timeout: float,
@@ -49,15 +75,55 @@ def wait_until(
     details: Callable[[], str] = lambda: "",
     interval: float = 0.02,
 ) -> None:
-    """Poll `predicate` until it is true; raise RigError (with `details()`) after `timeout` s."""
+    """Poll `predicate` until it is true; raise RigError (with `details()`) after `timeout` s.
+
+    An exception from `predicate` means "not yet": polling goes on, and the last one is named in the
+    timeout's message (and chained to it). A `StopWaiting` from it ends the wait at once.
+    """
     deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    polls = 0
     while True:
-        if predicate():
-            return
+        polls += 1
+        try:
+            if predicate():
+                return
+        except StopWaiting:
+            raise
+        except Exception as e:  # noqa: BLE001 - "not there yet"; reported if it lasts
+            last = e
         if time.monotonic() >= deadline:
-            extra = details()
-            raise RigError(f"timed out after {timeout:.1f}s waiting for {what}" + (f"\n{extra}" if extra else ""))
+            message = f"timed out after {timeout:.1f}s ({polls} checks) waiting for {what}"
+            if last is not None:
+                message += f"\nlast error from the check: {type(last).__name__}: {last}"
+            extra = _safe_details(details)
+            raise RigError(message + (f"\n{extra}" if extra else "")) from last
         time.sleep(interval)
+
+
+def wait_quiet(size: Callable[[], int], quiet: float, timeout: float = 10.0, interval: float = 0.02) -> bool:
+    """Wait until `size()` (how long a growing log is) has not changed for `quiet` s; True then, False
+    when it still grew after `timeout` s (not an error: some logs never stop). What a fixed sleep did
+    for "lines that may still come", except that it waits for as long as they still come."""
+    deadline = time.monotonic() + timeout
+    last, since = size(), time.monotonic()
+    while True:
+        time.sleep(interval)
+        now_size, now = size(), time.monotonic()
+        if now_size != last:
+            last, since = now_size, now
+        elif now - since >= quiet:
+            return True
+        if now >= deadline:
+            return False
+
+
+def _safe_details(details: Callable[[], str]) -> str:
+    """`details()`, or why it could not be had: a timeout's message must not be lost to it."""
+    try:
+        return details()
+    except Exception as e:  # noqa: BLE001 - the details are a courtesy
+        return f"(no details: {type(e).__name__}: {e})"
 
 
 class Proc:
@@ -132,13 +198,25 @@ class Proc:
         return f"--- {self.name} ({state}): {' '.join(self.argv)}\n--- output:\n{self.output()}"
 
     # -- waiting ------------------------------------------------------------------------------
-    def wait_for_port(self, host: str, port: int, timeout: float = 15.0) -> None:
-        def ready() -> bool:
-            if self._popen is not None and self._popen.poll() is not None:
-                raise RigError(f"{self.name} exited before listening on {host}:{port}\n{self.describe()}")
-            return port_open(host, port)
+    def wait_ready(self, check: Callable[[], bool], timeout: float, what: str, interval: float = 0.1) -> None:
+        """`wait_until(check)` for "NAME WHAT", ended at once (StopWaiting, with the output) when the
+        process exits first. `check` may raise while the process is not ready (see wait_until)."""
 
-        wait_until(ready, timeout, f"{self.name} to listen on {host}:{port}", self.describe)
+        def ready() -> bool:
+            if self._popen is None:
+                raise StopWaiting(f"{self.name}: not started")
+            if self._popen.poll() is not None:
+                raise StopWaiting(f"{self.name} exited (waiting for it {what})\n{self.describe()}")
+            return check()
+
+        wait_until(ready, timeout, f"{self.name} {what}", self.describe, interval)
+
+    def wait_quiet(self, quiet: float = 0.2, timeout: float = 10.0) -> bool:
+        """Until the output has not grown for `quiet` s (see the module's wait_quiet)."""
+        return wait_quiet(lambda: len(self.output()), quiet, timeout)
+
+    def wait_for_port(self, host: str, port: int, timeout: float = 15.0) -> None:
+        self.wait_ready(lambda: port_open(host, port), timeout, f"to listen on {host}:{port}", interval=0.02)
 
     def wait_for_output(self, regex: str | re.Pattern[str], timeout: float = 15.0) -> re.Match[str]:
         """Wait until the output matches `regex` (searched over the whole output, MULTILINE)."""
@@ -210,69 +288,6 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         pass
     except PermissionError:
         pass
-
-
-TLS_HANDSHAKE_TIMEOUT = 30.0
-
-
-class TLSThreadingHTTPServer(ThreadingHTTPServer):
-    """A ThreadingHTTPServer that speaks TLS: each connection's handshake runs on its own handler
-    thread (never on the accepting one), bounded by TLS_HANDSHAKE_TIMEOUT."""
-
-    def __init__(
-        self,
-        server_address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
-        context: ssl.SSLContext,
-    ) -> None:
-        self.tls_context = context
-        super().__init__(server_address, handler)
-
-    def finish_request(self, request: Any, client_address: Any) -> None:
-        request.settimeout(TLS_HANDSHAKE_TIMEOUT)
-        try:
-            # wrap_socket detaches `request` (shutdown_request then finds it closed) and closes
-            # the connection itself when the handshake fails.
-            conn = self.tls_context.wrap_socket(request, server_side=True)
-        except (OSError, ValueError):
-            return
-        try:
-            conn.settimeout(None)
-            super().finish_request(conn, client_address)
-        except OSError:
-            pass
-        finally:
-            conn.close()
-
-
-def http_server(
-    host: str, handler: type[BaseHTTPRequestHandler], tls: ssl.SSLContext | None = None
-) -> ThreadingHTTPServer:
-    """A ThreadingHTTPServer on (host, a kernel-chosen port), speaking TLS with `tls` when given."""
-    if tls is not None:
-        return TLSThreadingHTTPServer((host, 0), handler, tls)
-    return ThreadingHTTPServer((host, 0), handler)
-
-
-class ServerThread:
-    """Runs a ThreadingHTTPServer on a daemon thread; `stop()` shuts it down and closes it."""
-
-    def __init__(self, server: ThreadingHTTPServer, name: str) -> None:
-        self.server = server
-        self.server.daemon_threads = True
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1}, name=name)
-        self._thread.daemon = True
-        self._thread.start()
-
-    @property
-    def port(self) -> int:
-        port: int = self.server.server_address[1]
-        return port
-
-    def stop(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(timeout=5)
 
 
 class RunResult:

@@ -15,12 +15,23 @@ from typing import Any
 
 import yaml
 
-from .procs import LOOPBACK, Proc, clean_env
+from .procs import ADDRESS_IN_USE, LOOPBACK, Proc, RigError, clean_env
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ADDON_SCRIPT = REPO_ROOT / "addon" / "registryproxy.py"
 DEAD_TARGET = "http://127.0.0.1:9"
 LISTENING = re.compile(r"listening at (?P<host>127\.0\.0\.1|\[?[0-9a-f:.]+\]?):(?P<port>\d+)")
+
+
+def wait_listening(proc: Proc, port: int, timeout: float = 30.0) -> None:
+    """Until mitmdump, or the addon's ops listener, says it listens at 127.0.0.1:PORT: its own line, so
+    never another program that took the port. A port taken first ends the wait with a RigError saying
+    "address already in use" (mitmdump exits; the ops listener logs it and stays down), on which
+    `procs.with_free_port` tries another port."""
+    pattern = re.compile(rf"listening at {re.escape(LOOPBACK)}:{port}\b|{ADDRESS_IN_USE}", re.IGNORECASE)
+    m = proc.wait_for_output(pattern, timeout)
+    if m.group(0).lower() == ADDRESS_IN_USE:
+        raise RigError(f"{proc.name}: 127.0.0.1:{port}: {ADDRESS_IN_USE}\n{proc.describe()}")
 
 
 def mitmdump_binary() -> Path:
@@ -48,6 +59,10 @@ class ProxyProc:
 
     def wait_for_output(self, regex: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
         return self.proc.wait_for_output(regex, timeout)
+
+    def wait_quiet(self, quiet: float = 0.2, timeout: float = 10.0) -> bool:
+        """Until mitmdump's output has not grown for `quiet` s: its lines about a request just answered."""
+        return self.proc.wait_quiet(quiet, timeout)
 
     def running(self) -> bool:
         return self.proc.running()

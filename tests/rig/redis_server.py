@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from .procs import LOOPBACK, Proc, RigError, clean_env, free_port, run
+from .procs import LOOPBACK, Proc, RigError, clean_env, run, with_free_port
 
 REDIS_SERVER = "/usr/bin/redis-server"
 REDIS_CLI = "/usr/bin/redis-cli"
@@ -43,10 +43,16 @@ class RedisServer:
         return self.proc.stop()
 
 
-def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
-    """Start redis-server (no persistence) on `port` (a free one by default); wait until it answers."""
+def start_redis(workdir: Path, port: int | None = None, timeout: float = 15.0) -> RedisServer:
+    """Start redis-server (no persistence) on `port`, or on a free one (another when something took it
+    before redis bound it); wait until it answers PING."""
     workdir.mkdir(parents=True, exist_ok=True)
-    port = port or free_port()
+    if port is None:
+        return with_free_port(lambda p: _start(workdir, p, timeout))
+    return _start(workdir, port, timeout)
+
+
+def _start(workdir: Path, port: int, timeout: float) -> RedisServer:
     argv = [
         REDIS_SERVER,
         "--bind", LOOPBACK,
@@ -57,9 +63,12 @@ def start_redis(workdir: Path, port: int | None = None) -> RedisServer:
         "--protected-mode", "yes",
     ]  # fmt: skip
     proc = Proc("redis-server").start(argv, env=clean_env(), cwd=workdir)
+    server = RedisServer(proc, port, workdir)
     try:
-        proc.wait_for_output(r"Ready to accept connections", timeout=15)
+        # redis-server exits at once, saying "Address already in use", when the port is taken.
+        proc.wait_for_output(r"Ready to accept connections", timeout)
+        proc.wait_ready(lambda: server.cli("PING") == "PONG", timeout, f"to answer PING on {LOOPBACK}:{port}")
     except BaseException:
         proc.stop()
         raise
-    return RedisServer(proc, port, workdir)
+    return server

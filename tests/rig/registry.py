@@ -30,7 +30,7 @@ import httpx
 import yaml
 
 from .blobserver import BlobServer
-from .procs import LOOPBACK, Proc, RigError, free_port, wait_until
+from .procs import LOOPBACK, Proc, RigError, wait_until, with_free_port
 from .tap import AccessLogEntry, AccessRecord, RequestTap
 from .token_issuer import TokenIssuer
 
@@ -250,22 +250,22 @@ def launch_registry(
     timeout: float = 20.0,
 ) -> tuple[Proc, int]:
     """Write `make_config(port)` to `config_path` for a free port and run `docker-registry serve` on
-    it until it listens; another port when someone took that one first. Returns (proc, port)."""
-    for attempt in range(3):
-        port = free_port()
+    it until it listens (its own "listening on" line, then the port); another port when someone took
+    that one first (the registry exits saying "address already in use"). Returns (proc, port)."""
+
+    def start(port: int) -> tuple[Proc, int]:
         config_path.write_text(yaml.safe_dump(make_config(port), sort_keys=False))
         proc = Proc(name)
         proc.start([registry_binary(), "serve", str(config_path)], env=registry_env(), cwd=workdir)
         try:
             proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
             proc.wait_for_port(LOOPBACK, port, timeout)
-            return proc, port
-        except RigError:
+        except BaseException:
             proc.stop()
-            # Someone took the port between free_port() and the bind: try another one.
-            if attempt == 2 or "address already in use" not in proc.output():
-                raise
-    raise AssertionError("unreachable")
+            raise
+        return proc, port
+
+    return with_free_port(start)
 
 
 def start_upstream(

@@ -10,9 +10,9 @@ request heads are parsed on the way to record (method, path, had_authorization).
 from __future__ import annotations
 
 import socket
-import threading
 from typing import NamedTuple
 
+from .httpserver import TcpServer, shut
 from .procs import LOOPBACK
 
 _MAX_HEAD = 1 << 20
@@ -48,21 +48,14 @@ class _Closed(Exception):
     pass
 
 
-class RequestTap:
+class RequestTap(TcpServer):
+    """Listens (started when made) on `host`, forwards every connection to (target_host, target_port)."""
+
     def __init__(self, target_port: int, host: str = LOOPBACK, target_host: str = LOOPBACK) -> None:
-        self.host = host
+        super().__init__("tap", host)
         self.target = (target_host, target_port)
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((host, 0))
-        self._listener.listen(128)
-        self.port: int = self._listener.getsockname()[1]
-        self._lock = threading.Lock()
         self._records: list[AccessRecord] = []
-        self._socks: set[socket.socket] = set()
-        self._stopping = False
-        self._thread = threading.Thread(target=self._accept_loop, name=f"tap-{self.port}", daemon=True)
-        self._thread.start()
+        self.start()
 
     def entries(self) -> list[AccessLogEntry]:
         with self._lock:
@@ -76,45 +69,26 @@ class RequestTap:
         with self._lock:
             self._records.clear()
 
-    def stop(self) -> None:
-        self._stopping = True
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._listener.close()
-        self._thread.join(timeout=5)
-        with self._lock:
-            socks = list(self._socks)
-        for s in socks:
-            _close(s)
-
     # -- plumbing -----------------------------------------------------------------------------
-    def _accept_loop(self) -> None:
-        while not self._stopping:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=10)
-                upstream.settimeout(None)
-            except OSError:
-                _close(client)
-                continue
-            for s in (client, upstream):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            with self._lock:
-                self._socks.update((client, upstream))
-            threading.Thread(target=self._requests, args=(client, upstream), daemon=True).start()
-            threading.Thread(target=self._responses, args=(client, upstream), daemon=True).start()
+    def handle(self, client: socket.socket, peer: tuple[str, int]) -> None:
+        try:
+            upstream = socket.create_connection(self.target, timeout=10)
+            upstream.settimeout(None)
+        except OSError:
+            self.forget(client)
+            shut(client)
+            return
+        self.track(upstream)
+        for s in (client, upstream):
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.spawn(self._responses, client, upstream)
+        self._requests(client, upstream)
 
     def _finish(self, a: socket.socket, b: socket.socket) -> None:
-        with self._lock:
-            self._socks.discard(a)
-            self._socks.discard(b)
-        _close(a)
-        _close(b)
+        self.forget(a)
+        self.forget(b)
+        shut(a)
+        shut(b)
 
     def _responses(self, client: socket.socket, upstream: socket.socket) -> None:
         try:
@@ -249,11 +223,3 @@ def _parse_head(head: bytes) -> tuple[str, str, tuple[tuple[str, str], ...]]:
         if sep:
             headers.append((name.strip().lower(), value.strip()))
     return parts[0], parts[1], tuple(headers)
-
-
-def _close(s: socket.socket) -> None:
-    try:
-        s.shutdown(socket.SHUT_RDWR)
-    except OSError:
-        pass
-    s.close()

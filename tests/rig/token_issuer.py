@@ -43,7 +43,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from .procs import LOOPBACK, ServerThread, http_server
+from .httpserver import HttpServer
+from .procs import LOOPBACK
 
 KNOWN_ACTIONS = ("pull", "push", "delete", "*")
 
@@ -88,7 +89,7 @@ class TokenRequest:
     granted: tuple[dict[str, Any], ...] = field(default=())
 
 
-class TokenIssuer:
+class TokenIssuer(HttpServer):
     """See the module docstring. Create, then `start()`; `stop()` when done."""
 
     def __init__(
@@ -107,9 +108,8 @@ class TokenIssuer:
         tls: ssl.SSLContext | None = None,
         public_url: str | None = None,
     ) -> None:
+        super().__init__("token-issuer", host, tls=tls, public_url=public_url)
         self.users = dict(users)
-        self.tls = tls
-        self.public_url = public_url
         self.service = service
         self.issuer = issuer
         self.public_repos = set(public_repos)
@@ -117,7 +117,6 @@ class TokenIssuer:
         self.readonly_users = set(readonly_users)
         self.expires_in = expires_in
         self.allow_post = allow_post
-        self.host = host
         self._key = ec.generate_private_key(ec.SECP256R1())
         self.key_id = libtrust_key_id(self._key.public_key())
         workdir.mkdir(parents=True, exist_ok=True)
@@ -128,31 +127,9 @@ class TokenIssuer:
         self._refresh_tokens: dict[str, str] = {}
         # Every token and refresh token handed out, in order; never cleared (secrets for tests to look for).
         self._issued: list[str] = []
-        self._server: ServerThread | None = None
 
-    # -- life cycle ---------------------------------------------------------------------------
-    def start(self) -> TokenIssuer:
-        server = http_server(self.host, _make_handler(self), self.tls)
-        self._server = ServerThread(server, "token-issuer")
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop()
-            self._server = None
-
-    @property
-    def port(self) -> int:
-        if self._server is None:
-            raise RuntimeError("token issuer not started")
-        return self._server.port
-
-    @property
-    def url(self) -> str:
-        """`public_url` when set, else http(s)://HOST:PORT (no trailing slash)."""
-        if self.public_url is not None:
-            return self.public_url.rstrip("/")
-        return f"{'https' if self.tls is not None else 'http'}://{self.host}:{self.port}"
+    def handler(self) -> type[BaseHTTPRequestHandler]:
+        return _make_handler(self)
 
     @property
     def realm(self) -> str:

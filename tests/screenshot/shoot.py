@@ -45,7 +45,7 @@ if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
 
 from rig import clients, faults, images, registry, standard
-from rig.procs import LOOPBACK, Proc, RigError, clean_env, free_port
+from rig.procs import LOOPBACK, Proc, RigError, clean_env, free_port, with_free_port
 
 ADDON_SCRIPT = REPO_ROOT / "addon" / "registryproxy.py"
 DEFAULT_OUT = Path(__file__).resolve().parent / "mitmweb.png"
@@ -136,8 +136,8 @@ def start_mitmweb(
     confdir = tmp_dir / "mitmproxy-conf"
     confdir.mkdir(exist_ok=True)
     password = secrets.token_hex(16)
-    for attempt in range(3):
-        web_port = free_port()
+
+    def start(web_port: int) -> MitmWeb:
         argv = [
             str(mitmweb_binary()),
             "-s",
@@ -165,19 +165,17 @@ def start_mitmweb(
         ]
         proc = Proc("mitmweb").start(argv, env=clean_env(env), cwd=tmp_dir)
         try:
+            # mitmweb exits saying "address already in use" when the web port was taken: with_free_port
+            # then tries another.
             m = proc.wait_for_output(PROXY_LISTENING, timeout)
             proc.wait_for_output(WEB_LISTENING, timeout)
             proc.wait_for_port(LOOPBACK, web_port, timeout)
-        except RigError:
-            proc.stop()
-            if attempt == 2 or "address already in use" not in proc.output().lower():
-                raise
-            continue
         except BaseException:
             proc.stop()
             raise
         return MitmWeb(proc, int(m.group("port")), web_port, password, config_path)
-    raise AssertionError("unreachable")
+
+    return with_free_port(start)
 
 
 # --- headless Chromium ------------------------------------------------------------------------

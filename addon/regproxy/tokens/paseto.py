@@ -9,6 +9,10 @@ outlives the upstream token inside it.
 The footer carries the id of the key that encrypted it (`kid`), a one-way hash that
 reveals nothing about the key; every configured key is tried on decryption so keys can
 rotate.
+
+Time comes from the codec's `clock` (seconds since the epoch, `time.time` unless a test gives
+another): `iat`, `exp` (written by the codec, not by pyseto, whose own clock would otherwise
+decide) and every expiry check read it.
 """
 
 from __future__ import annotations
@@ -17,8 +21,9 @@ import hashlib
 import json
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import pyseto
@@ -68,9 +73,10 @@ def key_id(key: bytes) -> str:
 class TokenCodec:
     """Issues and reads tokens with a list of keys: the first encrypts, all decrypt."""
 
-    def __init__(self, keys: tuple[bytes, ...]) -> None:
+    def __init__(self, keys: tuple[bytes, ...], clock: Callable[[], float] = time.time) -> None:
         if not keys:
             raise ValueError("at least one key is needed")
+        self._clock = clock
         self._keys = [Key.new(version=4, purpose="local", key=k) for k in keys]
         self._kid = key_id(keys[0])
         # Tokens already decrypted and checked, by (token, audience): a client sends the same token
@@ -80,7 +86,7 @@ class TokenCodec:
     def issue_access(self, audience: str, grants: tuple[Grant, ...], lifetime: int) -> str:
         payload = {
             "aud": audience,
-            "iat": int(time.time()),
+            "iat": int(self._clock()),
             "g": [
                 {"m": g.mapping, "r": list(g.names), **({"u": g.upstream_token} if g.upstream_token else {})}
                 for g in grants
@@ -91,7 +97,7 @@ class TokenCodec:
     def read_access(self, token: str, audience: str) -> AccessToken:
         cached = self._read.get((token, audience))
         if cached is not None:
-            if cached.expires_at > time.time():
+            if cached.expires_at > self._clock():
                 self._read.move_to_end((token, audience))
                 return cached
             del self._read[(token, audience)]
@@ -118,7 +124,7 @@ class TokenCodec:
             raise TokenError("malformed claims") from None
 
     def issue_refresh(self, audience: str, subject: str, lifetime: int) -> str:
-        payload = {"aud": audience, "iat": int(time.time()), "sub": subject}
+        payload = {"aud": audience, "iat": int(self._clock()), "sub": subject}
         return self._encode(payload, REFRESH_ASSERTION, lifetime)
 
     def read_refresh(self, token: str, audience: str) -> str:
@@ -129,13 +135,14 @@ class TokenCodec:
         return sub
 
     def _encode(self, payload: dict[str, Any], assertion: bytes, lifetime: int) -> str:
+        # `exp` as pyseto writes it (ISO 8601, whole seconds, UTC), from this codec's clock.
+        expires = datetime.fromtimestamp(int(self._clock()) + max(1, int(lifetime)), UTC)
         token = pyseto.encode(
             self._keys[0],
-            payload,
+            {**payload, "exp": expires.isoformat(timespec="seconds")},
             footer={"kid": self._kid},
             implicit_assertion=assertion,
             serializer=json,
-            exp=max(1, int(lifetime)),
         )
         return token.decode("ascii")
 
@@ -143,12 +150,15 @@ class TokenCodec:
         if not token.startswith("v4.local.") or len(token) > MAX_TOKEN_LENGTH or not token.isascii():
             raise TokenError("not a v4.local token")
         try:
-            decoded = pyseto.decode(self._keys, token, implicit_assertion=assertion, deserializer=json)
+            # No deserializer: pyseto would check `exp` against its own clock; the checks below use ours.
+            decoded = pyseto.decode(self._keys, token, implicit_assertion=assertion)
+            if not isinstance(decoded.payload, bytes):
+                raise TokenError("malformed claims")
+            payload = json.loads(decoded.payload)
         except VerifyError as e:
             raise TokenError("expired" if "expired" in str(e).lower() else "invalid") from None
-        except (DecryptError, ValueError):
+        except (DecryptError, ValueError, RecursionError):
             raise TokenError("invalid") from None
-        payload = decoded.payload
         if not isinstance(payload, dict):
             raise TokenError("malformed claims")
         exp = payload.get("exp")
@@ -158,7 +168,7 @@ class TokenCodec:
             payload["_exp"] = int(datetime.fromisoformat(exp).timestamp())
         except ValueError:
             raise TokenError("malformed claims") from None
-        if payload["_exp"] <= time.time():
+        if payload["_exp"] <= self._clock():
             raise TokenError("expired")
         if payload.get("aud") != audience:
             raise TokenError("issued for another domain")

@@ -1,4 +1,4 @@
-"""ociview.py: the OCI view as mitmproxy picks and runs it (`contentviews.prettify_message`, as mitmweb does)."""
+"""debug/contentview.py: the OCI view as mitmproxy picks and runs it (`contentviews.prettify_message`, as mitmweb does)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ MANIFEST = {
     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": D1, "size": 10},
     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": D1, "size": 2048}],
 }
-CONFIG = {"architecture": "riscv64", "os": "linux", "config": {"Env": ["K=v"]}, "rootfs": {"diff_ids": []}}
+IMAGE_CONFIG = {"architecture": "riscv64", "os": "linux", "config": {"Env": ["K=v"]}, "rootfs": {"diff_ids": []}}
 
 
 @pytest.fixture(autouse=True)
@@ -48,7 +48,7 @@ def shown(status: int, body: bytes, headers: dict[str, str], view: str = "auto")
         (DOCKER_LIST, {**INDEX, "mediaType": DOCKER_LIST}, "Docker manifest list: 1 manifest"),
         (OCI_MANIFEST, MANIFEST, "OCI image manifest: 1 layer"),
         (DOCKER_MANIFEST + "; charset=utf-8", MANIFEST, "Docker image manifest (v2 schema 2): 1 layer"),
-        ("application/octet-stream", CONFIG, "Image config: linux/riscv64"),
+        ("application/octet-stream", IMAGE_CONFIG, "Image config: linux/riscv64"),
     ],
 )
 def test_oci_documents_get_the_oci_view_by_themselves(content_type: str, value: object, expected: str) -> None:

@@ -1,4 +1,4 @@
-"""./run.sh's commands (cli.py): key and capability generation, and the mitmproxy arguments a proxy is
+"""./run.sh's commands (run/cli.py): key and capability generation, and the mitmproxy arguments a proxy is
 started with (launch.py)."""
 
 from __future__ import annotations

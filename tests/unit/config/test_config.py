@@ -1,4 +1,4 @@
-"""Loading and validating the configuration (config.py)."""
+"""Loading and validating the configuration (config/)."""
 
 from __future__ import annotations
 
@@ -23,10 +23,10 @@ from regproxy.config import (
 from regproxy.transport import trust
 from regproxy.transport.egress import Egress, ProxySpec
 from rig import badcerts
+from rig.keys import CAP as UUID
 
 KEY = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff"
 KEY2 = "ff" * 32
-UUID = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 ONE_LINE_BUG = "BUG: a key with a newline is echoed raw, so the ConfigError message is not one line"
 
 

@@ -1,5 +1,5 @@
-"""Mirror mode in the pure modules: the root key `*`, `mirror_of` and `?ns=` (config.py, mapping.py,
-tokenservice.py)."""
+"""Mirror mode in the pure modules: the root key `*`, `mirror_of` and `?ns=` (config/, mapping/,
+tokens/issuer.py)."""
 
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from regproxy.tokens.issuer import TokenRequest, TokenService, mirror_base, toke
 from regproxy.tokens.paseto import TokenCodec, TokenError
 from regproxy.upstream.auth import UpstreamToken
 from regproxy.upstream.client import RegistryClient
+from rig.keys import CAP as UUID
+from rig.keys import CAP20
 
 KEY = "22" * 32
-UUID = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
-CAP20 = "b7e2d4f6a8c0e2f4a6b8"
 AUD = "https://reg.example.com"
 
 

@@ -1,4 +1,4 @@
-"""Redaction of tokens, credentials and capability keys from text."""
+"""Redaction of tokens, credentials and capability keys from text (debug/redact.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from regproxy.config import loads
 from regproxy.debug.redact import Redactor, capability_keys
-
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
+from rig.keys import CAP
 
 
 def test_capability_keys_are_the_secret_segments_of_capability_mappings() -> None:

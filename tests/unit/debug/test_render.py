@@ -1,4 +1,4 @@
-"""ociview_render.py: OCI documents as text for mitmweb's OCI view (pure; never raises, never hangs)."""
+"""debug/render.py: OCI documents as text for mitmweb's OCI view (pure; never raises, never hangs)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""buckets.py: the token bucket and window arithmetic (property tests), and the memory store on it."""
+"""limits/buckets.py: the token bucket and window arithmetic (property tests), and the memory store on it."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""limits.py: the limits keys validated strictly; forwarded.py: who the client is."""
+"""limits/settings.py: the limits keys validated strictly; limits/forwarded.py: who the client is."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Which mapping serves a name (mapping.py, with config.Mapping's helpers)."""
+"""Which mapping serves a name (mapping/matcher.py, with config.Mapping's helpers)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 from regproxy.config import DOCKER_HUB_API_HOST, Mapping, Upstream
 from regproxy.mapping.matcher import Matcher, redact_name
+from rig.keys import CAP as UUID
 
 GHCR = Upstream("https", "ghcr.io", 443)
 HUB = Upstream("https", DOCKER_HUB_API_HOST, 443, dockerhub=True)
-UUID = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 
 
 def mapping(

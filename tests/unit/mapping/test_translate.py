@@ -1,4 +1,4 @@
-"""links.py: where the upstream points, said in the proxy's names (pure functions over a `Match`)."""
+"""mapping/translate.py: where the upstream points, said in the proxy's names (pure functions over a `Match`)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ from regproxy.mapping.translate import (
     upstream_path,
 )
 from regproxy.protocol.names import NAME_RE, TAG_RE, Route, parse_route
+from rig.keys import CAP
 
-CAP = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 NAMESPACE = Mapping("bp/", ("bp",), True, Upstream("http", "127.0.0.1", 5001), "backplane")
 CAPABILITY = Mapping(
     f"{CAP}/nginx",

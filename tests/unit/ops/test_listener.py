@@ -1,4 +1,4 @@
-"""The operations listener: health answers, OpsServer and its address option (ops.py)."""
+"""The operations listener: health answers, OpsServer and its address option (ops/listener.py)."""
 
 from __future__ import annotations
 

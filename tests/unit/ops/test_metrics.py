@@ -1,4 +1,4 @@
-"""Metrics, label folding, exposition and multiprocess aggregation (metrics.py)."""
+"""Metrics, label folding, exposition and multiprocess aggregation (ops/metrics.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""WWW-Authenticate challenges (challenge.py)."""
+"""WWW-Authenticate challenges (protocol/challenge.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The registry error format and the errors made from a status alone (errors.py)."""
+"""The registry error format and the errors made from a status alone (protocol/errors.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Repository names, references and route parsing (names.py)."""
+"""Repository names, references and route parsing (protocol/names.py)."""
 
 from __future__ import annotations
 
@@ -18,9 +18,9 @@ from regproxy.protocol.names import (
     looks_like_capability,
     parse_route,
 )
+from rig.keys import CAP as UUID
 
 DIGEST = "sha256:" + "a" * 64
-UUID = "0ebb01be-0a22-4639-898c-bc8c2d20942d"
 UPLOAD_DOTS_BUG = "BUG: `.`/`..` as the upload id is accepted as a route (a dot segment after the name)"
 
 

@@ -1,4 +1,4 @@
-"""Token scopes as clients send them (scopes.py)."""
+"""Token scopes as clients send them (protocol/scopes.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The token endpoint: request parsing, answers and the public base URL (tokenservice.py)."""
+"""The token endpoint: request parsing, answers and the public base URL (tokens/issuer.py)."""
 
 from __future__ import annotations
 

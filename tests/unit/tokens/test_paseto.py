@@ -1,4 +1,4 @@
-"""The proxy's PASETO tokens (tokens.py)."""
+"""The proxy's PASETO tokens (tokens/paseto.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +18,19 @@ GRANTS = (
     Grant("bp/", ("bp/app", "bp/web"), "upstream-token-1"),
     Grant(None, ("unknown/x",)),
 )
+
+
+class Clock:
+    """A clock for `TokenCodec(clock=...)` that moves only when told to."""
+
+    def __init__(self, now: float = 1_800_000_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def issue(codec: TokenCodec | None = None, lifetime: int = 300) -> str:
@@ -139,11 +152,17 @@ def test_garbage_tokens(token: str) -> None:
 
 
 def test_expired_token() -> None:
-    codec = TokenCodec((KEY_A,))
+    clock = Clock()
+    issued = clock.now
+    codec = TokenCodec((KEY_A,), clock)
     access = codec.issue_access(AUD, GRANTS, 1)
     refresh = codec.issue_refresh(AUD, "alice", 1)
-    time.sleep(2.1)
-    assert reason(access, codec) == "expired"
+    clock.advance(0.9)
+    assert codec.read_access(access, AUD).expires_at == issued + 1
+    assert codec.read_refresh(refresh, AUD) == "alice"
+    clock.advance(0.1)
+    assert reason(access, TokenCodec((KEY_A,), clock)) == "expired"  # not from the read cache
+    assert reason(access, codec) == "expired"  # nor from it
     with pytest.raises(TokenError) as info:
         codec.read_refresh(refresh, AUD)
     assert info.value.reason == "expired"
@@ -236,13 +255,28 @@ def test_grants_round_trip(grants: tuple[Grant, ...]) -> None:
 
 
 def test_read_cache_never_outlives_the_token() -> None:
-    codec = TokenCodec((b"\x07" * 32,))
+    clock = Clock()
+    codec = TokenCodec((b"\x07" * 32,), clock)
     tok = codec.issue_access("aud", (), 2)
-    assert codec.read_access(tok, "aud").expires_at > time.time()
+    assert codec.read_access(tok, "aud").expires_at > clock.now
     assert codec.read_access(tok, "aud") is codec.read_access(tok, "aud")  # served from the cache
-    time.sleep(2.2)
+    clock.advance(2)
     with pytest.raises(TokenError, match="expired"):
         codec.read_access(tok, "aud")
+
+
+def test_the_codec_clock_sets_issued_at_and_expiry() -> None:
+    clock = Clock(1_700_000_000.75)
+    codec = TokenCodec((KEY_A,), clock)
+    access = codec.read_access(codec.issue_access(AUD, GRANTS, 300), AUD)
+    assert (access.issued_at, access.expires_at) == (1_700_000_000, 1_700_000_300)
+    # A token from a clock far ahead is read as valid by a codec on real time, and expired once real
+    # time is past it: the default clock is the real one.
+    real = TokenCodec((KEY_A,))
+    ahead = TokenCodec((KEY_A,), Clock(time.time() + 3600)).issue_access(AUD, GRANTS, 60)
+    behind = TokenCodec((KEY_A,), Clock(time.time() - 3600)).issue_access(AUD, GRANTS, 60)
+    assert real.read_access(ahead, AUD).issued_at > time.time()
+    assert reason(behind, real) == "expired"
 
 
 def test_read_cache_is_per_audience() -> None:

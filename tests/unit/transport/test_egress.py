@@ -1,4 +1,4 @@
-"""Forward proxies for the proxy's own connections (egress.py)."""
+"""Forward proxies for the proxy's own connections (transport/egress.py)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Pooled upstream connections (connpool.py) against real local TLS servers and a CONNECT stub."""
+"""Pooled upstream connections (transport/pool.py) against real local TLS servers and a CONNECT stub."""
 
 from __future__ import annotations
 

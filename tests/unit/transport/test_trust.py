@@ -1,4 +1,4 @@
-"""Which CAs upstream connections trust (trust.py), with handshakes against a real local TLS server."""
+"""Which CAs upstream connections trust (transport/trust.py), with handshakes against a real local TLS server."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Upstream registry knowledge: realms, token answers and the client (upstream.py)."""
+"""Upstream registry knowledge: realms, token answers and the client (upstream/client.py, upstream/auth.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Coroutine
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -29,7 +29,8 @@ from regproxy.upstream.auth import (
 )
 from regproxy.upstream.client import MAX_TOKEN_RESPONSE, RegistryClient
 from rig import badcerts
-from rig.procs import ServerThread
+from rig.httpserver import HandlerServer
+from rig.keys import CAP
 
 HTTPS_UP = Upstream("https", "registry.example.com", 443)
 HTTP_UP = Upstream("http", "127.0.0.1", 5000)
@@ -751,7 +752,7 @@ def test_one_client_per_trust(pki: badcerts.Pki) -> None:
 
 
 def test_capability_mappings_are_logged_by_label(pki: badcerts.Pki, caplog: pytest.LogCaptureFixture) -> None:
-    key = "0ebb01be-0a22-4639-898c-bc8c2d20942d/app"
+    key = f"{CAP}/app"
     with badcerts.TlsHttpServer(pki.good()) as server:
         up = Upstream("https", "localhost", server.port)
         m = Mapping(key, tuple(key.split("/")), False, up, "org/app", capability=True)  # default trust
@@ -786,7 +787,7 @@ class _ForwardProxy:
             def do_CONNECT(self) -> None:
                 self._answer(403)
 
-        self._server = ServerThread(ThreadingHTTPServer(("127.0.0.1", 0), Handler), "forward-proxy")
+        self._server = HandlerServer("forward-proxy", Handler).start()
 
     @property
     def spec(self) -> ProxySpec:

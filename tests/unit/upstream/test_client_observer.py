@@ -1,4 +1,4 @@
-"""RegistryClient.on_token_fetch: told once per upstream token request, never for a cached token (upstream.py)."""
+"""RegistryClient.on_token_fetch: told once per upstream token request, never for a cached token (upstream/client.py)."""
 
 from __future__ import annotations
 
