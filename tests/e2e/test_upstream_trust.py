@@ -4,7 +4,7 @@ test CA (right, for another host, expired), the proxy under a real mitmdump, rea
 Two sides of the proxy connect to an upstream, and both are tested:
 - the token client (httpx): `/token` asks the upstream's `/v2/` (and its realm) first, so a mapping
   whose upstream cannot be verified answers `/token` 502;
-- mitmproxy's own connection (upstream_tls.py): a mapping with a static `Bearer` credential needs no
+- mitmproxy's own connection (steps/upstream_tls.py): a mapping with a static `Bearer` credential needs no
   upstream token, so `/token` answers without contacting the upstream and the manifest request is
   the first connection to it.
 Each failure must answer a registry JSON 502 in bounded time, with one log line naming the mapping

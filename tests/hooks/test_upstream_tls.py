@@ -1,4 +1,4 @@
-"""mitmproxy's TLS to mapped upstreams (upstream_tls.py): which connection it builds, in-memory handshakes
+"""mitmproxy's TLS to mapped upstreams (steps/upstream_tls.py): which connection it builds, in-memory handshakes
 against servers with good and bad certificates, and what it logs."""
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """A network namespace joined to this one by a veth pair: test hosts under real, non-loopback addresses.
 
-The proxy never sends loopback traffic through a forward proxy (egress.py), so egress tests need
+The proxy never sends loopback traffic through a forward proxy (transport/egress.py), so egress tests need
 upstreams under another address, one that still never leaves the machine:
 
     this (host) namespace                       namespace NAME (made here, removed by close())

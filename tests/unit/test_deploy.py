@@ -396,7 +396,7 @@ def test_env_names_and_paths_agree_with_the_code(instructions: list[Instruction]
     env = dockerfile_env(instructions)
     src = (SOURCE / "config" / "load.py").read_text() + (SOURCE / "steps" / "config_loader.py").read_text()
     for name in ("REGISTRYPROXY_CONFIG", "REGISTRYPROXY_SECRETKEY", "REGISTRYPROXY_SECRETKEY_FILE"):
-        assert f'"{name}"' in src, f"{name} is not read by config.py or configuration.py"
+        assert f'"{name}"' in src, f"{name} is not read by config/load.py or steps/config_loader.py"
     assert PurePosixPath(env["REGISTRYPROXY_CONFIG"]) == image_path(instructions, "config.yaml")
     # mitmproxy writes its CA under confdir: under HOME/tmp, the path the Deployment makes writable.
     assert set_options(dockerfile_cmd(instructions))["confdir"].startswith("/tmp/")

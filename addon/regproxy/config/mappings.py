@@ -4,7 +4,7 @@
 A key is a repository (`bp/true`), a namespace (`bp/`) or the root `*` (ROOT_KEY: every name no
 other key matches); a key with a segment that looks like a capability (a UUID or 128 random bits) is
 a capability mapping unless `capability:` says otherwise. `mirror_of` lists the registry hosts a
-namespace mapping serves for containerd's `?ns=HOST` (see mapping.py).
+namespace mapping serves for containerd's `?ns=HOST` (see mapping/matcher.py).
 """
 
 from __future__ import annotations

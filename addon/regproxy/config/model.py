@@ -63,13 +63,13 @@ class Mapping:
     auth: str | None = field(default=None, repr=False)
     hosts: tuple[str, ...] = ()
     capability: bool = False
-    # How the upstream (and its token realm) is verified: ca_file, tls_verify (see trust.py).
+    # How the upstream (and its token realm) is verified: ca_file, tls_verify (see transport/trust.py).
     trust: Trust = field(default_factory=Trust)
     # Registry hosts (normalised by `mirror_host`) whose `?ns=HOST` requests this mapping serves.
     mirror_of: tuple[str, ...] = ()
     # Token realm origins (`scheme://host:port`) the operator allows beyond upstream_auth.realm_allowed's policy.
     token_realms: tuple[str, ...] = ()
-    # This mapping's own `limits:` (limits.py): the keys it names replace the top-level ones.
+    # This mapping's own `limits:` (limits/settings.py): the keys it names replace the top-level ones.
     limits: Rules | None = None
 
     @property
@@ -129,7 +129,7 @@ class Config:
     egress: Egress = field(default_factory=Egress)
     # The store every mapping's trust starts from (None: not resolved, e.g. a Config built by hand).
     trust_store: DefaultStore | None = None
-    # `limits:`, `redis_url` and `trusted_proxies` (limits.py).
+    # `limits:`, `redis_url` and `trusted_proxies` (limits/settings.py).
     limits: LimitSettings = field(default_factory=LimitSettings)
 
     @property

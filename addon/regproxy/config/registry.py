@@ -3,7 +3,7 @@ trust its TLS is verified with.
 
 `parse_registry` reads `registry` (Docker Hub's aliases become its API host), `upstream_auth` the
 credentials (`auth`, or `username` with `password`/`password_env`), `trust_choice` the mapping's
-`ca_file`/`tls_verify` over the top-level default (trust.py); mappings of one https upstream must
+`ca_file`/`tls_verify` over the top-level default (transport/trust.py); mappings of one https upstream must
 trust it alike (`check_shared_upstreams`). `mirror_host` and `realm_origin` normalise the hosts of
 `mirror_of` and the origins of `token_realms`, and are used again at run time to compare with them.
 """

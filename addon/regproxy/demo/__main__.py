@@ -12,8 +12,8 @@ key gets `NAME_UNKNOWN`.
 This module is the story: its steps, the pulls and what it reports. Everything it starts runs in
 its own process group and is stopped by process group id; all its files live in one temporary
 directory, removed at the end; SIGINT, SIGTERM and SIGHUP at any point stop everything it started and
-remove that directory (demo_session.py). The image and the upstream registry are demo_registry.py's,
-starting the proxy is demo_proxy.py's.
+remove that directory (demo/session.py). The image and the upstream registry are demo/registry.py's,
+starting the proxy is demo/proxy.py's.
 """
 
 from __future__ import annotations

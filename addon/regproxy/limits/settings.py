@@ -17,8 +17,8 @@ proxies:
     limits: {manifest_gets: 20/1h, client_bytes: unlimited}   # only the keys named are overridden
 ```
 
-Absent means unlimited. Windows are fixed, aligned on the Unix epoch (see buckets.py). Errors
-are `LimitsError` with one line naming the key; config.py turns them into its `ConfigError`.
+Absent means unlimited. Windows are fixed, aligned on the Unix epoch (see limits/buckets.py). Errors
+are `LimitsError` with one line naming the key; config/load.py turns them into its `ConfigError`.
 Nothing here imports mitmproxy.
 """
 

@@ -113,7 +113,7 @@ CALLS: dict[str, tuple[str, str]] = {
     "mitmproxy.proxy.layers.http:HttpLayer.get_connection": ("tls", "ServerTLSLayer"),
 }
 
-# Values the seam relies on: the logger mitmproxy's per-connection lines come from (see connections.py).
+# Values the seam relies on: the logger mitmproxy's per-connection lines come from (see mitm/connections.py).
 VALUES: dict[str, object] = {
     "mitmproxy.proxy.server:logger.name": "mitmproxy.proxy.server",
 }

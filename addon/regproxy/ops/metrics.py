@@ -13,7 +13,7 @@ empties the directory before starting the workers (`reset_multiprocess_dir`) and
 exits, calls `mark_process_dead(pid)` so that the worker's live gauges leave the totals; its
 counters and histograms stay counted, as Prometheus expects of counters.
 
-Serving the exposition is ops.py's concern (`/metrics` on the operations listener). Nothing here
+Serving the exposition is ops/listener.py's concern (`/metrics` on the operations listener). Nothing here
 imports mitmproxy.
 """
 

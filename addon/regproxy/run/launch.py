@@ -1,7 +1,7 @@
 """How a proxy process is started: the mitmproxy arguments that make it registryproxy, and a port for it.
 
-`./run.sh` (cli.py), its worker supervisor (workers.py) and the demo all start mitmdump, mitmweb or
-the lean master (serve.py) with the same arguments; they take them from here, so none of them needs
+`./run.sh` (run/cli.py), its worker supervisor (run/workers.py) and the demo all start mitmdump, mitmweb or
+the lean master (run/serve.py) with the same arguments; they take them from here, so none of them needs
 another's module to start a proxy. `new_capability` is the key of a capability mapping to give a new
 proxy (`./run.sh capability`, the demo).
 """

@@ -38,7 +38,7 @@ EXPIRE_EVERY = 10.0
 
 
 def origins(config: Config) -> dict[tuple[str, str, int], Origin]:
-    """(scheme, host, port) -> the Origin of every mapped upstream (config.py makes one trust per origin)."""
+    """(scheme, host, port) -> the Origin of every mapped upstream (config/mappings.py makes one trust per origin)."""
     found: dict[tuple[str, str, int], Origin] = {}
     for m in config.mappings:
         up = m.upstream

@@ -59,7 +59,7 @@ class Target:
 def targets(config: Config) -> dict[tuple[str, int], Target]:
     """(host, port) -> Target for every https upstream of the configuration.
 
-    config.py refuses mappings of one upstream that trust it differently, so the first mapping's
+    config/mappings.py refuses mappings of one upstream that trust it differently, so the first mapping's
     trust is every mapping's.
     """
     found: dict[tuple[str, int], Target] = {}

@@ -10,7 +10,7 @@ Go's clients: a forward proxy's own loopback is never what was meant.
 and its subdomains (a leading `.` or `*.` is ignored); `host:port` (that port only); IP addresses;
 CIDR ranges (`10.0.0.0/8`, `fd00::/8`).
 
-`proxy_for(url)` is the one decision both the token client (`upstream.py`, httpx) and mitmproxy's
+`proxy_for(url)` is the one decision both the token client (`upstream/client.py`, httpx) and mitmproxy's
 own upstream connections use. No mitmproxy import.
 """
 

@@ -1,8 +1,8 @@
 """Which certificate authorities the proxy trusts on its connections to upstreams.
 
 Every connection the proxy makes on a mapping's behalf is verified the same way: mitmproxy's
-connection to the registry (`upstream_tls.py`) and the token client's connections to the registry
-and its token realm (`upstream.py`). A mapping's `Trust` says how:
+connection to the registry (`steps/upstream_tls.py`) and the token client's connections to the registry
+and its token realm (`upstream/client.py`). A mapping's `Trust` says how:
 
 - the **default store**, plus the certificates of the mapping's `ca_file` (or the top-level one)
   in addition to it; or
@@ -25,7 +25,7 @@ stricter `create_default_context` flags (`VERIFY_X509_STRICT`, `VERIFY_X509_PART
 not used for the token client, so that the same certificate is never accepted by one side of the
 proxy and refused by the other.
 
-No mitmproxy import: `upstream_tls.py` turns a `Trust` into mitmproxy's TLS settings.
+No mitmproxy import: `steps/upstream_tls.py` turns a `Trust` into mitmproxy's TLS settings.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Pure: no I/O. `method_from` reads how an upstream authenticates from its challenge; `realm_allowed`
 is the realm policy (a mapping's credentials never follow a challenge to just any place);
 `parse_token_response` reads a token service's answer, believing its lifetime only as far as is
-safe. upstream.py's `RegistryClient` does the asking.
+safe. upstream/client.py's `RegistryClient` does the asking.
 """
 
 from __future__ import annotations

@@ -6,13 +6,13 @@ start-up), and refreshed from any later 401 it answers. Upstream tokens are fetc
 from the upstream's realm with the mapping's credentials, but only from a realm the
 configuration allows: credentials never follow a challenge to another place.
 
-Every connection is verified with the mapping's trust (`trust.py`: the system store plus its
+Every connection is verified with the mapping's trust (`transport/trust.py`: the system store plus its
 `ca_file`, or nothing with `tls_verify: false`), to the registry and to its realm alike, and goes
-through the forward proxy `egress.py` chooses for its URL. httpx reads nothing from the
+through the forward proxy `transport/egress.py` chooses for its URL. httpx reads nothing from the
 environment itself (`trust_env=False`): both decisions are made explicitly, per request.
 
 What the answers mean (the challenge's method, the realm policy, a token answer) is decided by the
-pure functions of upstream_auth.py.
+pure functions of upstream/auth.py.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """./run.sh's commands (run/cli.py): key and capability generation, and the mitmproxy arguments a proxy is
-started with (launch.py)."""
+started with (run/launch.py)."""
 
 from __future__ import annotations
 

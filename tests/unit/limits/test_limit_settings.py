@@ -120,7 +120,7 @@ def test_on_store_failure_is_top_level_only() -> None:
         parse_limits({"on_store_failure": "open"}, "proxies.bp/.limits")
 
 
-# --- forwarded.py -----------------------------------------------------------------------------
+# --- limits/forwarded.py -----------------------------------------------------------------------------
 
 TRUSTED = (ipaddress.ip_network("127.0.0.1/32"), ipaddress.ip_network("10.0.0.0/8"))
 

@@ -50,7 +50,7 @@ def with_ca(pki: badcerts.Pki) -> Trust:
 
 
 def handshake(t: Trust, port: int, name: str = "localhost") -> str | None:
-    """None when the handshake with trust `t` succeeds, else the failure reason trust.py gives."""
+    """None when the handshake with trust `t` succeeds, else the failure reason transport/trust.py gives."""
     ctx = trust.ssl_context(t)
     try:
         with (
