@@ -23,15 +23,12 @@ from regproxy.steps.routing import Router
 from regproxy.tokens.paseto import Grant
 from rig.keys import CAP
 
-CONFIG = config_text(
-    BACKPLANE,
-    nginx(
-        "http://127.0.0.1:5002",
-        limits={"client_requests": "unlimited", "manifest_gets": "1/1h", "count_heads": True},
-    ),
-    trusted_proxies=["127.0.0.1"],
-    limits={"client_requests": "3/1h", "manifest_gets": "2/1h", "client_transfers": 1, "client_bytes": "100/1h"},
+LIMITED_NGINX = nginx(
+    "http://127.0.0.1:5002",
+    limits={"client_requests": "unlimited", "manifest_gets": "1/1h", "count_heads": True},
 )
+LIMITS = {"client_requests": "3/1h", "manifest_gets": "2/1h", "client_transfers": 1, "client_bytes": "100/1h"}
+CONFIG = config_text(BACKPLANE, LIMITED_NGINX, trusted_proxies=["127.0.0.1"], limits=LIMITS)
 BASE = "http://reg.test"
 DIGEST = "sha256:" + "a" * 64
 
@@ -247,7 +244,10 @@ def test_the_store_is_opened_by_the_first_limited_request_and_kept(config: Confi
 @pytest.fixture
 def closed(make_config: MakeConfig, metrics: Metrics) -> Iterator[tuple[Configuration, Limits]]:
     """The configuration with `on_store_failure: closed`, and its `Limits`."""
-    config = make_config(CONFIG.replace("limits:\n", "limits:\n  on_store_failure: closed\n"), metrics)
+    closed_limits = {"on_store_failure": "closed", **LIMITS}
+    config = make_config(
+        config_text(BACKPLANE, LIMITED_NGINX, trusted_proxies=["127.0.0.1"], limits=closed_limits), metrics
+    )
     addon = Limits(config, metrics)
     with taddons.context(addon):
         yield config, addon
