@@ -5,7 +5,7 @@
   `proxy_buffer_size 256k`), one worker process, keep-alive to the upstream;
 - mitmdump: stock mitmdump in reverse mode to the registry, no addon;
 - rp-s: registryproxy under stock `mitmdump -s addon/registryproxy.py` (rig.proxy.start_proxy);
-- rp-run: registryproxy as `./run.sh` starts it (`python -m regproxy.cli run --`, whatever that execs);
+- rp-run: registryproxy as `./run.sh` starts it (`python -m regproxy.run.cli run --`, whatever that execs);
 - rp-workers2: `./run.sh --workers 2` (HAProxy in front of two workers), once that option exists.
 """
 
@@ -36,7 +36,7 @@ DESCRIPTIONS = {
     "nginx-256k": "the same with proxy_buffer_size 256k (proxy_buffers 4 256k)",
     "mitmdump": "stock mitmdump --mode reverse, no addon",
     "rp-s": "registryproxy under stock mitmdump -s addon/registryproxy.py",
-    "rp-run": "registryproxy as ./run.sh starts it (python -m regproxy.cli run)",
+    "rp-run": "registryproxy as ./run.sh starts it (python -m regproxy.run.cli run)",
     "rp-workers2": "./run.sh --workers 2 (HAProxy + 2 workers)",
 }
 REGISTRYPROXY = ("rp-s", "rp-run", "rp-workers2")
@@ -311,7 +311,7 @@ def start_rp_run(
     extra: Sequence[str] = (),
     name: str = "rp-run",
 ) -> Target:
-    """`python -m regproxy.cli run -- EXTRA…` with REGISTRYPROXY_CONFIG, as ./run.sh runs it (`./run.sh EXTRA…`)."""
+    """`python -m regproxy.run.cli run -- EXTRA…` with REGISTRYPROXY_CONFIG, as ./run.sh runs it (`./run.sh EXTRA…`)."""
     port = free_port()
     path = _config_file(config, workdir, port)
     env = clean_env({"REGISTRYPROXY_CONFIG": str(path), "PYTHONPATH": str(REPO / "addon")})
