@@ -141,6 +141,18 @@ class MakeConfig(Protocol):
 
 
 @pytest.fixture
+def metrics() -> Metrics:
+    """Fresh metrics, shared by the test's configuration and the step under test."""
+    return new_metrics()
+
+
+@pytest.fixture
+def config(request: pytest.FixtureRequest, make_config: MakeConfig, metrics: Metrics) -> Configuration:
+    """The configuration of the test's module (its `CONFIG`, else the common one), loaded with `metrics`."""
+    return make_config(getattr(request.module, "CONFIG", CONFIG), metrics)
+
+
+@pytest.fixture
 def make_config(tmp_path: Path) -> MakeConfig:
     """`make_config(config_text, metrics)`: a `Configuration` loaded from that text in a context of
     its own, to hand to the addon under test."""

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hooks.conftest import BACKPLANE, MakeConfig, config_text, new_metrics, nginx, request_flow, sample, with_state
+from hooks.conftest import BACKPLANE, config_text, nginx, request_flow, sample, with_state
 from mitmproxy import exceptions, http
 from mitmproxy.test import taddons, tflow
 from regproxy.flow.state import FlowState
@@ -31,16 +31,6 @@ def _restore_logger_levels() -> Iterator[None]:
     yield
     for name, level in levels.items():
         logging.getLogger(name).setLevel(level)
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
-
-
-@pytest.fixture
-def config(make_config: MakeConfig, metrics: Metrics) -> Configuration:
-    return make_config(CONFIG, metrics)
 
 
 @pytest.fixture

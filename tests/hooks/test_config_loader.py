@@ -25,11 +25,6 @@ TWO_MAPPINGS = config_text(BACKPLANE, {"other/": {"registry": "http://127.0.0.1:
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
-
-
-@pytest.fixture
 def config(metrics: Metrics) -> Configuration:
     return Configuration(metrics)
 

@@ -34,16 +34,6 @@ DIGEST = "sha256:" + "a" * 64
 
 
 @pytest.fixture
-def config(make_config: MakeConfig, metrics: Metrics) -> Configuration:
-    return make_config(CONFIG, metrics)
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
-
-
-@pytest.fixture
 def limits(config: Configuration, metrics: Metrics) -> Iterator[Limits]:
     addon = Limits(config, metrics)
     with taddons.context(addon):

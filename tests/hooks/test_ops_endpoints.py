@@ -17,11 +17,6 @@ from regproxy.steps.ops_endpoints import Operations
 
 
 @pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
-
-
-@pytest.fixture
 def tctx(metrics: Metrics) -> Iterator[Any]:
     """A context holding the Operations of a proxy without a valid configuration (yet)."""
     with taddons.context(Operations(metrics, Configuration(metrics).ready)) as tctx:

@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from hooks.conftest import BACKPLANE, MakeConfig, config_text, new_metrics, nginx, request_flow, sample, with_state
+from hooks.conftest import BACKPLANE, config_text, nginx, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow.state import FlowState
@@ -21,16 +21,6 @@ from rig.keys import CAP
 CONFIG = config_text(BACKPLANE, nginx())
 BASE = "http://reg.test"
 DIGEST = "sha256:" + "c" * 64
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
-
-
-@pytest.fixture
-def config(make_config: MakeConfig, metrics: Metrics) -> Configuration:
-    return make_config(CONFIG, metrics)
 
 
 @pytest.fixture

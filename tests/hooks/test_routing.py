@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 
 import pytest
-from hooks.conftest import BACKPLANE, ROBOT, MakeConfig, config_text, nginx, request_flow, with_state
+from hooks.conftest import BACKPLANE, ROBOT, config_text, nginx, request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow.state import FlowState
@@ -22,11 +22,6 @@ CONFIG = config_text(
 )
 BASE = "http://reg.test"
 DIGEST = "sha256:" + "a" * 64
-
-
-@pytest.fixture
-def config(make_config: MakeConfig) -> Configuration:
-    return make_config(CONFIG)
 
 
 @pytest.fixture

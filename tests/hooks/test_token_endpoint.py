@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from hooks.conftest import MakeConfig, config_text, new_metrics, request_flow, sample, with_state
+from hooks.conftest import config_text, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.config import Mapping
@@ -25,16 +25,6 @@ from regproxy.upstream.auth import UpstreamError, UpstreamToken
 CONFIG = config_text()
 BASE = "http://reg.test"
 FORM = "application/x-www-form-urlencoded"
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
-
-
-@pytest.fixture
-def config(make_config: MakeConfig, metrics: Metrics) -> Configuration:
-    return make_config(CONFIG, metrics)
 
 
 @pytest.fixture

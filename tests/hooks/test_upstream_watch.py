@@ -7,7 +7,7 @@ import dataclasses
 from collections.abc import Iterator
 
 import pytest
-from hooks.conftest import MakeConfig, config_text, new_metrics, request_flow, sample, with_state
+from hooks.conftest import MakeConfig, config_text, request_flow, sample, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.flow.state import FlowState
@@ -20,11 +20,6 @@ from regproxy.steps.upstream_watch import UpstreamWatch
 CONFIG = config_text()
 TIMEOUT = 0.05  # the configuration allows 1 s at least; the watch reads whatever the state says
 DIGEST = "sha256:" + "d" * 64
-
-
-@pytest.fixture
-def metrics() -> Metrics:
-    return new_metrics()
 
 
 def set_timeout(config: Configuration, seconds: float) -> None:

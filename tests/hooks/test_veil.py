@@ -7,7 +7,7 @@ import json
 import logging
 
 import pytest
-from hooks.conftest import BACKPLANE, MakeConfig, config_text, nginx, request_flow, with_state
+from hooks.conftest import BACKPLANE, config_text, nginx, request_flow, with_state
 from mitmproxy import http
 from mitmproxy.test import taddons
 from regproxy.debug.redact import Redactor
@@ -28,11 +28,6 @@ from rig.keys import CAP
 CONFIG = config_text(BACKPLANE, nginx())
 SIGNED = "https://cdn.example.net/blob?X-Amz-Signature=SECRET"
 PASETO = "v4.local.c2VjcmV0LXRva2VuLWJ5dGVz"
-
-
-@pytest.fixture
-def config(make_config: MakeConfig) -> Configuration:
-    return make_config(CONFIG)
 
 
 @pytest.fixture
