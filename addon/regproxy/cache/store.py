@@ -52,9 +52,10 @@ class Store(Protocol):
     def local_path(self, key: str) -> Path | None:
         """The object's file, for a store in a directory (served with sendfile); None for S3."""
 
-    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """The bytes [start, end) of an object (end None: to its end), streamed in chunks. Raises
-        StoreError if the object is absent or the read fails."""
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes [start, end) of an object (end None: to its end), streamed in chunks: an async generator
+        (`async for chunk in store.read(key)`), like `entries`. Raises StoreError (when iterated) if the
+        object is absent or the read fails."""
 
     async def presign(self, key: str, expires: int) -> str | None:
         """A presigned GET URL valid `expires` seconds (S3 only; None for a directory)."""
