@@ -18,6 +18,16 @@ class StoreError(Exception):
     """The store failed (I/O, S3). The message is safe to log: no credentials, no signed URL."""
 
 
+def check_key(key: str) -> None:
+    """A key is a relative path of non-empty segments, none `.`-led (so not `..`, nor the directory store's
+    `.tmp` and `.spool`), without backslashes or NULs. Raises StoreError."""
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\0" in key:
+        raise StoreError("store: not a valid key")
+    for segment in key.split("/"):
+        if not segment or segment.startswith("."):
+            raise StoreError("store: not a valid key")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One object found by `Store.entries`: its key, size in bytes and last use (or write), epoch seconds."""

@@ -25,21 +25,12 @@ import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from .store import Entry, StoreError
+from .store import Entry, StoreError, check_key
 
 CHUNK = 256 * 1024
 TMP = ".tmp"
 SPOOL = ".spool"
 STALE_TMP = 3600.0  # s: a temporary file older than this at start is a leftover of a crash
-
-
-def check_key(key: str) -> None:
-    """A key is a relative path of non-empty segments, none `.`-led (so not `..`, `.tmp`, `.spool`)."""
-    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\0" in key:
-        raise StoreError("store: not a valid key")
-    for segment in key.split("/"):
-        if not segment or segment.startswith("."):
-            raise StoreError("store: not a valid key")
 
 
 class FsStore:
