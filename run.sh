@@ -8,7 +8,8 @@
 #   ./run.sh keygen               print a new secret key
 #   ./run.sh capability           print a new capability prefix and the config lines to use it
 #   ./run.sh demo [--web]         offline demo: a local registry, the proxy, pulls through both mappings
-#   ./run.sh bench [--quick|--wan] the benchmark (see README, "Performance"; --wan: the WAN section only)
+#   ./run.sh bench [--quick|--wan|--cache|--limits]
+#                                 the benchmark (see README, "Performance"; --wan, --cache, --limits: one section)
 #   ./run.sh screenshot [--out F] refresh the mitmweb screenshot in the README (headless Chromium)
 set -euo pipefail
 

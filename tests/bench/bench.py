@@ -16,7 +16,9 @@ checking a token; 4. `skopeo copy` of a 5-layer image from a token-auth upstream
 blobs, with the blob bytes the proxy carried; 5. upstream token requests and manifest GETs per 100 pulls;
 W. (wanbench.py) pulls of an 8 x 4 MiB image from distant HTTPS upstreams (delay relays, 20 and 100 ms round
 trip) with skopeo, containerd and docker: directly, through the proxy with its upstream pool off and on.
-`--wan` runs only that section (its results replace the "wan" part of an existing bench.json).
+`--wan` runs only that section (its results replace the "wan" part of an existing bench.json). `--cache` runs only
+the pull-through cache section (cachebench.py: direct, proxy, proxy with cache, distribution's pull-through
+cache and a loopback registry side by side; results in cache.json and cache.md), `--limits` only limits_bench.py.
 
 Prints the tables (median, min/max, ratio to direct and to stock mitmdump) and writes
 tests/bench/results/bench.json and bench.png. `--lead1` instead runs the experiment on issue 6's lead (1):
@@ -557,6 +559,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wan-kinds", default=None, metavar="K,K", help="WAN upstreams among " + ", ".join(wanbench.KINDS))
     p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where bench.json and bench.png go")
     p.add_argument("--limits", action="store_true", help="run only the cost of the limits (limits_bench.py)")
+    p.add_argument(
+        "--cache",
+        action="store_true",
+        help="run only the pull-through cache section (cachebench.py; its own options: --cache --help)",
+    )
+    args_list = sys.argv[1:] if argv is None else argv
+    if "--cache" in args_list:
+        from bench import cachebench
+
+        return cachebench.main([a for a in args_list if a != "--cache"])
     args = p.parse_args(argv)
     if args.limits:
         from bench import limits_bench

@@ -7,11 +7,12 @@ import json
 import random
 import re
 import shutil
+import ssl
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,13 +40,22 @@ def blob_chunks(size: int) -> Iterator[bytes]:
         yield i.to_bytes(8, "big") + base[8:]
 
 
-def push_blob(registry_url: str, name: str, size: int) -> str:
-    """Monolithic upload (POST, then one streamed PUT ?digest=) of blob_chunks(size); returns its digest."""
+def push_blob(
+    registry_url: str,
+    name: str,
+    size: int,
+    *,
+    headers: Mapping[str, str] | None = None,
+    verify: ssl.SSLContext | bool = True,
+) -> str:
+    """Monolithic upload (POST, then one streamed PUT ?digest=) of blob_chunks(size); returns its digest.
+
+    `headers` (e.g. Authorization) go with both requests; `verify` as httpx takes it (an https registry)."""
     h = hashlib.sha256()
     for chunk in blob_chunks(size):
         h.update(chunk)
     digest = f"sha256:{h.hexdigest()}"
-    with httpx.Client(timeout=600, trust_env=False) as c:
+    with httpx.Client(timeout=600, trust_env=False, headers=dict(headers or {}), verify=verify) as c:
         start = c.post(f"{registry_url}/v2/{name}/blobs/uploads/")
         if start.status_code != 202:
             raise RigError(f"blob upload start: {start.status_code} {start.text}")
@@ -73,12 +83,24 @@ class Transfer:
         return self.bytes / self.seconds / 1e6 if self.seconds > 0 else 0.0
 
 
-def fetch_discard(url: str, token: str | None, timeout: float = 600.0) -> Transfer:
-    """GET `url` and throw the body away: with curl when installed (cheaper), else httpx."""
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
+def fetch_discard(
+    url: str,
+    token: str | None,
+    timeout: float = 600.0,
+    *,
+    headers: Mapping[str, str] | None = None,
+    cacert: Path | None = None,
+) -> Transfer:
+    """GET `url` and throw the body away: with curl when installed (cheaper), else httpx.
+
+    `token`: a bearer token; `headers`: more request headers (or another Authorization); `cacert`: the CA
+    that signed an https `url`'s certificate."""
+    headers = {**({"Authorization": f"Bearer {token}"} if token else {}), **(headers or {})}
     curl = shutil.which("curl")
     if curl is not None:
         argv = [curl, "-sS", "-o", "/dev/null", "--max-time", str(int(timeout))]
+        if cacert is not None:
+            argv += ["--cacert", str(cacert)]
         for k, v in headers.items():
             argv += ["-H", f"{k}: {v}"]
         argv += ["-w", "%{http_code} %{size_download} %{time_total} %{time_starttransfer}", url]
@@ -90,7 +112,8 @@ def fetch_discard(url: str, token: str | None, timeout: float = 600.0) -> Transf
     t0 = time.perf_counter()
     n = 0
     ttfb = 0.0
-    with httpx.stream("GET", url, headers=headers, timeout=timeout, trust_env=False) as resp:
+    verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(cacert)) if cacert is not None else True
+    with httpx.stream("GET", url, headers=headers, timeout=timeout, trust_env=False, verify=verify) as resp:
         for part in resp.iter_raw(4 * MIB):
             if not n:
                 ttfb = time.perf_counter() - t0

@@ -14,11 +14,12 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import httpx
 import yaml
@@ -74,6 +75,73 @@ def _hwm_kb(pid: int) -> int:
     except OSError:
         pass
     return 0
+
+
+def _rss_kb(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def group_rss_kb(pgid: int) -> int:
+    """The resident set of process group `pgid` now (VmRSS summed over its live processes)."""
+    total = 0
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            st = _read_stat(int(entry.name))
+            if st is not None and st[1] == pgid:
+                total += _rss_kb(int(entry.name))
+    return total
+
+
+class RssWatch:
+    """Samples a process group's resident set every `interval` s in a thread while in the `with` block:
+    `before_mb` (at entry), `max_mb` (the largest sample) and `growth_mb` (max - before): whether memory
+    stays flat while something streams through."""
+
+    def __init__(self, pgid: int | None, interval: float = 0.02) -> None:
+        self.pgid = pgid
+        self.interval = interval
+        self.before_kb = 0
+        self.max_kb = 0
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> Self:
+        if self.pgid is not None:
+            self.before_kb = self.max_kb = group_rss_kb(self.pgid)
+            self._thread = threading.Thread(target=self._run, name="rss-watch", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        assert self.pgid is not None
+        while not self._stop.wait(self.interval):
+            self.max_kb = max(self.max_kb, group_rss_kb(self.pgid))
+            self.samples += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(5)
+            self.max_kb = max(self.max_kb, group_rss_kb(self.pgid)) if self.pgid is not None else 0
+
+    @property
+    def before_mb(self) -> float:
+        return self.before_kb / 1024
+
+    @property
+    def max_mb(self) -> float:
+        return self.max_kb / 1024
+
+    @property
+    def growth_mb(self) -> float:
+        return (self.max_kb - self.before_kb) / 1024
 
 
 def group_samples(pgid: int) -> dict[int, ProcSample]:

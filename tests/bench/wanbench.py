@@ -116,6 +116,7 @@ class WanRig:
     containerd: daemons.Containerd | None
     dockerd: daemons.Dockerd | None
     notes: list[str] = field(default_factory=list)
+    image: wan.WanImage | None = None  # to push it elsewhere (the cache section's loopback registry)
 
     def proxy_config(self) -> dict[str, Any]:
         """redir/ and basic/ -> the upstreams' platform/, with the operator's credentials; the test CA as ca_file."""
@@ -132,8 +133,10 @@ class WanRig:
 
 
 @contextlib.contextmanager
-def started_rig(s: WanSettings) -> Iterator[WanRig]:
-    workdir = Path(tempfile.mkdtemp(prefix="registryproxy-wan-"))
+def started_rig(kinds: Sequence[str], clients: Sequence[str], prefix: str = "registryproxy-wan-") -> Iterator[WanRig]:
+    """The HTTPS upstreams of `kinds` (delay relays at 0 ms) holding the WAN image, with containerd and
+    dockerd when `clients` need them (docker skipped, with a note, when dockerd cannot start)."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
     ups: dict[str, HttpsUpstream] = {}
     containerd: daemons.Containerd | None = None
     dockerd: daemons.Dockerd | None = None
@@ -141,16 +144,16 @@ def started_rig(s: WanSettings) -> Iterator[WanRig]:
     try:
         t0 = time.perf_counter()
         ca = tls.make_ca(workdir / "ca")
-        for kind in s.kinds:
+        for kind in kinds:
             ups[kind] = start_https_upstream(kind, workdir / kind, delay=0.0, ca=ca)
         image = wan.WanImage(workdir / "layout")
         for u in ups.values():
             if image.ensure(u) != image.digest:
                 raise RigError(f"{u.kind}: the pushed WAN image has another digest")
             u.clear_logs()
-        if "ctr" in s.clients or "docker" in s.clients:
+        if "ctr" in clients or "docker" in clients:
             containerd = daemons.start_containerd(workdir / "containerd")
-        if "docker" in s.clients:
+        if "docker" in clients:
             assert containerd is not None
             if os.geteuid() != 0:
                 notes.append("docker: skipped (dockerd needs root)")
@@ -167,7 +170,7 @@ def started_rig(s: WanSettings) -> Iterator[WanRig]:
             + f"; image {wan.WAN_NAME}:{wan.WAN_TAG} {image.digest[:19]}… ({image.size / 1e6:.1f} MB)",
             flush=True,
         )
-        yield WanRig(workdir, ca, ups, image.digest, image.size, containerd, dockerd, notes)
+        yield WanRig(workdir, ca, ups, image.digest, image.size, containerd, dockerd, notes, image)
     finally:
         if dockerd is not None:
             dockerd.stop()
@@ -389,7 +392,7 @@ def run(s: WanSettings) -> dict[str, Any]:
     failures: list[str] = []
     notes: list[str] = []
     clients_run: list[str] = []
-    with started_rig(s) as rig:
+    with started_rig(s.kinds, s.clients) as rig:
         notes += rig.notes
         clients_run = [c for c in s.clients if c != "docker" or rig.dockerd is not None]
         if "ctr" in clients_run and rig.containerd is None:

@@ -132,6 +132,11 @@ class HttpsUpstream(Upstream):
         (token/blobs only for the kinds that have those servers)."""
         return {name: r.connections() for name, r in self._need_relays().items()}
 
+    def bytes_down(self) -> dict[str, int]:
+        """Bytes each relay carried from its server towards clients since it started (monotonic; the TLS
+        bytes on the wire, what crossed the "WAN")."""
+        return {name: r.bytes_down() for name, r in self._need_relays().items()}
+
     def reset_connections(self) -> dict[str, int]:
         """Reset every relay's counter; returns the counts before."""
         return {name: r.reset_connections() for name, r in self._need_relays().items()}

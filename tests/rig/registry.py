@@ -248,15 +248,18 @@ def launch_registry(
     config_path: Path,
     make_config: Callable[[int], dict[str, Any]],
     timeout: float = 20.0,
+    env_extra: Mapping[str, str] | None = None,
 ) -> tuple[Proc, int]:
     """Write `make_config(port)` to `config_path` for a free port and run `docker-registry serve` on
     it until it listens (its own "listening on" line, then the port); another port when someone took
-    that one first (the registry exits saying "address already in use"). Returns (proc, port)."""
+    that one first (the registry exits saying "address already in use"). Returns (proc, port).
+    `env_extra` adds to registry_env() (e.g. SSL_CERT_FILE: the CAs a pull-through registry trusts)."""
 
     def start(port: int) -> tuple[Proc, int]:
         config_path.write_text(yaml.safe_dump(make_config(port), sort_keys=False))
         proc = Proc(name)
-        proc.start([registry_binary(), "serve", str(config_path)], env=registry_env(), cwd=workdir)
+        env = {**registry_env(), **(env_extra or {})}
+        proc.start([registry_binary(), "serve", str(config_path)], env=env, cwd=workdir)
         try:
             proc.wait_for_output(rf"listening on {re.escape(LOOPBACK)}:{port}\b", timeout)
             proc.wait_for_port(LOOPBACK, port, timeout)

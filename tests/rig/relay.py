@@ -14,7 +14,8 @@ connection:
 - bounds its buffers: a direction that holds `buffer_limit` bytes in flight (or whose destination
   does not drain) stops reading its source until it has delivered half of them.
 
-The relay counts the connections it accepted (`connections()`, `reset_connections()`); `delay` may be
+The relay counts the connections it accepted (`connections()`, `reset_connections()`) and the bytes its
+targets sent back (`bytes_down()`, never reset: take differences); `delay` may be
 changed while it runs (`set_delay`): new chunks use the new value, never overtaking older ones.
 
 With `server_tls` the relay terminates TLS (it is then a TLS front for a plain server: use delay 0 and
@@ -78,6 +79,7 @@ class Relay:
         self.port: int = self._sock.getsockname()[1]
         self._count_lock = threading.Lock()
         self._accepted = 0
+        self._bytes_down = 0
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
@@ -115,6 +117,12 @@ class Relay:
             n, self._accepted = self._accepted, 0
             return n
 
+    def bytes_down(self) -> int:
+        """Bytes read from the target (towards clients) since the relay started; on the TLS side when the
+        target speaks TLS (wire bytes, records and all). Monotonic: callers subtract two readings."""
+        with self._count_lock:
+            return self._bytes_down
+
     def active(self) -> int:
         """Connections open right now (a snapshot)."""
         return len(self._conns)
@@ -122,6 +130,10 @@ class Relay:
     def _count(self) -> None:
         with self._count_lock:
             self._accepted += 1
+
+    def _count_down(self, n: int) -> None:
+        with self._count_lock:
+            self._bytes_down += n
 
     # -- life cycle ---------------------------------------------------------------------------
     def start(self, target: tuple[str, int] | None = None, timeout: float = 10.0) -> Relay:
@@ -329,6 +341,8 @@ class _Conn:
             self.abort()
 
     def received(self, side: _Side, data: bytes) -> None:
+        if not side.client:
+            self.relay._count_down(len(data))
         d = self._dir_from(side)
         now = self.loop.time()
         delay = self.relay.delay
