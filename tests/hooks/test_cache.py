@@ -223,3 +223,32 @@ def test_a_blob_get_goes_to_the_blob_server_without_the_upstream_credential(prox
 def test_a_mapping_without_cache_is_off(proxy: Chain, upstream: Upstream) -> None:
     f, st = pull(proxy, "/v2/nc/true/manifests/v1", key="nc/")
     assert st.cache == "off" and f.response is None and upstream.seen == []
+
+
+def test_a_reload_applies_sizes_and_times_and_a_new_store(
+    make_chain: Callable[[str], Chain], tmp_path: Path, upstream: Upstream
+) -> None:
+    chain = cached_chain(make_chain, tmp_path, upstream)
+    f, _ = pull(chain, "/v2/bp/true/manifests/v1")
+    answer(chain, f, MANIFEST)
+    cache = chain.find(Cache)
+    first = cache._service
+    assert first is not None and first.index.max_size == 10**9
+    path = Path(chain.state.path)
+    settings = {"store": str(tmp_path / "store"), "max_size": "2GB", "tag_ttl": "1h"}
+    path.write_text(config_text(BACKPLANE, OTHER, cache=settings))
+    assert chain.config.reload("test")
+    upstream.seen.clear()
+    _, st = pull(chain, "/v2/bp/true/manifests/v1")
+    assert cache._service is first and first.index.max_size == 2 * 10**9  # the same store, reconfigured
+    assert st.cache == "hit" and upstream.seen == []  # tag_ttl applies at once
+    # Another store: opened on the next request; what the old one held is not in it.
+    path.write_text(config_text(BACKPLANE, OTHER, cache={"store": str(tmp_path / "other")}))
+    assert chain.config.reload("test")
+    _, st2 = pull(chain, f"/v2/bp/true/manifests/{DIGEST}")
+    assert cache._service is not first and st2.cache == "fill"
+    # No cache: off.
+    path.write_text(config_text(BACKPLANE, OTHER))
+    assert chain.config.reload("test")
+    _, st3 = pull(chain, f"/v2/bp/true/manifests/{DIGEST}")
+    assert st3.cache == "off" and cache._service is None
