@@ -163,8 +163,15 @@ def _json_access_log() -> logging.Logger:
     return log
 
 
+QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3transfer", "urllib3", "aiohttp")
+
+
 def _connection_logs(on: bool) -> None:
     """One line per request is ours; mitmproxy's per-connection lines only when asked for."""
     level = logging.NOTSET if on else logging.WARNING
     for name in (CONNECTION_LOGGER, "httpx", "httpcore"):
         logging.getLogger(name).setLevel(level)
+    # The cache's S3 client and blob server, never: botocore's debug lines carry the request's signature and
+    # credential (a presigned URL's signature is a read credential), whatever mitmproxy's verbosity.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)
