@@ -353,7 +353,15 @@ def scrape_cache_metrics(base: str) -> dict[str, float]:
 
 
 def _hits_counted(samples: dict[str, float]) -> float:
-    return sum(v for k, v in samples.items() if "hit" in k.split("{")[0] and k.split("{")[0].endswith("_total"))
+    """Hits counted, whichever way the metrics name them: a counter with "hit" in its name, or a label
+    whose value is "hit" (bytes counters left out)."""
+    total = 0.0
+    for key, value in samples.items():
+        name, _, labels = key.partition("{")
+        values = {pair.partition("=")[2] for pair in labels.rstrip("}").split(",")}
+        if name.endswith("_total") and "bytes" not in name and ("hit" in name or "hit" in values):
+            total += value
+    return total
 
 
 # --- skopeo and ctr, without redirect ---------------------------------------------------------------
@@ -805,27 +813,33 @@ def flow_texts(path: Path) -> list[str]:
     return texts
 
 
-def _session(p: proxy.ProxyProc, image: Image, tmp: Path, label: str) -> tuple[dict[str, bytes], list[str]]:
-    """Fills, hits, redirects and refusals through `p`. Returns the bodies and Location headers it answered
+def _session(
+    p: proxy.ProxyProc, image: Image, tmp: Path, label: str, *, full: bool = True
+) -> tuple[dict[str, bytes], list[str]]:
+    """Fills, hits, redirects and refusals through `p` (`full`: every kind; else one pull and the blob
+    GETs, for a proxy that may be slow to fail). Returns the bodies and Location headers it answered
     (what -> bytes) and every presigned URL it handed out."""
     answered: dict[str, bytes] = {}
     presigned: list[str] = []
-    for name in ("tok/app", f"{CAP}/app"):
-        for n in range(2):
-            res = clients.skopeo_copy(f"{p.host}/{name}:v1", tmp / f"{label}-{name.replace('/', '_')}-{n}", tag="v1")
-            if label == "good":
+    names = ("tok/app", f"{CAP}/app") if full else ("tok/app",)
+    for name in names:
+        for n in range(2 if full else 1):
+            dest = tmp / f"{label}-{name.replace('/', '_')}-{n}"
+            res = clients.skopeo_copy(f"{p.host}/{name}:v1", dest, tag="v1", timeout=120 if full else 60)
+            if full:
                 assert res.check().digest == image.digest, name
     with httpx.Client(base_url=p.url, timeout=30, trust_env=False, follow_redirects=False) as c:
         tok = c.get("/token", params={"scope": ["repository:tok/app:pull", f"repository:{CAP}/app:pull"]})
         assert tok.status_code == 200, tok.text
         auth = {"Authorization": f"Bearer {tok.json()['token']}"}
-        asks = [f"/v2/{n}/blobs/sha256:{h}" for n in ("tok/app", f"{CAP}/app") for h in image.blobs]
-        asks += [f"/v2/{n}/manifests/{ref}" for n in ("tok/app", f"{CAP}/app") for ref in ("v1", image.digest)]
-        asks += [
-            f"/v2/tok/app/blobs/sha256:{'0' * 64}",  # unknown upstream: its error, passed on
-            "/v2/tok/app/manifests/nope",
-            f"/v2/{CAP[:-1]}9/app/manifests/v1",  # an almost-right capability key
-        ]
+        asks = [f"/v2/{n}/blobs/sha256:{h}" for n in names for h in image.blobs]
+        if full:
+            asks += [f"/v2/{n}/manifests/{ref}" for n in names for ref in ("v1", image.digest)]
+            asks += [
+                f"/v2/tok/app/blobs/sha256:{'0' * 64}",  # unknown upstream: its error, passed on
+                "/v2/tok/app/manifests/nope",
+                f"/v2/{CAP[:-1]}9/app/manifests/v1",  # an almost-right capability key
+            ]
         for path in asks:
             for method in ("GET", "HEAD"):
                 r = c.request(method, path, headers={**auth, "Accept": ", ".join(MANIFEST_TYPES)})
@@ -868,7 +882,7 @@ def test_no_s3_secret_or_signature_in_output_flows_bodies_or_bucket(
     except Exception as e:  # noqa: BLE001 - refusing to start is an answer too; its output is scanned
         bad_output = str(e)
     else:
-        more, _ = _session(bad, image, tmp_path, "wrong-secret")
+        more, _ = _session(bad, image, tmp_path, "wrong-secret", full=False)
         answered |= more
         bad.stop()
         bad_output = bad.output()
@@ -923,7 +937,7 @@ def test_no_s3_secret_or_signature_in_output_flows_bodies_or_bucket(
         for pattern, what in ((SIGNATURE_RE, "a presigned signature"), (CREDENTIAL_RE, "an X-Amz-Credential")):
             if pattern.search(data):
                 leaks.append(f"{what} in {where}")
-        if not where.startswith("body of") and PASETO_RE.search(data):
+        if PASETO_RE.search(data):
             leaks.append(f"a PASETO in {where}")
         if JWT_RE.search(data):
             leaks.append(f"a JWT in {where}")
@@ -953,8 +967,8 @@ def test_mitmweb_marks_the_answers_from_the_cache(
             for f in web.flows():
                 if (f["id"] in filled) == fresh or f["request"]["method"] != "GET" or not f.get("response"):
                     continue
-                path = f["request"]["path"]
-                if "/blobs/sha256:" in path and path.rsplit(":", 1)[1] in image.blobs:
+                path = f["request"]["path"]  # the upstream's, or the local blob server's, path
+                if "/blobs/" in path and any(h in path for h in image.blobs):
                     out.append(f)
             return out
 
