@@ -11,6 +11,7 @@ from pathlib import Path
 
 from mitmproxy.test import taddons
 from regproxy import chain
+from regproxy.cache.settings import CACHE_KEYS, S3_KEYS
 from regproxy.config import MAPPING_KEYS, SECRET_KEY_ENV, SECRET_KEY_FILE_ENV, loads
 from regproxy.config.load import TOP_KEYS
 from regproxy.limits.settings import RULE_KEYS, TOP_ONLY_KEYS
@@ -205,8 +206,9 @@ def test_the_configuration_documents_every_key_the_loader_accepts() -> None:
         "Top-level keys": sorted(TOP_KEYS - first_cells(section(text, "Top-level keys"))),
         "Mapping keys": sorted(MAPPING_KEYS - first_cells(section(text, "Mapping keys"))),
         "Limits keys": sorted(set(RULE_KEYS + TOP_ONLY_KEYS) - first_cells(section(text, "Limits keys"))),
+        "Cache keys": sorted(set(CACHE_KEYS + S3_KEYS) - first_cells(section(text, "Cache keys"))),
     }
-    assert missing == {"Top-level keys": [], "Mapping keys": [], "Limits keys": []}
+    assert missing == {"Top-level keys": [], "Mapping keys": [], "Limits keys": [], "Cache keys": []}
 
 
 def test_the_configuration_documents_every_environment_variable() -> None:

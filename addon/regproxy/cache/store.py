@@ -18,6 +18,16 @@ class StoreError(Exception):
     """The store failed (I/O, S3). The message is safe to log: no credentials, no signed URL."""
 
 
+def check_key(key: str) -> None:
+    """A key is a relative path of non-empty segments, none `.`-led (so not `..`, nor the directory store's
+    `.tmp` and `.spool`), without backslashes or NULs. Raises StoreError."""
+    if not isinstance(key, str) or not key or key.startswith("/") or "\\" in key or "\0" in key:
+        raise StoreError("store: not a valid key")
+    for segment in key.split("/"):
+        if not segment or segment.startswith("."):
+            raise StoreError("store: not a valid key")
+
+
 @dataclass(frozen=True)
 class Entry:
     """One object found by `Store.entries`: its key, size in bytes and last use (or write), epoch seconds."""
@@ -52,9 +62,10 @@ class Store(Protocol):
     def local_path(self, key: str) -> Path | None:
         """The object's file, for a store in a directory (served with sendfile); None for S3."""
 
-    async def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """The bytes [start, end) of an object (end None: to its end), streamed in chunks. Raises
-        StoreError if the object is absent or the read fails."""
+    def read(self, key: str, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes [start, end) of an object (end None: to its end), streamed in chunks: an async generator
+        (`async for chunk in store.read(key)`), like `entries`. Raises StoreError (when iterated) if the
+        object is absent or the read fails."""
 
     async def presign(self, key: str, expires: int) -> str | None:
         """A presigned GET URL valid `expires` seconds (S3 only; None for a directory)."""

@@ -6,7 +6,7 @@ The original project's format keeps working (`listen_addr`, `port`, `secretkey`,
 `ConfigError` with one line that names the key and never echoes a secret.
 
 This module reads the top level (listen address, keys, public URL, lifetimes, the default trust,
-limits); the package's front door (`regproxy.config`) is where the rest of the addon imports the
+limits, the cache); the package's front door (`regproxy.config`) is where the rest of the addon imports the
 configuration from. The forward proxy for the proxy's own connections is read from the environment
 (`transport.egress`) into `Config.egress`.
 """
@@ -23,6 +23,7 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from ..cache.settings import CacheSettingsError, parse_cache
 from ..limits.settings import LimitsError, parse_settings
 from ..transport.egress import Egress, EgressError
 from ..transport.trust import Trust, TrustError, default_store
@@ -55,6 +56,7 @@ TOP_KEYS = {
     "limits",
     "redis_url",
     "trusted_proxies",
+    "cache",
 }
 
 
@@ -143,6 +145,10 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         limits = parse_settings(data)
     except LimitsError as e:
         raise ConfigError(str(e)) from None
+    try:
+        cache = parse_cache(data.get("cache"), environ, base)
+    except CacheSettingsError as e:
+        raise ConfigError(str(e)) from None
     return Config(
         listen_addr=listen_addr,
         port=port,
@@ -156,6 +162,7 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         egress=egress,
         trust_store=store,
         limits=limits,
+        cache=cache,
     )
 
 

@@ -40,6 +40,7 @@ MAPPING_KEYS = {
     "mirror_of",
     "token_realms",
     "limits",
+    "cache",
 }
 
 
@@ -111,6 +112,9 @@ def _mapping(
         limits = parse_limits(value["limits"], f"{where}.limits") if "limits" in value else None
     except LimitsError as e:
         raise ConfigError(str(e)) from None
+    cache = value.get("cache", True)
+    if not isinstance(cache, bool):
+        raise ConfigError(f"{where}.cache: must be true or false (false: this mapping is never cached)")
     mapping = Mapping(
         key=key,
         prefix=() if root else tuple(name.split("/")),
@@ -124,6 +128,7 @@ def _mapping(
         mirror_of=mirror_of,
         token_realms=_token_realms(value, where),
         limits=limits,
+        cache=cache,
     )
     return mapping, trust
 

@@ -12,6 +12,7 @@ import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from ..cache.settings import CacheSettings
 from ..limits.settings import LimitSettings, Rules
 from ..protocol.names import looks_like_capability
 from ..transport.egress import Egress
@@ -71,6 +72,8 @@ class Mapping:
     token_realms: tuple[str, ...] = ()
     # This mapping's own `limits:` (limits/settings.py): the keys it names replace the top-level ones.
     limits: Rules | None = None
+    # `cache: false` opts the mapping out of the pull-through cache (`cache:` at the top, cache/settings.py).
+    cache: bool = True
 
     @property
     def label(self) -> str:
@@ -131,6 +134,8 @@ class Config:
     trust_store: DefaultStore | None = None
     # `limits:`, `redis_url` and `trusted_proxies` (limits/settings.py).
     limits: LimitSettings = field(default_factory=LimitSettings)
+    # `cache:` (cache/settings.py); None: no cache.
+    cache: CacheSettings | None = None
 
     @property
     def domains(self) -> frozenset[str]:

@@ -212,6 +212,45 @@ def parse_rate(value: object, where: str, *, size: bool = False) -> Rate | None:
     return Rate(amount, window)
 
 
+_SIZE_RE = re.compile(r"(?P<n>[0-9]+(?:\.[0-9]+)?)\s*(?P<unit>[a-z]*)")
+_DURATION_RE = re.compile(r"(?P<n>[0-9]+)\s*(?P<unit>[smhd])")
+
+
+def parse_size(value: object, where: str) -> int:
+    """A size in bytes, written as `rate` amounts are: `50GB`, `500MiB`, `1.5GiB`, `1000` (bytes; a YAML
+    integer is bytes too). Units B, KB, MB, GB, TB (powers of 1000), KiB, MiB, GiB, TiB (of 1024), any case.
+    Raises LimitsError naming `where`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        amount = value
+    elif isinstance(value, str):
+        m = _SIZE_RE.fullmatch(value.strip().lower())
+        if m is None or m["unit"] not in _BYTE_UNITS:
+            raise LimitsError(f"{where}: must be a size such as 50GB or 500MiB (B, KB, MB, GB, TB, KiB, MiB, GiB, TiB)")
+        amount = int(float(m["n"]) * _BYTE_UNITS[m["unit"]])
+    else:
+        raise LimitsError(f"{where}: must be a size such as 50GB or 500MiB")
+    if not 0 <= amount <= 1 << 60:
+        raise LimitsError(f"{where}: must be a size from 0 to 1EiB")
+    return amount
+
+
+def parse_duration(value: object, where: str) -> int:
+    """A duration in seconds, written as rate windows are: `0s`, `90s`, `5m`, `6h`, `7d` (a YAML integer is
+    seconds). Raises LimitsError naming `where`."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        seconds = value
+    elif isinstance(value, str):
+        m = _DURATION_RE.fullmatch(value.strip().lower())
+        if m is None:
+            raise LimitsError(f"{where}: must be a duration such as 0s, 90s, 5m, 6h or 7d")
+        seconds = int(m["n"]) * _UNITS[m["unit"]]
+    else:
+        raise LimitsError(f"{where}: must be a duration such as 0s, 90s, 5m, 6h or 7d")
+    if not 0 <= seconds <= 100 * 366 * 86400:
+        raise LimitsError(f"{where}: must be a duration from 0s to 36600d")
+    return seconds
+
+
 def _count(value: object, where: str) -> int | None:
     if value is None or value == UNLIMITED:
         return None

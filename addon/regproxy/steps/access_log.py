@@ -113,6 +113,7 @@ class AccessLog:
                 "bytes": int(size) if size.isdigit() else None,
                 "duration_ms": round(elapsed, 1),
                 "token": st.token,
+                "cache": st.cache,
             }
             state = self.config.state
             if state is not None:
@@ -122,7 +123,7 @@ class AccessLog:
             self._json.info(json.dumps(record, separators=(",", ":")))
         else:
             logger.info(
-                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",
+                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms cache=%s token=%s",
                 flow.request.method,
                 st.log_path,
                 mapping,
@@ -130,11 +131,16 @@ class AccessLog:
                 upstream,
                 size,
                 elapsed,
+                st.cache,
                 st.token,
             )
 
         if st.kind == "upstream":
             flow.comment = f"{flow.comment}; token {st.token}; upstream {upstream}"
+        elif st.cache in ("hit", "stale"):
+            flow.comment = (
+                f"registryproxy: {st.log_path} answered from the cache ({st.cache}, {status}); token {st.token}"
+            )
         else:
             flow.comment = f"registryproxy: {st.log_path} answered locally ({status}); token {st.token}"
         failed = flow.error is not None or st.timed_out or (isinstance(status, int) and status >= 500)

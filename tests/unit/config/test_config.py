@@ -815,3 +815,42 @@ def test_token_realms_refuse_what_is_not_an_origin(realms: str) -> None:
 
     with pytest.raises(ConfigError, match=r"proxies\.a/\.token_realms"):
         loads(f'proxies:\n  "a/":\n    registry: https://reg.corp.example\n    token_realms: [{realms}]\n', environ={})
+
+
+# --- cache ---
+
+
+def test_no_cache_by_default_and_every_mapping_cached_when_set() -> None:
+    config = parse(base(), {})
+    assert config.cache is None and config.mappings[0].cache is True
+    config = parse(base(cache={"store": "cache", "max_size": "1GB"}), {}, base_dir="/etc/rp")
+    assert config.cache is not None and config.cache.path == Path("/etc/rp/cache")
+    assert config.cache.max_size == 10**9
+
+
+def test_a_mapping_opts_out_of_the_cache() -> None:
+    data = with_mapping(registry="ghcr.io", remote="org", cache=False)
+    data["cache"] = {"store": "/var/cache/rp"}
+    assert parse(data, {}).mappings[0].cache is False
+    assert parse(with_mapping(registry="ghcr.io", remote="org", cache=True), {}).mappings[0].cache is True
+
+
+@pytest.mark.parametrize("value", ["no", 0, None, "false", []])
+def test_a_mapping_cache_must_be_a_bool(value: object) -> None:
+    message = config_error(with_mapping(registry="ghcr.io", remote="org", cache=value))
+    assert message.startswith("proxies.bp/.cache: must be true or false")
+
+
+def test_cache_section_errors_are_config_errors() -> None:
+    assert config_error(base(cache={"store": "/c", "max_size": "1KB"})).startswith("cache.max_size: ")
+    message = config_error(
+        base(
+            cache={
+                "store": "s3://bucket",
+                "s3": {"access_key_id_env": "KEY_ID", "secret_access_key_env": "SECRET_KEY"},
+            }
+        ),
+        {"KEY_ID": "AKIAIOSFODNN7EXAMPLE"},
+    )
+    assert message == "cache.s3.secret_access_key_env: environment variable SECRET_KEY is not set or empty"
+    assert "AKIAIOSFODNN7EXAMPLE" not in message
