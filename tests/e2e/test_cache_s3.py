@@ -853,6 +853,14 @@ def _session(
     return answered, presigned
 
 
+def _context(data: bytes, secret: bytes) -> str:
+    """The start of the first line holding `secret`, the secret itself masked: where a leak came from."""
+    at = data.index(secret)
+    start = data.rfind(b"\n", 0, at) + 1
+    line = data[start : data.find(b"\n", at) if b"\n" in data[at:] else len(data)]
+    return repr(line.replace(secret, b"<SECRET>")[:160])
+
+
 def test_no_s3_secret_or_signature_in_output_flows_bodies_or_bucket(
     make_proxy: ProxyFactory,
     taps: dict[str, registry.Upstream],
@@ -917,6 +925,7 @@ def test_no_s3_secret_or_signature_in_output_flows_bodies_or_bucket(
     }
     texts = flow_texts(flows)
     assert len(texts) >= 20, len(texts)
+    assert any("[redacted]" in t for t in texts)  # the 307s' signed queries, the tokens
     places |= {f"saved flow #{i}": t.encode() for i, t in enumerate(texts)}
     if bad_flows.exists():
         places["the wrong-secret proxy's flow file"] = bad_flows.read_bytes()
@@ -933,7 +942,7 @@ def test_no_s3_secret_or_signature_in_output_flows_bodies_or_bucket(
     for where, data in places.items():
         for what, secret in secrets.items():
             if secret and secret.encode() in data:
-                leaks.append(f"{what} in {where}")
+                leaks.append(f"{what} in {where}: {_context(data, secret.encode())}")
         for pattern, what in ((SIGNATURE_RE, "a presigned signature"), (CREDENTIAL_RE, "an X-Amz-Credential")):
             if pattern.search(data):
                 leaks.append(f"{what} in {where}")
@@ -947,6 +956,12 @@ def test_no_s3_secret_or_signature_in_output_flows_bodies_or_bucket(
 # --- mitmweb --------------------------------------------------------------------------------------
 
 RED, WARNING = ":red_circle:", ":warning:"
+
+
+def _flow_brief(f: dict[str, Any]) -> str:
+    status = f["response"]["status_code"] if f.get("response") else None
+    req = f["request"]
+    return f"{req['method']} {req['host']}:{req['port']}{req['path']} -> {status} {f['marked']!r} {f['comment']!r}"
 
 
 def test_mitmweb_marks_the_answers_from_the_cache(
@@ -967,8 +982,9 @@ def test_mitmweb_marks_the_answers_from_the_cache(
             for f in web.flows():
                 if (f["id"] in filled) == fresh or f["request"]["method"] != "GET" or not f.get("response"):
                     continue
-                path = f["request"]["path"]  # the upstream's, or the local blob server's, path
-                if "/blobs/" in path and any(h in path for h in image.blobs):
+                # The request path is the upstream's, or the local blob server's one-time ticket: the
+                # comment names the blob as the client asked for it.
+                if any(f"/blobs/sha256:{h}" in f["comment"] for h in image.blobs):
                     out.append(f)
             return out
 
@@ -976,6 +992,7 @@ def test_mitmweb_marks_the_answers_from_the_cache(
             lambda: len(blob_flows(fresh=True)) >= len(image.blobs),
             LOG_TIMEOUT,
             "the second pull's blob flows in mitmweb",
+            lambda: "\n".join(_flow_brief(f) for f in web.flows() if f["id"] not in filled),
         )
         fills, hits = blob_flows(fresh=False), blob_flows(fresh=True)
         shown = [(f["request"]["path"], f["marked"], f["comment"]) for f in fills + hits]
