@@ -62,6 +62,9 @@ class BlobServer:
         self.port = 0
         self._tickets: dict[str, tuple[float, BlobJob]] = {}
         self._runner: web.AppRunner | None = None
+        self.active = 0  # responses being sent
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     async def start(self) -> int:
         app = web.Application()
@@ -75,7 +78,12 @@ class BlobServer:
         self.port = int(address[1])
         return self.port
 
-    async def aclose(self) -> None:
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Stop serving; with `grace`, once the responses being sent have ended (at most `grace` seconds)."""
+        if grace > 0 and self.active:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await self._idle.wait()
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
@@ -95,6 +103,8 @@ class BlobServer:
         job = item[1]
         sent = [0]
         outcome = "fill"
+        self.active += 1
+        self._idle.clear()
         try:
             if job.hit or self.fills.completed(job.link, job.hex):
                 resp = await self._hit(request, job, sent)
@@ -109,6 +119,9 @@ class BlobServer:
             _close(request)
             return web.Response(status=502)
         finally:
+            self.active -= 1
+            if not self.active:
+                self._idle.set()
             if job.on_done is not None:
                 with contextlib.suppress(Exception):
                     job.on_done(outcome, sent[0])
@@ -177,7 +190,7 @@ class BlobServer:
             async for chunk in body:
                 await resp.write(chunk)
                 sent[0] += len(chunk)
-        except (FillError, StoreError):
+        except (FillError, StoreError, OSError):
             # Never a short answer that looks whole: the connection ends before the announced length.
             _close(request)
             return

@@ -96,8 +96,10 @@ class CacheService:
         )
         return service
 
-    async def aclose(self) -> None:
-        await self.server.aclose()
+    async def aclose(self, grace: float = 0.0) -> None:
+        """Close the store and the blob server; with `grace` (a reload replaced this service), once the blob
+        transfers it is serving have ended (at most `grace` seconds)."""
+        await self.server.aclose(grace)
         await self.fills.aclose()
         await self.index.aclose()
         await self.store.aclose()

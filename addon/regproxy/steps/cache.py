@@ -62,6 +62,7 @@ logger = logging.getLogger("registryproxy")
 
 MARK_CACHED = ":floppy_disk:"
 RETRY_OPEN = 30.0  # seconds before a store that failed to open is tried again
+RELOAD_GRACE = 600.0  # seconds a replaced store keeps serving the transfers it began
 BLOB_TYPE = "application/octet-stream"
 
 
@@ -403,7 +404,7 @@ class Cache:
         if settings is None:
             if service is not None:
                 self._service = None
-                background.spawn(service.aclose())
+                background.spawn(service.aclose(RELOAD_GRACE))
             return None
         if service is not None and _same_store(service.settings, settings):
             if service.settings != settings:
@@ -425,7 +426,7 @@ class Cache:
                 return None
             self._service = new
             if service is not None:
-                background.spawn(service.aclose())
+                background.spawn(service.aclose(RELOAD_GRACE))
             return new
 
 
