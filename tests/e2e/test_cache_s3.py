@@ -476,7 +476,7 @@ def test_ctr_pull_of_an_index_fills_then_hits(
 # --- a blob larger than a part -------------------------------------------------------------------
 
 MiB = 1 << 20
-BIG_LAYER = 72 * MiB  # over the S3 store's part size (64 MiB): a multipart upload of two parts
+BIG_LAYER = 40 * MiB  # over the S3 store's part size (16 MiB): a multipart upload of three parts
 BIG = "platform/big"
 
 
@@ -517,7 +517,7 @@ def test_a_blob_over_the_part_size_goes_up_in_parts_and_comes_back_whole(
 ) -> None:
     up = big_upstream
     image = image_content(up, BIG, "v1")
-    (layer,) = [h for h, size in image.blobs.items() if size > 64 * MiB]
+    (layer,) = [h for h, size in image.blobs.items() if size > 32 * MiB]
     config = {
         "secretkey": KEY_HEX,
         "cache": bucket.cache_config(),
