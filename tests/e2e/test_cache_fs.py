@@ -420,3 +420,18 @@ def test_a_mapping_with_cache_false_goes_upstream(
     _, _, blobs = upstream_gets(up)
     assert len(blobs) == 2 * len(set(blobs))  # every blob twice
     assert {c for _, n, _, c in cache_lines(rp) if n.startswith("nc/")} == {"off"}
+
+
+def test_blobs_an_upstream_redirects_to_a_blob_store_are_fetched_by_the_proxy_and_cached(
+    upstreams: dict[str, registry.Upstream], image_digests: dict[str, Any], make_proxy: Any, tmp_path: Path
+) -> None:
+    up = upstreams["redirect"]  # token auth; blobs answered 307 to a blob store on another server
+    assert up.blob_server is not None
+    rp = make_proxy({**config(up, tmp_path / "store"), "proxies": {"r/": matrix._mapping(up, "platform")}})
+    before = len(up.blob_server.requests())
+    want = image_digests["redirect"][("platform/app", "multi")]
+    assert skopeo_pull(rp, "r/app:multi", tmp_path / "a").check().digest == want
+    fetched = up.blob_server.requests()[before:]
+    assert fetched and not any(r.had_authorization for r in fetched)  # the proxy followed the 307, no credential
+    assert skopeo_pull(rp, "r/app:multi", tmp_path / "b").check().digest == want
+    assert len(up.blob_server.requests()) == before + len(fetched)  # the second pull: all from the cache

@@ -89,6 +89,8 @@ class AccessLog:
             size = str(st.bytes_streamed) if streamed else resp.headers.get("content-length", "-")
         mapping = st.match.mapping.label if st.match else "-"
         upstream: int | str = st.upstream_status if st.upstream_status is not None else "-"
+        if st.cache in ("hit", "stale"):
+            upstream = "-"  # answered from the store (through the blob server for a blob): no upstream asked
         if flow.error is not None:
             upstream = "timeout" if st.timed_out else "failed"
         elapsed = (time.monotonic() - st.started) * 1000
@@ -135,7 +137,9 @@ class AccessLog:
                 st.token,
             )
 
-        if st.kind == "upstream":
+        if st.kind == "upstream" and st.cache in ("hit", "stale"):
+            flow.comment = f"{flow.comment}; token {st.token}"
+        elif st.kind == "upstream":
             flow.comment = f"{flow.comment}; token {st.token}; upstream {upstream}"
         elif st.cache in ("hit", "stale"):
             flow.comment = (
