@@ -27,7 +27,6 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urljoin
 
 import httpx
 import pytest
@@ -278,18 +277,8 @@ def test_eight_concurrent_gets_of_an_uncached_256_mib_blob_cause_one_upstream_ge
 ) -> None:
     up = start_own(tmp_path)
     try:
-        size, chunk = 256 * 1024 * 1024, bytes(range(256)) * 4096
-        h = hashlib.sha256()
-        for _ in range(size // len(chunk)):
-            h.update(chunk)
-        dgst = f"sha256:{h.hexdigest()}"
-        with httpx.Client(timeout=120) as c:
-            start = c.post(f"{up.url}/v2/platform/big/blobs/uploads/")
-            assert start.status_code == 202, start.text
-            loc = urljoin(up.url, start.headers["location"])
-            sep = "&" if "?" in loc else "?"
-            put = c.put(f"{loc}{sep}digest={dgst}", content=(chunk for _ in range(size // len(chunk))))
-            assert put.status_code == 201, put.text
+        size = 256 * 1024 * 1024
+        dgst = images.push_blob(up, "platform/big", size)
         rp = make_proxy(config(up, tmp_path / "store"))
         tok = token_for(rp, "c/big")
         up.clear_access_log()

@@ -42,11 +42,10 @@ from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import httpx
 import pytest
-from mitmproxy import http as mhttp
-from mitmproxy import io as mitmio
 from mitmproxy.utils.emoji import emoji
 from prometheus_client.parser import text_string_to_metric_families
 from rig import clients, daemons, images, proxy, registry
+from rig.flowfiles import flow_texts
 from rig.haproxy import BACKEND, HAProxy, start_haproxy
 from rig.keys import CAP
 from rig.procs import LOOPBACK, wait_until
@@ -793,24 +792,6 @@ SESSION_ARGS = (
     "--set",
     "registryproxy_connection_logs=true",
 )
-
-
-def flow_texts(path: Path) -> list[str]:
-    """Every flow in a -w file, as text: its whole state, and each header, path, body and comment."""
-    texts = []
-    with path.open("rb") as fh:
-        for f in mitmio.FlowReader(fh).stream():
-            assert isinstance(f, mhttp.HTTPFlow), type(f)
-            parts = [repr(f.get_state()), f.comment, f.request.url, f.request.path]
-            for msg in (f.request, f.response):
-                if msg is None:
-                    continue
-                parts += [f"{k}: {v}" for k, v in msg.headers.items(multi=True)]
-                parts.append((msg.raw_content or b"").decode("utf-8", "replace"))
-            if f.error is not None:
-                parts.append(f.error.msg)
-            texts.append("\n".join(parts))
-    return texts
 
 
 def _session(
