@@ -12,6 +12,7 @@ from .flow.state import FlowStates
 from .mitm.chain_addon import ChainAddon
 from .ops.metrics import Metrics
 from .steps.access_log import AccessLog
+from .steps.cache import Cache
 from .steps.client_timeout import ClientTimeout
 from .steps.config_loader import Configuration
 from .steps.error_pages import RegistryErrors
@@ -64,6 +65,9 @@ def addons() -> list[object]:
         # anything goes upstream.
         Limits(config, metrics),
         Router(config),
+        # The pull-through cache: looks up in `requestheaders`, after Router's match, so that Limits (in
+        # `request`) knows an answer from the store; answers in `request`, after Limits admitted it.
+        Cache(config, metrics),
         # Upstream connections shared across clients (TLS, trust and forward proxy set up by the pool)...
         UpstreamPooling(config),
         # ...and TLS to the upstream with the mapping's trust for connections mitmproxy opens itself (system store + ca_file, or tls_verify: false);

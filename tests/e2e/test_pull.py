@@ -17,13 +17,12 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Self
-from urllib.parse import urljoin
 
 import httpx
 import pytest
 from regproxy.config import load_file
 from regproxy.tokens.paseto import Grant, TokenCodec
-from rig import clients, proxy, registry, standard
+from rig import clients, images, proxy, registry, standard
 from rig.keys import CAP
 from rig.procs import Proc, free_port, with_free_port
 from rig.standard import APP, MANY, MANY_TAGS, SOLO
@@ -420,22 +419,8 @@ def test_large_blob_streams_with_flat_memory(own_upstream: registry.Upstream, ma
     """A 256 MiB blob through the proxy: the proxy's peak RSS stays far below the blob's size."""
     up = own_upstream
     rp = make_proxy({"secretkey": KEY_HEX, "proxies": {"anon/": {"registry": up.url, "remote": "platform"}}})
-    size, chunk = 256 * 1024 * 1024, bytes(range(256)) * 4096  # 1 MiB chunks
-    digest = hashlib.sha256()
-    for _ in range(size // len(chunk)):
-        digest.update(chunk)
-    dgst = f"sha256:{digest.hexdigest()}"
-    with httpx.Client(timeout=120) as c:
-        start = c.post(f"{up.url}/v2/platform/big/blobs/uploads/")
-        assert start.status_code == 202, start.text
-        loc = urljoin(up.url, start.headers["location"])
-        sep = "&" if "?" in loc else "?"
-        put = c.put(
-            f"{loc}{sep}digest={dgst}",
-            content=(chunk for _ in range(size // len(chunk))),
-            headers={"Content-Type": "application/octet-stream"},
-        )
-        assert put.status_code == 201, put.text
+    size = 256 * 1024 * 1024
+    dgst = images.push_blob(up, "platform/big", size)
     tok = token_for(rp, "anon/big")
     received = hashlib.sha256()
     total = 0

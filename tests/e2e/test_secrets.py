@@ -24,9 +24,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from mitmproxy import http
-from mitmproxy import io as mitmio
 from rig import clients, proxy, registry, standard
+from rig.flowfiles import flow_texts
 from rig.keys import CAP
 from rig.procs import LOOPBACK, Proc, clean_env
 from rig.standard import APP
@@ -194,24 +193,6 @@ def run_session(
         cap_tags = get(f"/v2/{CAP}/app/tags/list", f"Bearer {tok}")
         assert cap_tags.status_code == 200 and cap_tags.json()["name"] == f"{CAP}/app"
     return received
-
-
-def flow_texts(path: Path) -> list[str]:
-    """Every flow in a -w file, as text: its whole state, and each header, path, body and comment."""
-    texts = []
-    with path.open("rb") as fh:
-        for f in mitmio.FlowReader(fh).stream():
-            assert isinstance(f, http.HTTPFlow), type(f)
-            parts = [repr(f.get_state()), f.comment, f.request.url, f.request.path]
-            for msg in (f.request, f.response):
-                if msg is None:
-                    continue
-                parts += [f"{k}: {v}" for k, v in msg.headers.items(multi=True)]
-                parts.append((msg.raw_content or b"").decode("utf-8", "replace"))
-            if f.error is not None:
-                parts.append(f.error.msg)
-            texts.append("\n".join(parts))
-    return texts
 
 
 @pytest.mark.parametrize("master", ["stock", "lean"])

@@ -115,7 +115,7 @@ def test_a_text_line_per_request(log: AccessLog, config: Configuration, caplog: 
         log.response(f)
     [line] = lines(caplog)
     assert line.startswith(f"GET {st.log_path} mapping=bp/ status=200 upstream=200 bytes=42 ")
-    assert line.endswith("ms token=ok")
+    assert line.endswith("ms cache=off token=ok")
 
 
 def test_a_streamed_body_is_logged_with_the_bytes_sent(

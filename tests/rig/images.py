@@ -17,6 +17,7 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urljoin
 
 import httpx
 
@@ -330,4 +331,28 @@ def add_repos(
             )
             if r.status_code != 201:
                 raise RigError(f"PUT manifest {name}:{tag} on {upstream.kind}: {r.status_code} {r.text}")
+    return digest
+
+
+def push_blob(upstream: Upstream, name: str, size: int) -> str:
+    """Upload one blob of `size` bytes (a repeating 1 MiB pattern, streamed: memory flat)
+    into `name` on `upstream` by the upload API; returns its digest."""
+    chunk = bytes(range(256)) * 4096
+    assert size % len(chunk) == 0, "size: a whole number of MiB"
+    h = hashlib.sha256()
+    for _ in range(size // len(chunk)):
+        h.update(chunk)
+    digest = f"sha256:{h.hexdigest()}"
+    with _client(upstream) as c:
+        start = c.post(f"{upstream.url}/v2/{name}/blobs/uploads/", headers=upstream.auth_headers())
+        assert start.status_code == 202, start.text
+        loc = urljoin(upstream.url, start.headers["location"])
+        sep = "&" if "?" in loc else "?"
+        put = c.put(
+            f"{loc}{sep}digest={digest}",
+            content=(chunk for _ in range(size // len(chunk))),
+            headers={"Content-Type": "application/octet-stream", **upstream.auth_headers()},
+            timeout=300,
+        )
+        assert put.status_code == 201, put.text
     return digest

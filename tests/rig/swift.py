@@ -40,7 +40,9 @@ How the node is put together (the non-obvious parts):
   (s3api turns multipart uploads off without it); `copy` for CopyObject; `versioned_writes` would be added
   by the proxy anyway. `account_autocreate = true` (the account AUTH_test is made on the first bucket
   PUT). tempauth: `user_test_tester = testing .admin`, so the S3 access key is `test:tester` and the secret
-  `testing`. s3api: `location = us-east-1` (the region SigV4 credential scopes must name), no
+  `testing`; a second user of the same account, `test:proxy<random hex>` with a random secret
+  (`proxy_access_key_id`, `proxy_secret_access_key`), sees the same buckets: what a proxy under test is
+  given, so that a search of its output for these values finds only leaks. s3api: `location = us-east-1` (the region SigV4 credential scopes must name), no
   `storage_domain` (path-style addressing only), `s3_acl` off (Swift ACLs: buckets are private to the
   account). `error_suppression_limit` is raised: with one node, error-limiting it after 10 failed
   connections (a backend restarted by a test, say) would make the whole store answer 503 for a minute.
@@ -281,11 +283,19 @@ class Swift:
         self.servers: list[SwiftServer] = []
         self.memcached: Proc | None = None
         self._sink: _LogSink | None = None
+        # A second admin of the account, with values no one else uses (see the module's docstring).
+        self._proxy_user = f"proxy{secrets.token_hex(6)}"
+        self.proxy_secret_access_key = secrets.token_hex(20)
 
     # -- what clients need ----------------------------------------------------------------------------
     @property
     def endpoint_url(self) -> str:
         return f"{'https' if self.tls else 'http'}://{LOOPBACK}:{self.port}"
+
+    @property
+    def proxy_access_key_id(self) -> str:
+        """The second user's access key id (its secret: `proxy_secret_access_key`)."""
+        return f"{ACCOUNT}:{self._proxy_user}"
 
     def client_config(self, **overrides: Any) -> AioConfig:
         """The aiobotocore Config that works against this Swift (see the module's docstring)."""
@@ -511,6 +521,7 @@ class Swift:
                 "filter:tempauth": {
                     "use": "egg:swift#tempauth",
                     f"user_{ACCOUNT}_{USER}": f"{SECRET_ACCESS_KEY} .admin",
+                    f"user_{ACCOUNT}_{self._proxy_user}": f"{self.proxy_secret_access_key} .admin",
                 },
                 "filter:copy": {"use": "egg:swift#copy"},
                 "filter:slo": {"use": "egg:swift#slo"},

@@ -26,6 +26,10 @@ def parse_digest(reference: str) -> str | None:
     return m.group(1) if m else None
 
 
+def sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
 def link_id(mapping_key: str, upstream_origin: str, upstream_repository: str) -> str:
     """The link id of an upstream repository as one mapping reaches it."""
     h = hashlib.sha256(LABEL)

@@ -65,7 +65,7 @@ S3_ERRORS = (ClientError, BotoCoreError, aiohttp.ClientError, asyncio.TimeoutErr
 class S3Store:
     """A `Store` in an S3 bucket, under a prefix."""
 
-    def __init__(self, settings: S3Settings, *, part_size: int = 64 * MiB) -> None:
+    def __init__(self, settings: S3Settings, *, part_size: int = 16 * MiB) -> None:
         if part_size < MIN_PART:
             raise ValueError("part_size: S3 parts are at least 5 MiB")
         self.settings = settings

@@ -39,9 +39,13 @@ _TRIGGERS = ("v1.", "v2.", "v3.", "v4.", "eyj", "basic", "bearer", "token", "pas
 
 
 class Redactor:
-    def __init__(self, capabilities: Iterable[str] = ()) -> None:
+    """`capabilities` are shown as `<capability>`; `secrets` (the cache's S3 credentials: values the
+    configuration read from the environment) as `[redacted]`."""
+
+    def __init__(self, capabilities: Iterable[str] = (), secrets: Iterable[str] = ()) -> None:
         self._caps = [c for c in capabilities if c]
-        self._triggers = _TRIGGERS + tuple(c.lower() for c in self._caps)
+        self._secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+        self._triggers = _TRIGGERS + tuple(c.lower() for c in self._caps) + tuple(s.lower() for s in self._secrets)
 
     def needed(self, value: str) -> bool:
         """Whether `text` could change `value` (no false negatives)."""
@@ -58,4 +62,6 @@ class Redactor:
         value = _JWT.sub("[token]", value)
         for cap in self._caps:
             value = value.replace(cap, "<capability>")
+        for secret in self._secrets:
+            value = value.replace(secret, "[redacted]")
         return value

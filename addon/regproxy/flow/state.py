@@ -60,8 +60,9 @@ class FlowState:
     route: Route | None = None
     match: Match | None = None
     page: dict[str, str] = field(default_factory=dict)  # tags/list `n` and `last` as asked
-    # Written by routing and answers: the upstream credential (sent by veil.Courier, after display);
-    # routing sets it, a local answer drops it (answers).
+    # Written by routing, cache and answers: the upstream credential (sent by veil.Courier, after display);
+    # routing sets it, a local answer drops it (answers), and so does cache for a blob GET it sends to its blob
+    # server (the credential travels in the blob server's ticket).
     upstream_auth: str | None = field(default=None, repr=False)
     # Written by rewrite.
     upstream_status: int | None = None
@@ -69,6 +70,8 @@ class FlowState:
     # Written by rewrite and keep_bodies: the response headers went to the client before the `response`
     # hook (rewrite sets it; keep_bodies clears it again for a body it keeps whole).
     streamed: bool = False
+    # Written by cache: how the cache answered (hit, stale), filled or missed; off when it had no say.
+    cache: str = "off"
     # Written by upstream_watch.
     bytes_streamed: int = 0
     timed_out: bool = False

@@ -61,9 +61,12 @@ def admission(
     method: str,
     client: str,
     lease: Callable[[], str] = new_lease,
+    *,
+    cached: bool = False,
 ) -> Admission:
     """The checks for a request of this route `kind` and `method` through `mapping`, from `client` (its
-    key, needed only when `rules.per_client`)."""
+    key, needed only when `rules.per_client`). A `cached` answer (from the cache's store) neither spends
+    nor is refused by `mapping_bytes`, the budget that protects the upstream; the client's limits apply."""
     own = mapping.limits
     given = own.given if own is not None else frozenset()
     label = mapping.label
@@ -89,7 +92,7 @@ def admission(
             ("mapping_bytes", rules.mapping_bytes, f"mapping_bytes:{label}"),
             ("client_bytes", rules.client_bytes, scope("client_bytes")),
         ):
-            if rate is None:
+            if rate is None or (cached and name == "mapping_bytes"):
                 continue
             held.byte_windows.append((name, key, rate))
             if kind is RouteKind.BLOB:  # the breaker refuses new transfers; manifests only count

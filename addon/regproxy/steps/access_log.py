@@ -89,6 +89,8 @@ class AccessLog:
             size = str(st.bytes_streamed) if streamed else resp.headers.get("content-length", "-")
         mapping = st.match.mapping.label if st.match else "-"
         upstream: int | str = st.upstream_status if st.upstream_status is not None else "-"
+        if st.cache in ("hit", "stale"):
+            upstream = "-"  # answered from the store (through the blob server for a blob): no upstream asked
         if flow.error is not None:
             upstream = "timeout" if st.timed_out else "failed"
         elapsed = (time.monotonic() - st.started) * 1000
@@ -113,6 +115,7 @@ class AccessLog:
                 "bytes": int(size) if size.isdigit() else None,
                 "duration_ms": round(elapsed, 1),
                 "token": st.token,
+                "cache": st.cache,
             }
             state = self.config.state
             if state is not None:
@@ -122,7 +125,7 @@ class AccessLog:
             self._json.info(json.dumps(record, separators=(",", ":")))
         else:
             logger.info(
-                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms token=%s",
+                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms cache=%s token=%s",
                 flow.request.method,
                 st.log_path,
                 mapping,
@@ -130,11 +133,18 @@ class AccessLog:
                 upstream,
                 size,
                 elapsed,
+                st.cache,
                 st.token,
             )
 
-        if st.kind == "upstream":
+        if st.kind == "upstream" and st.cache in ("hit", "stale"):
+            flow.comment = f"{flow.comment}; token {st.token}"
+        elif st.kind == "upstream":
             flow.comment = f"{flow.comment}; token {st.token}; upstream {upstream}"
+        elif st.cache in ("hit", "stale"):
+            flow.comment = (
+                f"registryproxy: {st.log_path} answered from the cache ({st.cache}, {status}); token {st.token}"
+            )
         else:
             flow.comment = f"registryproxy: {st.log_path} answered locally ({status}); token {st.token}"
         failed = flow.error is not None or st.timed_out or (isinstance(status, int) and status >= 500)
@@ -157,8 +167,15 @@ def _json_access_log() -> logging.Logger:
     return log
 
 
+QUIET_LIBRARIES = ("botocore", "aiobotocore", "s3transfer", "urllib3", "aiohttp")
+
+
 def _connection_logs(on: bool) -> None:
     """One line per request is ours; mitmproxy's per-connection lines only when asked for."""
     level = logging.NOTSET if on else logging.WARNING
     for name in (CONNECTION_LOGGER, "httpx", "httpcore"):
         logging.getLogger(name).setLevel(level)
+    # The cache's S3 client and blob server, never: botocore's debug lines carry the request's signature and
+    # credential (a presigned URL's signature is a read credential), whatever mitmproxy's verbosity.
+    for name in QUIET_LIBRARIES:
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -158,7 +158,9 @@ class Configuration:
             client = RegistryClient(config.upstream_timeout)
             client.on_token_fetch = self.metrics.upstream_token_fetch
         tokens = TokenService(config, matcher, codec, client)
-        return State(config, path, matcher, codec, tokens, Redactor(capability_keys(config.mappings)))
+        s3 = config.cache.s3 if config.cache is not None else None
+        stored = [s3.access_key_id or "", s3.secret_access_key or ""] if s3 is not None else []
+        return State(config, path, matcher, codec, tokens, Redactor(capability_keys(config.mappings), stored))
 
     def _install(self, state: State) -> None:
         old_client = self.client

@@ -90,7 +90,7 @@ class Limits:
             return
         client = self._client(flow, settings) if rules.per_client else ""
         kind = st.route.kind if st.route is not None else None
-        asked = admission(rules, mapping, kind, flow.request.method, client)
+        asked = admission(rules, mapping, kind, flow.request.method, client, cached=st.cache in ("hit", "stale"))
         if not asked.checks:
             return
         store = self.keeper.store_for(settings.redis_url)

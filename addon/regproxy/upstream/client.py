@@ -18,12 +18,13 @@ pure functions of upstream/auth.py.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from urllib.parse import urlsplit
 
 import httpx
@@ -232,6 +233,31 @@ class RegistryClient:
                     self.on_token_fetch(mapping.upstream.netloc, ok)
                 except Exception as e:  # noqa: BLE001 - metrics must never fail a token fetch
                     logger.warning("token fetch observer failed (%s)", type(e).__name__)
+
+    async def head(self, mapping: Mapping, url: str, headers: dict[str, str]) -> httpx.Response:
+        """A HEAD of `url` on the mapping's upstream (the cache asks a tag's digest this way: Docker Hub counts
+        GETs, not HEADs), bounded as a whole. Raises UpstreamError when it cannot be asked."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                return await self._client(url, mapping.trust).head(url, headers=headers)
+        except (httpx.TimeoutException, TimeoutError):
+            raise UpstreamError("upstream registry timed out", timeout=True) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise _unreachable("upstream registry", e, mapping, mapping.upstream.netloc) from None
+
+    @contextlib.asynccontextmanager
+    async def stream_get(self, mapping: Mapping, url: str, headers: dict[str, str]) -> AsyncIterator[httpx.Response]:
+        """A streaming GET of `url` on the mapping's upstream for the cache's fill, following redirects (a blob
+        store or CDN behind a 307: httpx drops Authorization when a redirect leaves the origin). Each read is
+        bounded by the timeout; the body is the caller's to read. Raises UpstreamError when it cannot connect."""
+        try:
+            client = self._client(url, mapping.trust)
+            async with client.stream("GET", url, headers=headers, follow_redirects=True) as resp:
+                yield resp
+        except (httpx.TimeoutException, TimeoutError):
+            raise UpstreamError("upstream registry timed out", timeout=True) from None
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            raise _unreachable("upstream registry", e, mapping, mapping.upstream.netloc) from None
 
 
 def _unreachable(what: str, exc: BaseException, mapping: Mapping | None, netloc: str) -> UpstreamError:

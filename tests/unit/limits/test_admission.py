@@ -92,3 +92,12 @@ def test_per_client_says_whether_the_client_must_be_told_apart() -> None:
     assert DEFAULTS.per_client
     assert not Rules(manifest_gets=Rate(1, 60), mapping_bytes=Rate(1, 60)).per_client
     assert Rules(client_transfers=1).per_client and Rules(client_bytes=Rate(1, 60)).per_client
+
+
+def test_an_answer_from_the_cache_neither_spends_nor_is_refused_by_mapping_bytes() -> None:
+    a = admission(DEFAULTS, BP, RouteKind.BLOB, "GET", CLIENT, lambda: "lease-1", cached=True)
+    assert a.names == ["client_requests", "client_bytes", "client_transfers"]  # the client's limits still apply
+    assert [w[0] for w in a.held.byte_windows] == ["client_bytes"]
+    m = admission(DEFAULTS, BP, RouteKind.MANIFEST, "GET", CLIENT, cached=True)
+    assert m.names == ["client_requests", "manifest_gets"]
+    assert [w[0] for w in m.held.byte_windows] == ["client_bytes"]

@@ -1,0 +1,426 @@
+"""The pull-through cache on a directory store: real docker-registry upstreams, real clients, a real mitmdump.
+
+Each test that changes its upstream (kills it, moves a tag, corrupts a blob on its disk) has an upstream of
+its own; the others share one for the module. Upstream requests are counted at the upstream's request tap
+(rig/tap.py), what the cache did at the proxy's access log (`cache=` on every line) and its metrics.
+
+- skopeo, ctr and docker: ten pulls of one tag cause one upstream GET per manifest (the tag is asked with
+  HEADs after) and one per blob; every digest is the upstream's.
+- The upstream killed: cached tags (`cache=stale`) and digests still pull with the upstream's digests; an
+  uncached tag fails with a registry error.
+- A tag moved upstream: the next pull has the new digest (`tag_ttl: 0s`).
+- A corrupt blob on the upstream's disk: not stored, the pull fails; fixed upstream, the next pull works.
+- Eight concurrent GETs of an uncached 256 MiB blob: one upstream GET, all bytes right, flat RSS.
+- Isolation: a digest cached through a capability mapping, asked through another mapping, gets the
+  upstream's answer there, in the time an uncached digest takes.
+- `max_size` held under a stream of new images; a restart keeps the cache; an HTTPS upstream; `cache: false`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import re
+import statistics
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from rig import clients, daemons, images, matrix, proxy, registry
+from rig.https_upstream import HttpsRig
+from rig.keys import CAP
+from rig.procs import wait_until
+
+pytestmark = pytest.mark.e2e
+
+KEY_HEX = "c4" * 32
+MANIFEST_TYPES = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+]
+CACHE_FIELD = re.compile(r" (GET|HEAD) (\S+) mapping=\S+ status=(\d+) .* cache=(\w+) token=")
+_ns = itertools.count()
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+
+def config(up: registry.Upstream, store: Path, **cache: Any) -> dict[str, Any]:
+    return {
+        "secretkey": KEY_HEX,
+        "cache": {"store": str(store), "max_size": "1GB", **cache},
+        "proxies": {
+            "c/": {"registry": up.url, "remote": "platform"},
+            "nc/": {"registry": up.url, "remote": "platform", "cache": False},
+            f"{CAP}/app": {"registry": up.url, "remote": "platform/secret"},
+        },
+    }
+
+
+def start_own(tmp_path: Path, name: str = "up") -> registry.Upstream:
+    return registry.start_upstream("anonymous", tmp_path / name)
+
+
+def push(up: registry.Upstream, layout: Path, repo: str, tag: str, *, index: bool = False, seed: str = "s") -> str:
+    if index:
+        images.build_index(layout, tag, layers=(2048, 1024), seed=seed)
+    else:
+        images.build_image(layout, tag, layers=(1024, 3000), seed=seed)
+    return images.push(layout, tag, up, repo, tag, all=index)
+
+
+def upstream_gets(up: registry.Upstream) -> tuple[list[str], list[str], list[str]]:
+    """(manifest GET paths, manifest HEAD paths, blob GET paths) the upstream received."""
+    records = up.access_records()
+    manifests = [r.path for r in records if r.method == "GET" and "/manifests/" in r.path]
+    heads = [r.path for r in records if r.method == "HEAD" and "/manifests/" in r.path]
+    blobs = [r.path for r in records if r.method == "GET" and "/blobs/" in r.path]
+    return manifests, heads, blobs
+
+
+def cache_lines(rp: proxy.ProxyProc) -> list[tuple[str, str, int, str]]:
+    """(method, name, status, cache) of every access log line so far."""
+    return [(m[1], m[2], int(m[3]), m[4]) for m in CACHE_FIELD.finditer(rp.output())]
+
+
+def token_for(rp: proxy.ProxyProc, *names: str) -> str:
+    r = httpx.get(f"{rp.url}/token", params=[("scope", f"repository:{n}:pull") for n in names], timeout=30)
+    assert r.status_code == 200, r.text
+    tok: str = r.json()["token"]
+    return tok
+
+
+def get(rp: proxy.ProxyProc, path: str, tok: str, method: str = "GET") -> httpx.Response:
+    headers = [("Authorization", f"Bearer {tok}")] + [("Accept", t) for t in MANIFEST_TYPES]
+    return httpx.request(method, f"{rp.url}{path}", headers=headers, timeout=30)
+
+
+def metric(rp: proxy.ProxyProc, name: str, **labels: str) -> float:
+    text = httpx.get(f"{rp.url}/metrics", timeout=10).text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = re.compile(
+        rf"^{re.escape(name)}(?:\{{{re.escape(want)}\}})? ([0-9.e+]+)$" if want else rf"^{name} (\S+)$", re.MULTILINE
+    )
+    m = pattern.search(text)
+    return float(m[1]) if m else 0.0
+
+
+def skopeo_pull(rp: proxy.ProxyProc, ref: str, dest: Path, *, all: bool = True) -> clients.CopyResult:
+    return clients.skopeo_copy(f"{rp.host}/{ref}", dest, all=all, tag="t")
+
+
+def peak_rss_kb(rp: proxy.ProxyProc) -> int:
+    status = Path(f"/proc/{rp.proc.pid}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
+
+
+def store_bytes(store: Path) -> int:
+    return sum(p.stat().st_size for d in ("blobs", "manifests") for p in (store / d).rglob("*") if p.is_file())
+
+
+# --- fixtures ---------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[registry.Upstream, dict[str, str]]]:
+    """An upstream of the module's: platform/app:v1 (one image), platform/app:multi (an index)."""
+    base = tmp_path_factory.mktemp("cache-shared")
+    up = start_own(base)
+    layout = base / "layout"
+    digests = {
+        "v1": push(up, layout, "platform/app", "v1", seed="shared-v1"),
+        "multi": push(up, layout, "platform/app", "multi", index=True, seed="shared-multi"),
+    }
+    yield up, digests
+    up.stop()
+
+
+@pytest.fixture(scope="module")
+def containerd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[daemons.Containerd]:
+    d = daemons.start_containerd(tmp_path_factory.mktemp("cache-containerd"))
+    yield d
+    d.stop()
+
+
+@pytest.fixture(scope="module")
+def dockerd(containerd: daemons.Containerd, tmp_path_factory: pytest.TempPathFactory) -> Iterator[daemons.Dockerd]:
+    d = daemons.start_dockerd(tmp_path_factory.mktemp("cache-dockerd"), containerd)
+    yield d
+    d.stop()
+
+
+# --- ten pulls --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("client", ["skopeo", "ctr", "docker"])
+def test_ten_pulls_of_a_tag_cost_one_get_per_manifest_and_blob(
+    request: pytest.FixtureRequest,
+    shared: tuple[registry.Upstream, dict[str, str]],
+    make_proxy: Any,
+    tmp_path: Path,
+    client: str,
+) -> None:
+    up, digests = shared
+    rp = make_proxy(config(up, tmp_path / "store"))
+    up.clear_access_log()
+    ref = f"{rp.host}/c/app:multi"
+    for i in range(10):
+        if client == "skopeo":
+            res = skopeo_pull(rp, "c/app:multi", tmp_path / f"copy{i}").check()
+            assert res.digest == digests["multi"]
+        elif client == "ctr":
+            ctr: daemons.Containerd = request.getfixturevalue("containerd")
+            ns = f"cache-{next(_ns)}"
+            try:
+                ctr.ctr_checked("images", "pull", "--plain-http", ref, namespace=ns)
+                assert ctr.image_digest(ns, ref) == digests["multi"]
+            finally:
+                ctr.remove_namespace(ns)
+        else:
+            docker: daemons.Dockerd = request.getfixturevalue("dockerd")
+            docker.clear_images()
+            docker.docker_checked("pull", ref)
+            assert f"{rp.host}/c/app@{digests['multi']}" in docker.repo_digests(ref)
+    manifests, heads, blobs = upstream_gets(up)
+    # The index (by tag, or by digest after a HEAD: ctr) and the platform manifests pulled: each fetched
+    # once, three at most (an index of two platforms). Every blob once.
+    assert len(manifests) == len(set(manifests)) and 2 <= len(manifests) <= 3, manifests
+    assert len(blobs) == len(set(blobs)) and blobs, blobs
+    assert len(heads) >= 9  # the tag is asked with a HEAD on every later pull
+    lines = cache_lines(rp)
+    assert any(c == "hit" for _, n, _, c in lines if "/blobs/" in n)
+    assert metric(rp, "registryproxy_cache_manifest_gets_saved_total") >= 9 or client != "skopeo"
+
+
+# --- the upstream fails -----------------------------------------------------------------------
+
+
+def test_with_the_upstream_killed_cached_tags_and_digests_still_pull(make_proxy: Any, tmp_path: Path) -> None:
+    up = start_own(tmp_path)
+    try:
+        layout = tmp_path / "layout"
+        d_v1 = push(up, layout, "platform/app", "v1", seed="kill-v1")
+        d_multi = push(up, layout, "platform/app", "multi", index=True, seed="kill-multi")
+        push(up, layout, "platform/app", "other", seed="kill-other")
+        rp = make_proxy(config(up, tmp_path / "store"))
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").check().digest == d_v1
+        assert skopeo_pull(rp, "c/app:multi", tmp_path / "b").check().digest == d_multi
+    finally:
+        up.stop()
+    # The upstream is gone: tags within stale_if_error and digests come from the store.
+    assert skopeo_pull(rp, "c/app:v1", tmp_path / "c").check().digest == d_v1
+    assert skopeo_pull(rp, "c/app:multi", tmp_path / "d").check().digest == d_multi
+    assert skopeo_pull(rp, f"c/app@{d_multi}", tmp_path / "e").check().digest == d_multi
+    assert ("GET", "c/app/manifests/v1", 200, "stale") in cache_lines(rp) or (
+        "HEAD",
+        "c/app/manifests/v1",
+        200,
+        "stale",
+    ) in cache_lines(rp)
+    assert "answered from the cache (stale" in rp.output()
+    assert metric(rp, "registryproxy_cache_stale_total", mapping="c/") >= 2
+    # Never cached: the registry error the dead upstream gets without a cache.
+    assert skopeo_pull(rp, "c/app:other", tmp_path / "f").returncode != 0
+    tok = token_for(rp, "c/app")
+    r = get(rp, "/v2/c/app/manifests/other", tok)
+    assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+
+
+def test_a_tag_moved_upstream_is_seen_on_the_next_pull(make_proxy: Any, tmp_path: Path) -> None:
+    up = start_own(tmp_path)
+    try:
+        layout = tmp_path / "layout"
+        first = push(up, layout, "platform/app", "v1", seed="move-1")
+        rp = make_proxy(config(up, tmp_path / "store"))
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").check().digest == first
+        second = push(up, tmp_path / "layout2", "platform/app", "v1", seed="move-2")
+        assert second != first
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "b").check().digest == second
+        # ...and the old digest, cached, is still there by digest.
+        assert skopeo_pull(rp, f"c/app@{first}", tmp_path / "c").check().digest == first
+    finally:
+        up.stop()
+
+
+def test_a_corrupt_upstream_blob_is_not_stored_and_the_pull_fails(make_proxy: Any, tmp_path: Path) -> None:
+    up = start_own(tmp_path)
+    try:
+        info = images.build_image(tmp_path / "layout", "v1", layers=(200_000,), seed="corrupt")
+        digest = images.push(tmp_path / "layout", "v1", up, "platform/app", "v1")
+        layer = info.layers[0].digest.removeprefix("sha256:")
+        data = next((tmp_path / "up" / "storage").rglob(f"blobs/sha256/{layer[:2]}/{layer}/data"))
+        good = data.read_bytes()
+        data.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
+        store = tmp_path / "store"
+        rp = make_proxy(config(up, store))
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").returncode != 0
+        assert not (store / "blobs" / "sha256" / layer).exists()
+        assert metric(rp, "registryproxy_cache_fill_failures_total", reason="digest_mismatch") >= 1
+        data.write_bytes(good)  # fixed upstream: the next pull fetches it again, whole
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "b").check().digest == digest
+        assert (store / "blobs" / "sha256" / layer).read_bytes() == good
+    finally:
+        up.stop()
+
+
+# --- one fetch for many -----------------------------------------------------------------------
+
+
+def test_eight_concurrent_gets_of_an_uncached_256_mib_blob_cause_one_upstream_get(
+    make_proxy: Any, tmp_path: Path
+) -> None:
+    up = start_own(tmp_path)
+    try:
+        size = 256 * 1024 * 1024
+        dgst = images.push_blob(up, "platform/big", size)
+        rp = make_proxy(config(up, tmp_path / "store"))
+        tok = token_for(rp, "c/big")
+        up.clear_access_log()
+        results: list[tuple[int, str]] = []
+
+        def fetch() -> None:
+            got, n = hashlib.sha256(), 0
+            with httpx.stream(
+                "GET", f"{rp.url}/v2/c/big/blobs/{dgst}", headers={"Authorization": f"Bearer {tok}"}, timeout=120
+            ) as r:
+                for part in r.iter_bytes():
+                    got.update(part)
+                    n += len(part)
+            results.append((n, f"sha256:{got.hexdigest()}"))
+
+        threads = [threading.Thread(target=fetch) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(180)
+        assert results == [(size, dgst)] * 8
+        _, _, blobs = upstream_gets(up)
+        assert blobs == [f"/v2/platform/big/blobs/{dgst}"]
+        assert peak_rss_kb(rp) < 200 * 1024, f"proxy peak RSS {peak_rss_kb(rp)} kB"
+        fetch()  # and now from the store
+        assert results[-1] == (size, dgst) and len(upstream_gets(up)[2]) == 1
+    finally:
+        up.stop()
+
+
+# --- isolation --------------------------------------------------------------------------------
+
+
+def test_a_digest_cached_through_a_capability_mapping_is_not_served_through_another(
+    shared: tuple[registry.Upstream, dict[str, str]], make_proxy: Any, tmp_path: Path
+) -> None:
+    up, _ = shared
+    secret = push(up, tmp_path / "layout", "platform/secret", "s1", seed="isolation-secret")
+    rp = make_proxy(config(up, tmp_path / "store"))
+    assert skopeo_pull(rp, f"{CAP}/app:s1", tmp_path / "a").check().digest == secret  # now cached
+    manifest = httpx.get(f"{up.url}/v2/platform/secret/manifests/s1", headers={"Accept": MANIFEST_TYPES[0]}).json()
+    layer = manifest["layers"][0]["digest"]
+    tok = token_for(rp, "c/app")
+    # Through the namespace mapping (upstream platform/app, which does not hold it): the upstream's 404.
+    r = get(rp, f"/v2/c/app/manifests/{secret}", tok)
+    assert r.status_code == 404 and r.json()["errors"][0]["code"] == "MANIFEST_UNKNOWN"
+    b = get(rp, f"/v2/c/app/blobs/{layer}", tok)
+    assert b.status_code == 404 and b.json()["errors"][0]["code"] == "BLOB_UNKNOWN"
+    assert get(rp, f"/v2/c/app/blobs/{layer}", tok, method="HEAD").status_code == 404
+    # Timing: the cached digest's miss through this mapping takes what a digest nobody cached takes.
+    nobody = "sha256:" + hashlib.sha256(b"nobody cached this").hexdigest()
+    cached_t: list[float] = []
+    other_t: list[float] = []
+    with httpx.Client(timeout=30) as c:
+        headers = {"Authorization": f"Bearer {tok}", "Accept": MANIFEST_TYPES[0]}
+        for _ in range(40):
+            for digest, times in ((secret, cached_t), (nobody, other_t)):
+                t0 = time.perf_counter()
+                assert c.get(f"{rp.url}/v2/c/app/manifests/{digest}", headers=headers).status_code == 404
+                times.append(time.perf_counter() - t0)
+    a, o = statistics.median(cached_t), statistics.median(other_t)
+    assert a <= 1.25 * o + 0.002 and o <= 1.25 * a + 0.002, (a, o)
+
+
+# --- size, restarts, trust, opting out --------------------------------------------------------
+
+
+def test_max_size_holds_under_a_stream_of_new_images(make_proxy: Any, tmp_path: Path) -> None:
+    up = start_own(tmp_path)
+    try:
+        store = tmp_path / "store"
+        rp = make_proxy(config(up, store, max_size="2MB"))
+        for i in range(8):
+            images.build_image(tmp_path / f"l{i}", "t", layers=(400_000, 300_000), seed=f"size-{i}")
+            images.push(tmp_path / f"l{i}", "t", up, f"platform/s{i}", "t")
+            skopeo_pull(rp, f"c/s{i}:t", tmp_path / f"c{i}").check()
+            wait_until(lambda: store_bytes(store) <= 2_000_000, 15, f"the store holds {store_bytes(store)} bytes")
+        assert metric(rp, "registryproxy_cache_evictions_total") > 0
+        up.clear_access_log()
+        skopeo_pull(rp, "c/s7:t", tmp_path / "again").check()  # the last image pulled was not evicted
+        assert upstream_gets(up)[2] == []
+    finally:
+        up.stop()
+
+
+def test_a_restart_keeps_the_cache(
+    shared: tuple[registry.Upstream, dict[str, str]], make_proxy: Any, tmp_path: Path
+) -> None:
+    up, digests = shared
+    store = tmp_path / "store"
+    first = make_proxy(config(up, store))
+    skopeo_pull(first, "c/app:multi", tmp_path / "a").check()
+    first.stop()
+    up.clear_access_log()
+    second = make_proxy(config(up, store))
+    assert skopeo_pull(second, "c/app:multi", tmp_path / "b").check().digest == digests["multi"]
+    manifests, _, blobs = upstream_gets(up)
+    assert blobs == [] and manifests == []
+    assert all(c == "hit" for _, n, s, c in cache_lines(second) if "/blobs/" in n)
+
+
+def test_an_https_upstream_is_cached(https_rig: HttpsRig, make_proxy: Any, tmp_path: Path) -> None:
+    up = https_rig["https-basic"]
+    cfg = {
+        "secretkey": KEY_HEX,
+        "ca_file": str(https_rig.ca.ca_cert),
+        "cache": {"store": str(tmp_path / "store")},
+        "proxies": {"b/": matrix._mapping(up, "platform")},
+    }
+    rp = make_proxy(cfg)
+    up.clear_access_log()
+    want = https_rig.digests["https-basic"][("platform/app", "multi")]
+    assert skopeo_pull(rp, "b/app:multi", tmp_path / "a").check().digest == want
+    filled = len(upstream_gets(up)[2])
+    assert filled > 0
+    assert skopeo_pull(rp, "b/app:multi", tmp_path / "b").check().digest == want
+    assert len(upstream_gets(up)[2]) == filled  # no blob fetched again
+
+
+def test_a_mapping_with_cache_false_goes_upstream(
+    shared: tuple[registry.Upstream, dict[str, str]], make_proxy: Any, tmp_path: Path
+) -> None:
+    up, digests = shared
+    rp = make_proxy(config(up, tmp_path / "store"))
+    up.clear_access_log()
+    for i in range(2):
+        assert skopeo_pull(rp, "nc/app:v1", tmp_path / f"n{i}").check().digest == digests["v1"]
+    _, _, blobs = upstream_gets(up)
+    assert len(blobs) == 2 * len(set(blobs))  # every blob twice
+    assert {c for _, n, _, c in cache_lines(rp) if n.startswith("nc/")} == {"off"}
+
+
+def test_blobs_an_upstream_redirects_to_a_blob_store_are_fetched_by_the_proxy_and_cached(
+    upstreams: dict[str, registry.Upstream], image_digests: dict[str, Any], make_proxy: Any, tmp_path: Path
+) -> None:
+    up = upstreams["redirect"]  # token auth; blobs answered 307 to a blob store on another server
+    assert up.blob_server is not None
+    rp = make_proxy({**config(up, tmp_path / "store"), "proxies": {"r/": matrix._mapping(up, "platform")}})
+    before = len(up.blob_server.requests())
+    want = image_digests["redirect"][("platform/app", "multi")]
+    assert skopeo_pull(rp, "r/app:multi", tmp_path / "a").check().digest == want
+    fetched = up.blob_server.requests()[before:]
+    assert fetched and not any(r.had_authorization for r in fetched)  # the proxy followed the 307, no credential
+    assert skopeo_pull(rp, "r/app:multi", tmp_path / "b").check().digest == want
+    assert len(up.blob_server.requests()) == before + len(fetched)  # the second pull: all from the cache
