@@ -455,69 +455,80 @@ def manifest_pulls(rig: CacheRig, kind: str, rtt: int, n: int) -> dict[str, dict
 # --- the large blob ---------------------------------------------------------------------------------------
 
 
-def blob_gets(rig: CacheRig) -> list[dict[str, Any]]:
+def blob_gets(rig: CacheRig, repeats: int) -> list[dict[str, Any]]:
     """The big blob through each configuration, straight to the https-basic upstream's TLS front (no delay
-    relay: the proxy's own cost): uncached, the fill, from the cache; bytes counted at the front."""
+    relay: the proxy's own cost), bytes counted at the front. The servers run side by side: direct, the two
+    fills (proxy-cache, anchor), then `repeats` rounds of uncached proxy / cached proxy-cache / cached anchor,
+    interleaved so that load from elsewhere on the machine falls on all of them; the loopback registry last."""
     up = rig.wan.upstreams["https-basic"]
     assert rig.blob_digest is not None
     workdir = rig.workdir / "blob"
     rows: list[dict[str, Any]] = []
-    plan = (("direct", 1), ("proxy", 2), ("proxy-cache", 3), ("anchor", 3), ("loopback", 1))
-    for config, gets in plan:
-        t = start_config(rig, config, "https-basic", workdir / config, front=True) if config != "direct" else None
-        try:
-            for i in range(gets):
-                phase = "uncached" if config in ("direct", "proxy", "loopback") else ("fill" if i == 0 else "cached")
-                if t is None:
-                    url = f"{up.direct_url}/v2/{BIG}/blobs/{rig.blob_digest}"
-                    auth = up.basic_auth_header()
-                    headers, token, cacert = ({"Authorization": auth} if auth else None), None, up.ca_cert
-                else:
-                    name = t.local_name(BIG, "basic")
-                    url = f"{t.url}/v2/{name}/blobs/{rig.blob_digest}"
-                    headers, token, cacert = None, t.token(name), None
-                mark = upstream_mark(up)
-                front_before = up.front.bytes_down() if up.front is not None else 0
-                before = t.sample() if t is not None else {}
-                with targets.RssWatch(t.pgid if t is not None else None) as rss:
-                    tr = measure.fetch_discard(url, token, headers=headers, cacert=cacert)
-                after = t.sample() if t is not None else {}
-                time.sleep(0.05)
-                used = upstream_since(up, mark)
-                used["wire_bytes"] = (up.front.bytes_down() if up.front is not None else 0) - front_before
-                if tr.status != 200 or tr.bytes != rig.blob_size:
-                    raise RigError(f"{config}: blob GET answered {tr.status} with {tr.bytes} of {rig.blob_size} bytes")
-                usage = targets.usage_between(before, after)
-                row = {
-                    "config": config,
-                    "phase": phase,
-                    "get": i + 1,
-                    "mb_s": tr.mb_s,
-                    "seconds": tr.seconds,
-                    "ttfb_ms": tr.ttfb_s * 1000,
-                    "cpu_s": usage.cpu_s if t is not None else None,
-                    "rss_before_mb": rss.before_mb if t is not None else None,
-                    "rss_max_mb": rss.max_mb if t is not None else None,
-                    "rss_growth_mb": rss.growth_mb if t is not None else None,
-                    "upstream_blob_gets": used["blob_get"],
-                    "upstream_wire_mb": used["wire_bytes"] / 1e6,
-                    "cache": cache_fields(t.output()) if t is not None and t.registryproxy else {},
-                }
-                rows.append(row)
-                print(
-                    f"  blob {config:<12} {phase:<8} {row['mb_s']:7.0f} MB/s  ttfb {row['ttfb_ms']:6.1f} ms  "
-                    + (
-                        f"CPU {usage.cpu_s:5.2f}s  RSS {rss.before_mb:5.0f} -> max {rss.max_mb:5.0f} MB  "
-                        if t is not None
-                        else ""
-                    )
-                    + f"upstream blob GETs {used['blob_get']}, {row['upstream_wire_mb']:.0f} MB on the wire",
-                    flush=True,
+    started: dict[str, targets.Target] = {}
+    plan = [("direct", "uncached"), ("proxy-cache", "fill"), ("anchor", "fill")]
+    plan += [
+        (c, p)
+        for _ in range(repeats)
+        for c, p in (("proxy", "uncached"), ("proxy-cache", "cached"), ("anchor", "cached"))
+    ]
+    plan.append(("loopback", "uncached"))
+    try:
+        for config in ("proxy", "proxy-cache", "anchor", "loopback"):
+            started[config] = start_config(rig, config, "https-basic", workdir / config, front=True)
+        for n, (config, phase) in enumerate(plan):
+            t = started.get(config)
+            if t is None:
+                url = f"{up.direct_url}/v2/{BIG}/blobs/{rig.blob_digest}"
+                auth = up.basic_auth_header()
+                headers, token, cacert = ({"Authorization": auth} if auth else None), None, up.ca_cert
+            else:
+                name = t.local_name(BIG, "basic")
+                url = f"{t.url}/v2/{name}/blobs/{rig.blob_digest}"
+                headers, token, cacert = None, t.token(name), None
+            mark = upstream_mark(up)
+            front_before = up.front.bytes_down() if up.front is not None else 0
+            out_before = len(t.output()) if t is not None else 0
+            before = t.sample() if t is not None else {}
+            with targets.RssWatch(t.pgid if t is not None else None) as rss:
+                tr = measure.fetch_discard(url, token, headers=headers, cacert=cacert)
+            after = t.sample() if t is not None else {}
+            time.sleep(0.05)
+            used = upstream_since(up, mark)
+            wire = (up.front.bytes_down() if up.front is not None else 0) - front_before
+            if tr.status != 200 or tr.bytes != rig.blob_size:
+                raise RigError(f"{config}: blob GET answered {tr.status} with {tr.bytes} of {rig.blob_size} bytes")
+            usage = targets.usage_between(before, after)
+            row = {
+                "config": config,
+                "phase": phase,
+                "get": n + 1,
+                "mb_s": tr.mb_s,
+                "seconds": tr.seconds,
+                "ttfb_ms": tr.ttfb_s * 1000,
+                "cpu_s": usage.cpu_s if t is not None else None,
+                "rss_before_mb": rss.before_mb if t is not None else None,
+                "rss_max_mb": rss.max_mb if t is not None else None,
+                "rss_growth_mb": rss.growth_mb if t is not None else None,
+                "upstream_blob_gets": used["blob_get"],
+                "upstream_wire_mb": wire / 1e6,
+                "cache": cache_fields(t.output()[out_before:]) if t is not None and t.registryproxy else {},
+            }
+            rows.append(row)
+            print(
+                f"  blob {config:<12} {phase:<8} {row['mb_s']:7.0f} MB/s  ttfb {row['ttfb_ms']:6.1f} ms  "
+                + (
+                    f"CPU {usage.cpu_s:5.2f}s  RSS {rss.before_mb:5.0f} -> max {rss.max_mb:5.0f} MB  "
+                    if t is not None
+                    else ""
                 )
-        finally:
-            if t is not None:
-                t.stop()
-    shutil.rmtree(workdir, ignore_errors=True)
+                + f"upstream blob GETs {used['blob_get']}, {row['upstream_wire_mb']:.0f} MB on the wire"
+                + (f"  cache= {' '.join(f'{k} {v}' for k, v in row['cache'].items())}" if row["cache"] else ""),
+                flush=True,
+            )
+    finally:
+        for t in started.values():
+            t.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
     return rows
 
 
@@ -925,7 +936,7 @@ def run(s: Settings) -> dict[str, Any]:
                 f"\nC. {s.blob_mib} MiB blob GET, https-basic, straight to its TLS front (no delay relay)", flush=True
             )
             try:
-                blob = blob_gets(rig)
+                blob = blob_gets(rig, 2 if s.quick else 3)
             except (RigError, OSError, ValueError, KeyError, httpx.HTTPError) as e:
                 failures.append(f"cache blob: {type(e).__name__}: {e}")
                 print(f"  FAILED: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
