@@ -756,6 +756,14 @@ def _n(v: float | None, digits: int = 2) -> str:
     return "-" if v is None else f"{v:.{digits}f}"
 
 
+def _mb(row: Mapping[str, Any] | None) -> str:
+    """Upstream MB (the relays' bytes back) per cold / warm pull, for the markdown table."""
+    if row is None:
+        return ""
+    cold, warm = row["cold_upstream"]["wire_bytes"], row["warm_upstream"]["wire_bytes"]
+    return f"{_n(cold / 1e6 if cold is not None else None, 1)} / {_n(warm / 1e6 if warm is not None else None, 1)}"
+
+
 def _ups(u: Mapping[str, float | None]) -> str:
     """manifest GET/HEAD, blob GET (blob store GET), MB on the wire, as 'mG/mH/bG MB'."""
     if u.get("manifest_get") is None:
@@ -849,7 +857,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
             f"{doc['image']['bytes'] / 1e6:.1f} MB in {doc['image']['blobs']} blobs."
         ),
         "",
-        "| RTT | upstream | client | direct | proxy | proxy-cache | anchor | loopback | proxy-cache: cold × proxy, warm × loopback | upstream per warm pull (manifest GET/HEAD/blob GET, MB): proxy · proxy-cache · anchor |",
+        "| RTT | upstream | client | direct | proxy | proxy-cache | anchor | loopback | proxy-cache: cold × proxy, warm × loopback | upstream MB per pull, cold / warm: proxy · proxy-cache · anchor |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     by = {(r["rtt_ms"], r["kind"], r["client"], r["config"]): r for r in doc["summary"]}
@@ -867,9 +875,7 @@ def markdown(doc: Mapping[str, Any]) -> str:
     for key in seen:
         pc = by.get((*key, "proxy-cache"), {})
         ratios = f"{_n(pc.get('cold_vs_proxy'))}× · {_n(pc.get('warm_vs_loopback'))}×" if pc else ""
-        ups = " · ".join(
-            _ups(by[(*key, c)]["warm_upstream"]) if (*key, c) in by else "" for c in ("proxy", "proxy-cache", "anchor")
-        )
+        ups = " · ".join(_mb(by.get((*key, c))) for c in ("proxy", "proxy-cache", "anchor"))
         out.append(
             f"| {key[0]} ms | {key[1].removeprefix('https-')} | {key[2]} | "
             + " | ".join(cell(key, c) for c in CONFIGS)
