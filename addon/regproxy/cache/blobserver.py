@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from .fill import CHUNK, FillError, Fills, OpenUpstream
 from .index import Index
@@ -57,6 +58,15 @@ class BlobJob:
 
 class _Gone(Exception):
     """The content is not in the store (any more): serve it with a fill."""
+
+
+class _File(web.FileResponse):
+    """A FileResponse that may be sent inside the handler: a second `prepare` (aiohttp's) does nothing."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 class BlobServer:
@@ -157,17 +167,16 @@ class BlobServer:
             path = await asyncio.to_thread(self.store.local_path, key)
             self.index.used(key)
             if path is not None:
-                resp = web.FileResponse(path, chunk_size=CHUNK, headers=self._headers(job))
+                # Sent here, inside the pin (aiohttp's second prepare, after the handler, does nothing). The
+                # pin and the lookup above keep eviction away: a key being deleted looks up as absent.
+                resp = _File(path, chunk_size=CHUNK, headers=self._headers(job))
                 try:
                     await resp.prepare(request)
-                except FileNotFoundError:
-                    raise _Gone from None
-                except (ConnectionError, OSError):
+                except ConnectionError:
                     return resp, 0
-                sent = 0 if request.method == "HEAD" or resp.content_length is None else resp.content_length
-                if resp.status not in (200, 206):
-                    sent = 0
-                return resp, sent
+                if request.method == "HEAD" or resp.status not in (200, 206) or resp.content_length is None:
+                    return resp, 0
+                return resp, resp.content_length
             return await self._stream_stored(request, job, key, size)
 
     async def _stream_stored(
