@@ -189,9 +189,11 @@ class Fill:
         return max(0, self.written - 1)
 
     async def _read_stored(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        key = blob_key(self.hex)
         try:
-            async for chunk in self._fills.store.read(blob_key(self.hex), start, end):
-                yield chunk
+            with self._fills.index.pin(key):
+                async for chunk in self._fills.store.read(key, start, end):
+                    yield chunk
         except StoreError as e:
             logger.warning("cache: cannot read the blob just filled (%s)", e)
             raise FillError("store read failed", kind="store_error") from None
