@@ -54,6 +54,7 @@ JSON_FIELDS = {
     "bytes",
     "duration_ms",
     "token",
+    "cache",
 }
 RELOADED = "configuration reloaded"
 REFUSED = re.compile(r"^.*reload.*refused.*$", re.MULTILINE)
