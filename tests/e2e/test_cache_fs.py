@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import random
 import re
 import statistics
 import threading
@@ -31,6 +32,7 @@ from typing import Any
 import httpx
 import pytest
 from rig import clients, daemons, images, matrix, proxy, registry
+from rig.failing_front import FailingFront
 from rig.https_upstream import HttpsRig
 from rig.keys import CAP
 from rig.procs import wait_until
@@ -46,6 +48,7 @@ MANIFEST_TYPES = [
 ]
 CACHE_FIELD = re.compile(r" (GET|HEAD) (\S+) mapping=\S+ status=(\d+) .* cache=(\w+) token=")
 _ns = itertools.count()
+CLIENTS = ["skopeo", "ctr", "docker"]
 
 
 # --- helpers ----------------------------------------------------------------------------------
@@ -115,6 +118,40 @@ def skopeo_pull(rp: proxy.ProxyProc, ref: str, dest: Path, *, all: bool = True) 
     return clients.skopeo_copy(f"{rp.host}/{ref}", dest, all=all, tag="t")
 
 
+class Puller:
+    """Pulls through the proxy with one client (skopeo, ctr or docker), each from an empty client store:
+    `pull(rp, "c/app:tag")` or `pull(rp, "c/app@sha256:…")` gives the digest the client recorded, or None
+    when the pull failed (`last` holds what the client said)."""
+
+    def __init__(self, client: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
+        self.client, self.tmp, self.last = client, tmp_path, ""
+        self.ctr: daemons.Containerd | None = request.getfixturevalue("containerd") if client == "ctr" else None
+        self.docker: daemons.Dockerd | None = request.getfixturevalue("dockerd") if client == "docker" else None
+
+    def pull(self, rp: proxy.ProxyProc, name: str) -> str | None:
+        ref = f"{rp.host}/{name}"
+        if self.ctr is not None:
+            ns = f"cache-{next(_ns)}"
+            try:
+                res = self.ctr.ctr("images", "pull", "--plain-http", ref, namespace=ns)
+                self.last = res.describe()
+                return self.ctr.image_digest(ns, ref) if res.returncode == 0 else None
+            finally:
+                self.ctr.remove_namespace(ns)
+        if self.docker is not None:
+            self.docker.clear_images()
+            res = self.docker.docker("pull", ref)
+            self.last = res.describe()
+            if res.returncode != 0:
+                return None
+            repo = ref.split("@")[0] if "@" in ref else ref.rsplit(":", 1)[0]
+            found = [d.split("@", 1)[1] for d in self.docker.repo_digests(ref) if d.startswith(f"{repo}@")]
+            return found[0] if found else None
+        copied = skopeo_pull(rp, name, self.tmp / f"skopeo-{next(_ns)}")
+        self.last = copied.describe()
+        return copied.digest if copied.ok else None
+
+
 def peak_rss_kb(rp: proxy.ProxyProc) -> int:
     status = Path(f"/proc/{rp.proc.pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
@@ -158,7 +195,7 @@ def dockerd(containerd: daemons.Containerd, tmp_path_factory: pytest.TempPathFac
 # --- ten pulls --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("client", ["skopeo", "ctr", "docker"])
+@pytest.mark.parametrize("client", CLIENTS)
 def test_ten_pulls_of_a_tag_cost_one_get_per_manifest_and_blob(
     request: pytest.FixtureRequest,
     shared: tuple[registry.Upstream, dict[str, str]],
@@ -167,69 +204,109 @@ def test_ten_pulls_of_a_tag_cost_one_get_per_manifest_and_blob(
     client: str,
 ) -> None:
     up, digests = shared
+    puller = Puller(client, request, tmp_path)
     rp = make_proxy(config(up, tmp_path / "store"))
     up.clear_access_log()
-    ref = f"{rp.host}/c/app:multi"
     for i in range(10):
-        if client == "skopeo":
-            res = skopeo_pull(rp, "c/app:multi", tmp_path / f"copy{i}").check()
-            assert res.digest == digests["multi"]
-        elif client == "ctr":
-            ctr: daemons.Containerd = request.getfixturevalue("containerd")
-            ns = f"cache-{next(_ns)}"
-            try:
-                ctr.ctr_checked("images", "pull", "--plain-http", ref, namespace=ns)
-                assert ctr.image_digest(ns, ref) == digests["multi"]
-            finally:
-                ctr.remove_namespace(ns)
-        else:
-            docker: daemons.Dockerd = request.getfixturevalue("dockerd")
-            docker.clear_images()
-            docker.docker_checked("pull", ref)
-            assert f"{rp.host}/c/app@{digests['multi']}" in docker.repo_digests(ref)
+        assert puller.pull(rp, "c/app:multi") == digests["multi"], f"pull {i}\n{puller.last}"
+        if i == 0:
+            first_blobs = sorted(upstream_gets(up)[2])
     manifests, heads, blobs = upstream_gets(up)
     # The index (by tag, or by digest after a HEAD: ctr) and the platform manifests pulled: each fetched
-    # once, three at most (an index of two platforms). Every blob once.
+    # once, three at most (an index of two platforms). Every blob the first pull needed, once, none after.
     assert len(manifests) == len(set(manifests)) and 2 <= len(manifests) <= 3, manifests
-    assert len(blobs) == len(set(blobs)) and blobs, blobs
-    assert len(heads) >= 9  # the tag is asked with a HEAD on every later pull
+    assert sorted(blobs) == first_blobs and len(blobs) == len(set(blobs)) and blobs, blobs
+    assert len([h for h in heads if h.endswith("/manifests/multi")]) >= 9, heads  # a HEAD for the tag each time
+    assert not [m for m in manifests if m.endswith("/manifests/multi")][1:], manifests  # the tag GET once at most
     lines = cache_lines(rp)
-    assert any(c == "hit" for _, n, _, c in lines if "/blobs/" in n)
-    assert metric(rp, "registryproxy_cache_manifest_gets_saved_total") >= 9 or client != "skopeo"
+    blob_lines = [c for m, n, st, c in lines if "/blobs/" in n and m == "GET" and st == 200]
+    assert blob_lines.count("fill") == len(blobs) and blob_lines.count("hit") == 9 * len(blobs), blob_lines
+    assert metric(rp, "registryproxy_cache_requests_total", kind="blob", outcome="hit") == 9 * len(blobs)
+    assert metric(rp, "registryproxy_cache_bytes_served_total") > 0
+    assert metric(rp, "registryproxy_cache_store_bytes") == store_bytes(tmp_path / "store")
+    # skopeo GETs the tag (nine upstream GETs spared); ctr and docker HEAD it, then GET by digest.
+    tag_gets = [c for m, n, _, c in lines if m == "GET" and n == "c/app/manifests/multi"]
+    assert metric(rp, "registryproxy_cache_manifest_gets_saved_total") == tag_gets.count("hit")
+    assert tag_gets.count("hit") == (9 if client == "skopeo" else 0), tag_gets
 
 
 # --- the upstream fails -----------------------------------------------------------------------
 
 
-def test_with_the_upstream_killed_cached_tags_and_digests_still_pull(make_proxy: Any, tmp_path: Path) -> None:
+@pytest.mark.parametrize("client", CLIENTS)
+def test_with_the_upstream_killed_cached_tags_and_digests_still_pull(
+    request: pytest.FixtureRequest, make_proxy: Any, tmp_path: Path, client: str
+) -> None:
+    puller = Puller(client, request, tmp_path)
     up = start_own(tmp_path)
     try:
         layout = tmp_path / "layout"
         d_v1 = push(up, layout, "platform/app", "v1", seed="kill-v1")
         d_multi = push(up, layout, "platform/app", "multi", index=True, seed="kill-multi")
-        push(up, layout, "platform/app", "other", seed="kill-other")
+        d_other = push(up, layout, "platform/app", "other", seed="kill-other")
         rp = make_proxy(config(up, tmp_path / "store"))
-        assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").check().digest == d_v1
-        assert skopeo_pull(rp, "c/app:multi", tmp_path / "b").check().digest == d_multi
+        assert puller.pull(rp, "c/app:v1") == d_v1, puller.last
+        assert puller.pull(rp, "c/app:multi") == d_multi, puller.last
     finally:
         up.stop()
     # The upstream is gone: tags within stale_if_error and digests come from the store.
-    assert skopeo_pull(rp, "c/app:v1", tmp_path / "c").check().digest == d_v1
-    assert skopeo_pull(rp, "c/app:multi", tmp_path / "d").check().digest == d_multi
-    assert skopeo_pull(rp, f"c/app@{d_multi}", tmp_path / "e").check().digest == d_multi
-    assert ("GET", "c/app/manifests/v1", 200, "stale") in cache_lines(rp) or (
-        "HEAD",
-        "c/app/manifests/v1",
-        200,
-        "stale",
-    ) in cache_lines(rp)
+    assert puller.pull(rp, "c/app:v1") == d_v1, puller.last
+    assert puller.pull(rp, "c/app:multi") == d_multi, puller.last
+    assert puller.pull(rp, f"c/app@{d_multi}") == d_multi, puller.last
+    assert puller.pull(rp, f"c/app@{d_v1}") == d_v1, puller.last
+    stale = [(m, st) for m, n, st, c in cache_lines(rp) if n == "c/app/manifests/v1" and c == "stale"]
+    assert stale and all(st == 200 for _, st in stale), cache_lines(rp)
     assert "answered from the cache (stale" in rp.output()
     assert metric(rp, "registryproxy_cache_stale_total", mapping="c/") >= 2
-    # Never cached: the registry error the dead upstream gets without a cache.
-    assert skopeo_pull(rp, "c/app:other", tmp_path / "f").returncode != 0
+    # Never cached (a tag, and a digest the upstream had): the registry error the dead upstream gets today.
+    assert puller.pull(rp, "c/app:other") is None
+    assert puller.pull(rp, f"c/app@{d_other}") is None
     tok = token_for(rp, "c/app")
-    r = get(rp, "/v2/c/app/manifests/other", tok)
-    assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE"
+    for ref in ("other", d_other):
+        r = get(rp, f"/v2/c/app/manifests/{ref}", tok)
+        assert r.status_code == 502 and r.json()["errors"][0]["code"] == "UNAVAILABLE", (ref, r.status_code, r.text)
+
+
+FAILURES = {  # what the front does -> what an uncached tag gets: (status, code)
+    "503": (502, "UNAVAILABLE"),
+    "429": (429, "TOOMANYREQUESTS"),
+    "stall": (504, "UNAVAILABLE"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURES))
+def test_an_upstream_answering_5xx_429_or_nothing_gets_the_cached_tag(
+    make_proxy: Any, tmp_path: Path, failure: str
+) -> None:
+    up = start_own(tmp_path)
+    front = FailingFront(up)
+    try:
+        layout = tmp_path / "layout"
+        d_v1 = push(up, layout, "platform/app", "v1", seed=f"fail-{failure}")
+        cfg = config(up, tmp_path / "store")
+        cfg["upstream_timeout"] = 2
+        cfg["proxies"] = {"c/": {"registry": front.url, "remote": "platform"}}
+        rp = make_proxy(cfg)
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").check().digest == d_v1
+        front.set_mode(failure)
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "b").check().digest == d_v1
+        seen = front.failed_requests()
+        # What reached the failing upstream: HEADs for the tag, never a blob nor a manifest GET.
+        assert seen and all(m == "HEAD" and p == "/v2/platform/app/manifests/v1" for m, p in seen), seen
+        assert ("GET", "c/app/manifests/v1", 200, "stale") in cache_lines(rp), cache_lines(rp)
+        assert metric(rp, "registryproxy_cache_stale_total", mapping="c/") >= 1
+        tok = token_for(rp, "c/app")
+        r = get(rp, "/v2/c/app/manifests/unknown", tok)
+        want_status, want_code = FAILURES[failure]
+        assert r.status_code == want_status and r.json()["errors"][0]["code"] == want_code, (r.status_code, r.text)
+        if failure == "429":
+            assert r.headers.get("retry-after") == "7"
+        front.set_mode("pass")  # back: the tag is asked upstream again, an ordinary hit
+        assert skopeo_pull(rp, "c/app:v1", tmp_path / "c").check().digest == d_v1
+        assert ("GET", "c/app/manifests/v1", 200, "hit") in cache_lines(rp), cache_lines(rp)
+    finally:
+        front.stop()
+        up.stop()
 
 
 def test_a_tag_moved_upstream_is_seen_on_the_next_pull(make_proxy: Any, tmp_path: Path) -> None:
