@@ -21,7 +21,12 @@ from .procs import LOOPBACK
 from .registry import Upstream
 from .tap import RequestTap, _Closed, _parse_head, _Reader
 
-_REASONS = {"429": "Too Many Requests", "500": "Internal Server Error", "502": "Bad Gateway", "503": "Service Unavailable"}
+_REASONS = {
+    "429": "Too Many Requests",
+    "500": "Internal Server Error",
+    "502": "Bad Gateway",
+    "503": "Service Unavailable",
+}
 
 
 class FailingFront(RequestTap):
