@@ -6,14 +6,20 @@ its own; the others share one for the module. Upstream requests are counted at t
 
 - skopeo, ctr and docker: ten pulls of one tag cause one upstream GET per manifest (the tag is asked with
   HEADs after) and one per blob; every digest is the upstream's.
-- The upstream killed: cached tags (`cache=stale`) and digests still pull with the upstream's digests; an
-  uncached tag fails with a registry error.
+- The upstream killed (skopeo, ctr and docker): cached tags (`cache=stale`) and digests still pull with the
+  upstream's digests; an uncached tag or digest fails with a registry error.
+- An upstream answering 503, 429 or nothing (rig/failing_front.py): the cached tag answered stale, only
+  HEADs reached the upstream; an uncached tag gets 502, 429 (with Retry-After) or 504.
 - A tag moved upstream: the next pull has the new digest (`tag_ttl: 0s`).
-- A corrupt blob on the upstream's disk: not stored, the pull fails; fixed upstream, the next pull works.
-- Eight concurrent GETs of an uncached 256 MiB blob: one upstream GET, all bytes right, flat RSS.
+- A corrupt blob on the upstream's disk: not stored, four concurrent transfers and the pull fail; fixed
+  upstream, the next pull works.
+- Eight concurrent GETs of an uncached 256 MiB blob: one upstream GET, all bytes right, the proxy's peak
+  RSS grown by under a quarter of the blob.
 - Isolation: a digest cached through a capability mapping, asked through another mapping, gets the
-  upstream's answer there, in the time an uncached digest takes.
-- `max_size` held under a stream of new images; a restart keeps the cache; an HTTPS upstream; `cache: false`.
+  upstream's answer there (asked upstream), in the time an uncached digest takes (within the difference of
+  two uncached series, with a generous margin).
+- `max_size` held under a stream of new images (the least recently used evicted); a restart keeps blobs,
+  manifests and tags (a stale answer after it); an HTTPS upstream; a redirecting upstream; `cache: false`.
 """
 
 from __future__ import annotations
@@ -328,7 +334,7 @@ def test_a_tag_moved_upstream_is_seen_on_the_next_pull(make_proxy: Any, tmp_path
 def test_a_corrupt_upstream_blob_is_not_stored_and_the_pull_fails(make_proxy: Any, tmp_path: Path) -> None:
     up = start_own(tmp_path)
     try:
-        info = images.build_image(tmp_path / "layout", "v1", layers=(200_000,), seed="corrupt")
+        info = images.build_image(tmp_path / "layout", "v1", layers=(4_000_000,), seed="corrupt")
         digest = images.push(tmp_path / "layout", "v1", up, "platform/app", "v1")
         layer = info.layers[0].digest.removeprefix("sha256:")
         data = next((tmp_path / "up" / "storage").rglob(f"blobs/sha256/{layer[:2]}/{layer}/data"))
@@ -336,9 +342,30 @@ def test_a_corrupt_upstream_blob_is_not_stored_and_the_pull_fails(make_proxy: An
         data.write_bytes(good[:1000] + bytes([good[1000] ^ 0xFF]) + good[1001:])
         store = tmp_path / "store"
         rp = make_proxy(config(up, store))
+        up.clear_access_log()
+        # Four clients at once (a leader and its followers): no transfer completes; nothing is stored.
+        tok = token_for(rp, "c/app")
+        outcomes: list[str] = []
+
+        def fetch() -> None:
+            url = f"{rp.url}/v2/c/app/blobs/sha256:{layer}"
+            try:
+                with httpx.stream("GET", url, headers={"Authorization": f"Bearer {tok}"}, timeout=60) as r:
+                    body = r.read()
+                outcomes.append(f"completed: status {r.status_code}, {len(body)} bytes, right={body == good}")
+            except httpx.HTTPError as e:
+                outcomes.append(f"failed: {type(e).__name__}")
+
+        threads = [threading.Thread(target=fetch) for _ in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(90)
+        assert len(outcomes) == 4 and all(o.startswith("failed") for o in outcomes), outcomes
         assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").returncode != 0
         assert not (store / "blobs" / "sha256" / layer).exists()
         assert metric(rp, "registryproxy_cache_fill_failures_total", reason="digest_mismatch") >= 1
+        assert [c for m, n, _, c in cache_lines(rp) if m == "GET" and n.endswith(layer)] == ["fill"] * 4 + ["fill"]
         data.write_bytes(good)  # fixed upstream: the next pull fetches it again, whole
         assert skopeo_pull(rp, "c/app:v1", tmp_path / "b").check().digest == digest
         assert (store / "blobs" / "sha256" / layer).read_bytes() == good
@@ -490,16 +517,26 @@ def test_a_restart_keeps_the_cache(
     shared: tuple[registry.Upstream, dict[str, str]], make_proxy: Any, tmp_path: Path
 ) -> None:
     up, digests = shared
-    store = tmp_path / "store"
-    first = make_proxy(config(up, store))
-    skopeo_pull(first, "c/app:multi", tmp_path / "a").check()
-    first.stop()
-    up.clear_access_log()
-    second = make_proxy(config(up, store))
-    assert skopeo_pull(second, "c/app:multi", tmp_path / "b").check().digest == digests["multi"]
-    manifests, _, blobs = upstream_gets(up)
-    assert blobs == [] and manifests == []
-    assert all(c == "hit" for _, n, s, c in cache_lines(second) if "/blobs/" in n)
+    front = FailingFront(up)  # passing for now; the same upstream for both proxies
+    try:
+        store = tmp_path / "store"
+        cfg = {**config(up, store), "proxies": {"c/": {"registry": front.url, "remote": "platform"}}}
+        first = make_proxy(cfg)
+        assert skopeo_pull(first, "c/app:multi", tmp_path / "a").check().digest == digests["multi"]
+        first.stop()
+        up.clear_access_log()
+        second = make_proxy(cfg)
+        assert skopeo_pull(second, "c/app:multi", tmp_path / "b").check().digest == digests["multi"]
+        manifests, heads, blobs = upstream_gets(up)
+        assert blobs == [] and manifests == [] and heads == ["/v2/platform/app/manifests/multi"]
+        lines = cache_lines(second)
+        assert lines and all(c == "hit" for m, n, _, c in lines if n.startswith("c/")), lines
+        # The tag's record survived too: with the upstream failing, the restarted proxy answers it stale.
+        front.set_mode("503")
+        assert skopeo_pull(second, "c/app:multi", tmp_path / "c").check().digest == digests["multi"]
+        assert ("GET", "c/app/manifests/multi", 200, "stale") in cache_lines(second)
+    finally:
+        front.stop()
 
 
 def test_an_https_upstream_is_cached(https_rig: HttpsRig, make_proxy: Any, tmp_path: Path) -> None:
