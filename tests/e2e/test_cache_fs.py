@@ -18,6 +18,7 @@ its own; the others share one for the module. Upstream requests are counted at t
 - Isolation: a digest cached through a capability mapping, asked through another mapping, gets the
   upstream's answer there (asked upstream), in the time an uncached digest takes (within the difference of
   two uncached series, with a generous margin).
+- Cached answers: HEAD, Range (206) and the registry's headers; no token, a foreign one or a push: refused.
 - `max_size` held under a stream of new images (the least recently used evicted); a restart keeps blobs,
   manifests and tags (a stale answer after it); an HTTPS upstream; a redirecting upstream; `cache: false`.
 """
@@ -480,6 +481,50 @@ def test_a_digest_cached_through_a_capability_mapping_is_not_served_through_anot
                 f"timing {method} {kind}: cached {m_cached * 1e3:.2f} ms, uncached {m_a * 1e3:.2f}/{m_b * 1e3:.2f} ms"
             )
     assert not failures, failures
+
+
+def test_cached_answers_keep_tokens_pull_only_and_the_protocol(
+    shared: tuple[registry.Upstream, dict[str, str]], make_proxy: Any, tmp_path: Path
+) -> None:
+    up, digests = shared
+    rp = make_proxy(config(up, tmp_path / "store"))
+    assert skopeo_pull(rp, "c/app:v1", tmp_path / "a").check().digest == digests["v1"]  # all cached now
+    manifest = httpx.get(f"{up.url}/v2/platform/app/manifests/v1", headers={"Accept": MANIFEST_TYPES[0]}).json()
+    layer = manifest["layers"][-1]["digest"]
+    whole = httpx.get(f"{up.url}/v2/platform/app/blobs/{layer}", follow_redirects=True).content
+    up.clear_access_log()
+    tok = token_for(rp, "c/app")
+    # From the store: HEAD and GET with the registry's headers, a Range answered 206 with those bytes.
+    h = get(rp, f"/v2/c/app/blobs/{layer}", tok, method="HEAD")
+    assert h.status_code == 200 and h.headers["docker-content-digest"] == layer
+    assert int(h.headers["content-length"]) == len(whole)
+    g = get(rp, f"/v2/c/app/blobs/{layer}", tok)
+    assert g.status_code == 200 and g.content == whole and g.headers["docker-content-digest"] == layer
+    part = httpx.get(
+        f"{rp.url}/v2/c/app/blobs/{layer}",
+        headers={"Authorization": f"Bearer {tok}", "Range": "bytes=10-99"},
+        timeout=30,
+    )
+    assert part.status_code == 206 and part.content == whole[10:100], (part.status_code, part.headers)
+    m = get(rp, f"/v2/c/app/manifests/{digests['v1']}", tok)
+    assert m.status_code == 200 and "sha256:" + hashlib.sha256(m.content).hexdigest() == digests["v1"]
+    assert m.headers["content-type"] == manifest["mediaType"]
+    assert [r.path for r in up.access_records() if "/blobs/" in r.path or "/manifests/sha256" in r.path] == []
+    # Tokens apply to cached answers: none, another repository's, another mapping's: 401, nothing served.
+    other = token_for(rp, "c/other")
+    cap = token_for(rp, f"{CAP}/app")
+    for bad in (None, other, cap, tok[:-12] + "AAAAAAAAAAAA"):
+        for path in (f"/v2/c/app/blobs/{layer}", f"/v2/c/app/manifests/{digests['v1']}", "/v2/c/app/manifests/v1"):
+            headers = {"Authorization": f"Bearer {bad}"} if bad else {}
+            r = httpx.get(f"{rp.url}{path}", headers=headers, timeout=30)
+            assert r.status_code == 401 and r.json()["errors"][0]["code"] == "UNAUTHORIZED", (path, r.status_code)
+            assert whole not in r.content
+    # Pull only: a push of the cached blob's digest is refused, the upstream never asked.
+    up.clear_access_log()
+    for method, path in (("POST", "/v2/c/app/blobs/uploads/"), ("PUT", "/v2/c/app/manifests/v1")):
+        r = httpx.request(method, f"{rp.url}{path}", headers={"Authorization": f"Bearer {tok}"}, timeout=30)
+        assert r.status_code in (401, 403, 405), (method, path, r.status_code)
+    assert up.access_records() == []
 
 
 # --- size, restarts, trust, opting out --------------------------------------------------------
