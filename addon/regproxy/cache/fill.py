@@ -1,18 +1,29 @@
-"""Filling the cache with a blob: one upstream fetch into a spool file, which any number of readers follow.
+"""A fill: one upstream fetch of one blob into a spool file, which any number of readers follow as it grows.
 
-The first request for an uncached blob starts a `Fill`: a task, detached from any one client, that
-streams the blob from the upstream into a spool file while hashing it. Every request for the same
-blob through the same link meanwhile joins that fill (one upstream GET, however many ask) and reads
-the spool file as it grows: **followers stream, they do not wait**. The first byte reaches every
-client at once, whatever the blob's size (zot makes clients wait for the whole image, and first pulls
-time out; distribution sends the second client upstream uncached; Harbor downloads every blob twice).
-A reader that disconnects does not disturb the fill or the other readers.
+`Fills.start_or_join(link, hex, open_upstream)` coalesces: while a fill of that (link id, digest) runs,
+every caller gets the same `Fill`, so concurrent pulls of one uncached blob cost one upstream GET. The
+fill's leader is a task of its own, detached from every client: a reader that disconnects stops only
+its own read, and the fill goes on into the store even when no one reads it any more.
 
-The blob's last byte is released only once the whole blob has been verified (its SHA-256 and the size
-the upstream announced) and committed to the store, with its link. A blob whose bytes do not match is
-never stored, and no reader ever gets all of it: each reader's `read` raises `FillError` before the
-end, and the blob server closes the connection short of the announced length, so every client's
-transfer fails (never a short 200). Memory stays flat: the spool is read back in chunks.
+Why followers stream the growing spool rather than wait for the whole blob: a client gets its first byte
+at once, whoever started the fill and however large the blob is. Waiting (zot syncs the whole image
+before answering; OpenCIDN answers once the blob is cached) makes a first pull of a large layer sit
+idle until its client's own timeout fires (zot #4323), and a follower that joins late would wait longer
+than the leader. Each reader `os.pread`s the spool from its own position (256 KiB at a time, in a
+thread), so memory is flat whatever the size and however many read, and a slow reader never holds the
+download back: the spool, not a buffer, absorbs the difference.
+
+How a bad fill fails every follower: the last byte of the blob is held back from every reader until the
+fill has verified the sha256 of everything received and the announced size, and committed the blob
+(`store.put_file`, `index.added`, the link record). A corrupt, short or unstorable blob, an upstream that
+stalls (the httpx read timeout, and `idle_timeout` across the whole exchange) or a cancelled fill makes
+every reader raise `FillError` instead of yielding its last bytes, so no client ever receives the
+complete bytes of a blob that was not stored; the blob server then breaks the connection (Content-Length
+unmet, or no chunked terminator). Nothing is stored, and the spool file is removed.
+
+The spool is written by a writer coroutine that takes every chunk the upstream sent while the previous
+write ran and hashes and writes them in one thread call (a bounded queue holds the download back when
+the disk is slower than the network), so the event loop never does file I/O or hashing.
 """
 
 from __future__ import annotations
@@ -22,8 +33,7 @@ import contextlib
 import hashlib
 import logging
 import os
-import time
-from collections import OrderedDict
+import tempfile
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,35 +41,37 @@ from typing import Protocol
 
 import httpx
 
-from . import keys
 from .index import Index
-from .keys import Link
+from .keys import Link, blob_key, link_key
 from .store import Store, StoreError
 
-logger = logging.getLogger("registryproxy")
+logger = logging.getLogger(__name__)
+
+CHUNK = 256 * 1024
+IDLE_TIMEOUT = 60.0  # s: the longest the upstream may stay silent (headers or body) before the fill fails
+QUEUE_CHUNKS = 64  # chunks the download may run ahead of the spool writer (httpx yields up to 64 KiB each)
+PASSED_HEADERS = ("www-authenticate", "retry-after")  # a non-200's headers the proxy answers with
 
 OpenUpstream = Callable[[], contextlib.AbstractAsyncContextManager[httpx.Response]]
-CHUNK = 256 * 1024
-BLOB_TYPE = "application/octet-stream"
-RECENT = 4096  # completed fills remembered, so a request planned as a miss that arrives after the commit is a hit
-RECENT_SECONDS = 120.0
-# Upstream headers a fill that ends before the body passes on (the proxy answers as the upstream did).
-PASSED_HEADERS = ("www-authenticate", "retry-after")
+"""Opens the streaming GET of the blob upstream (auth and redirects are the caller's business). It may
+raise FillError itself (its reason is then used as it is); httpx errors and timeouts are mapped to 502/504."""
 
 
 class FillError(Exception):
-    """A fill that cannot serve: `reason` is a short fixed word (metrics), `status` what to answer if
-    nothing was sent yet (502: unreachable or failed, 504: timed out)."""
+    """The fill failed: `reason` is safe to log and to show (no header value, no URL); `status` is what the
+    proxy answers when no byte was sent yet (502 the upstream failed, 504 it timed out)."""
 
-    def __init__(self, reason: str, status: int = 502) -> None:
+    def __init__(self, reason: str, status: int = 502, *, kind: str = "upstream_error") -> None:
         super().__init__(reason)
         self.reason = reason
         self.status = status
+        self.kind = kind  # the observer's word: upstream_error, digest_mismatch, size_mismatch, store_error, cancelled
 
 
 @dataclass(frozen=True)
 class FillStart:
-    """The upstream's answer: its status, the blob's size if announced, headers to pass on."""
+    """The upstream's answer: its status, the blob's announced size (200 only; None if not announced) and
+    the headers the proxy passes on (WWW-Authenticate, Retry-After), lower-case names."""
 
     status: int
     size: int | None
@@ -67,6 +79,9 @@ class FillStart:
 
 
 class FillObserver(Protocol):
+    """Metrics of fills. `reason` is one fixed word: digest_mismatch, size_mismatch, upstream_error (a
+    non-200 answer, a failed connection, a timeout), store_error, cancelled."""
+
     def fill_started(self, hex_digest: str) -> None: ...
 
     def fill_done(self, hex_digest: str, size: int) -> None: ...
@@ -75,188 +90,366 @@ class FillObserver(Protocol):
 
 
 class Fill:
-    """One upstream fetch of one blob, followed by its readers."""
+    """One upstream fetch of one blob, followed by its readers. Made by `Fills.start_or_join`."""
 
-    def __init__(self, fills: Fills, link: str, hex_digest: str, open_upstream: OpenUpstream, spool: Path) -> None:
+    def __init__(
+        self,
+        fills: Fills,
+        link: str,
+        hex_digest: str,
+        open_upstream: OpenUpstream,
+    ) -> None:
+        self._fills = fills
         self.link = link
         self.hex = hex_digest
-        self.spool = spool
-        self._fills = fills
         self._open = open_upstream
-        self._answered = asyncio.Event()
+        self._started = asyncio.Event()
         self._start: FillStart | None = None
         self._error: FillError | None = None
-        self.written = 0
-        self.done = False  # verified and committed
-        self._progress = asyncio.Event()
-        self.task = asyncio.get_running_loop().create_task(self._run())
+        self.written = 0  # bytes in the spool, hashed
+        self.complete = False  # verified and committed
+        self._changed = asyncio.Event()
+        self._path: Path | None = None
+        self._rfd = -1
+        self._fd_users = 0
+        self._hash = hashlib.sha256()
+        self._write_error: FillError | None = None
+        self.task: asyncio.Task[None] | None = None
+
+    # -- what readers see --------------------------------------------------------------------------
+
+    @property
+    def done(self) -> bool:
+        return self.complete or self._error is not None
+
+    @property
+    def error(self) -> FillError | None:
+        return self._error
 
     async def start(self) -> FillStart:
-        """The upstream's status and headers. Raises FillError if it could not be asked."""
-        await self._answered.wait()
+        """The upstream's status and headers (waited for, at most the idle bound). Raises FillError when the
+        upstream could not be asked (502) or timed out (504)."""
+        await self._started.wait()  # the leader sets it on every path, within its own idle bound
         if self._start is None:
-            raise self._error or FillError("upstream_error")
+            assert self._error is not None
+            raise self._error
         return self._start
 
     async def read(self, start: int = 0, end: int | None = None) -> AsyncIterator[bytes]:
-        """The bytes [start, end) as they arrive; the blob's last byte only once it is verified and stored.
-        Raises FillError if the fill fails before this reader has had its bytes."""
-        begun = await self.start()
-        if begun.status != 200:
-            raise FillError("upstream_status")
-        pos = start
-        fd: int | None = None
+        """The bytes [start, end) of the blob (end None: to its end) as they arrive, in chunks of at most
+        256 KiB. The blob's last byte comes only once it is verified and stored; raises FillError if the
+        fill fails (or failed) before this read got all its bytes."""
+        st = await self.start()
+        if st.status != 200:
+            raise FillError(f"upstream answered {st.status}")
+        if self._rfd < 0 or self._fd_users == 0:
+            # The spool is gone: the fill failed, or finished and nobody else is reading.
+            if self._error is not None:
+                raise self._error
+            async for chunk in self._read_stored(start, end):
+                yield chunk
+            return
+        self._fd_users += 1
         try:
-            while end is None or pos < end:
-                done, error, written = self.done, self._error, self.written
-                # Until the blob is verified and committed, its last byte stays back.
-                available = written if done else max(0, written - 1)
-                if end is not None:
-                    available = min(available, end)
-                if pos < available:
-                    if fd is None:
-                        try:
-                            fd = os.open(self.spool, os.O_RDONLY)  # the same file once committed by a rename
-                        except FileNotFoundError:
-                            if not done:
-                                raise FillError("store_error") from None
-                            # Committed and its spool gone (moved, or uploaded and removed): read the store.
-                            async for data in self._fills.store.read(keys.blob_key(self.hex), pos, end):
-                                yield data
-                            return
-                    data = os.pread(fd, min(CHUNK, available - pos), pos)
-                    if not data:
-                        raise FillError("store_error")
-                    pos += len(data)
-                    yield data
+            pos = start
+            while True:
+                if self._error is not None:
+                    raise self._error
+                if self.complete:
+                    final = self.written if end is None else min(end, self.written)
+                    if pos >= final:
+                        return
+                    stop = final
+                else:
+                    if end is not None and pos >= end:
+                        return  # a range that ends before the blob does
+                    stop = self._releasable() if end is None else min(end, self._releasable())
+                if pos < stop:
+                    chunk = await asyncio.to_thread(os.pread, self._rfd, min(CHUNK, stop - pos), pos)
+                    if not chunk:  # cannot happen while the spool's inode is held open; never spin
+                        raise FillError("spool read failed", kind="store_error")
+                    pos += len(chunk)
+                    yield chunk
                     continue
-                if done:
-                    return
-                if error is not None:
-                    raise error
-                await self._progress.wait()
+                changed = self._changed
+                try:
+                    async with asyncio.timeout(self._fills.idle_timeout + 5.0):
+                        await changed.wait()
+                except TimeoutError:
+                    raise FillError("fill stalled", 504) from None
         finally:
-            if fd is not None:
-                os.close(fd)
+            self._release_fd()
+
+    def _releasable(self) -> int:
+        """How far readers may read before the fill is complete: everything written but the blob's last byte
+        (all but the last byte written when the size was not announced)."""
+        size = self._start.size if self._start is not None else None
+        if size is not None and self.written < size:
+            return self.written
+        return max(0, self.written - 1)
+
+    async def _read_stored(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        key = blob_key(self.hex)
+        try:
+            with self._fills.index.pin(key):
+                async for chunk in self._fills.store.read(key, start, end):
+                    yield chunk
+        except StoreError as e:
+            logger.warning("cache: cannot read the blob just filled (%s)", e)
+            raise FillError("store read failed", kind="store_error") from None
 
     def _notify(self) -> None:
-        event, self._progress = self._progress, asyncio.Event()
-        event.set()
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
-    async def _run(self) -> None:
-        store, index, observer = self._fills.store, self._fills.index, self._fills.observer
-        key = keys.blob_key(self.hex)
-        fd: int | None = None
-        if observer is not None:
-            observer.fill_started(self.hex)
+    def _release_fd(self) -> None:
+        self._fd_users -= 1
+        if self._fd_users == 0 and self._rfd >= 0:
+            os.close(self._rfd)
+            self._rfd = -1
+
+    # -- the leader ----------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """The leader: fetch, verify, commit; every reader is told how it ended. Run by `Fills` as a task."""
+        fills = self._fills
+        key = blob_key(self.hex)
+        fills.notify("fill_started", self.hex)
+        wfd = -1
+        size = 0
         try:
-            with index.pin(key):
-                async with self._open() as resp:
-                    if resp.status_code != 200:
-                        passed = {k: v for k in PASSED_HEADERS if (v := resp.headers.get(k)) is not None}
-                        self._start = FillStart(resp.status_code, None, passed)
-                        raise FillError("upstream_status")
-                    length = resp.headers.get("content-length", "")
-                    size = int(length) if length.isdigit() else None
-                    fd = os.open(self.spool, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-                    self._start = FillStart(200, size)
-                    self._answered.set()
-                    digest = hashlib.sha256()
-                    async for chunk in resp.aiter_raw():
-                        view = memoryview(chunk)
-                        while view:
-                            view = view[os.write(fd, view) :]
-                        digest.update(chunk)
-                        self.written += len(chunk)
-                        if size is not None and self.written > size:
-                            raise FillError("size_mismatch")
-                        self._notify()
-                os.close(fd)
-                fd = None
-                if size is not None and self.written != size:
-                    raise FillError("size_mismatch")
-                if digest.hexdigest() != self.hex:
-                    raise FillError("digest_mismatch")
-                await store.put_file(key, self.spool)
-                index.added(key, self.written)
-                await store.put_small(keys.link_key(self.link, self.hex), Link("blob", BLOB_TYPE, self.written).dump())
-            self.done = True
-            self._fills.completed_now(self.link, self.hex)
-            if observer is not None:
-                observer.fill_done(self.hex, self.written)
+            with fills.index.pin(key):
+                try:
+                    wfd, path = await asyncio.to_thread(_make_spool, fills.spool_dir)
+                    self._path = path
+                    self._rfd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
+                    self._fd_users = 1  # the fill's own hold, released when it ends
+                except OSError as e:
+                    logger.warning("cache: cannot make a spool file (%s)", e.strerror or type(e).__name__)
+                    raise FillError("spool unusable", 503, kind="store_error") from None
+                size = await self._fetch(wfd)
+                os.close(wfd)
+                wfd = -1
+                await self._commit(key, size)
+            self.complete = True
         except FillError as e:
             self._fail(e)
-        except StoreError as e:
-            logger.warning("registryproxy: cache: committing sha256:%s failed (%s)", self.hex[:12], e)
-            self._fail(FillError("store_error"))
-        except (httpx.TimeoutException, TimeoutError):
-            self._fail(FillError("upstream_error", 504))
         except asyncio.CancelledError:
-            self._fail(FillError("cancelled"))
+            self._fail(FillError("fill cancelled", 503, kind="cancelled"))
             raise
-        except Exception as e:  # noqa: BLE001 - UpstreamError, httpx and OS errors: the fill fails, the proxy goes on
-            self._fail(FillError("upstream_error", 504 if getattr(e, "timeout", False) else 502))
+        except Exception as e:  # noqa: BLE001 - a leader must end its readers whatever happened
+            logger.warning("cache: fill of sha256:%s failed unexpectedly (%s)", self.hex, type(e).__name__)
+            self._fail(FillError("fill failed", kind="store_error"))
         finally:
-            if fd is not None:
-                os.close(fd)
-            if not self.done or self.spool.exists():
-                # A failed fill's spool, or one a store copied rather than moved (S3). Readers that hold it
-                # open keep reading it until they end.
+            if wfd >= 0:
+                os.close(wfd)
+            if self._path is not None:  # failed, or committed by a copy (S3): the spool goes
                 with contextlib.suppress(OSError):
-                    self.spool.unlink()
-            self._answered.set()
+                    os.unlink(self._path)
+            fills.forget(self)
+            self._started.set()
             self._notify()
-            self._fills.ended(self)
+            if self._fd_users > 0 and self._rfd >= 0:
+                self._release_fd()
+        if self.complete:
+            fills.notify("fill_done", self.hex, size)
 
-    def _fail(self, error: FillError) -> None:
-        self._error = error
-        observer = self._fills.observer
-        if observer is not None and error.reason != "upstream_status":
-            observer.fill_failed(self.hex, error.reason)
+    def _fail(self, e: FillError) -> None:
+        self._error = e
+        self._fills.notify("fill_failed", self.hex, e.kind)
+
+    async def _fetch(self, wfd: int) -> int:
+        """Download into the spool; the number of bytes received, hashed and checked. Raises FillError."""
+        idle = self._fills.idle_timeout
+        async with contextlib.AsyncExitStack() as stack:
+            try:
+                async with asyncio.timeout(idle):
+                    resp = await stack.enter_async_context(self._open())
+            except FillError:
+                raise
+            except (httpx.TimeoutException, TimeoutError):
+                raise FillError("upstream timed out", 504) from None
+            except (httpx.HTTPError, httpx.InvalidURL, OSError) as e:
+                raise FillError(f"upstream unreachable ({type(e).__name__})") from None
+            except Exception as e:  # noqa: BLE001 - the caller's opener (a token fetch, say) failed
+                raise FillError(f"upstream unusable ({type(e).__name__})") from None
+            headers = {n: resp.headers[n] for n in PASSED_HEADERS if n in resp.headers}
+            if resp.status_code != 200:
+                self._start = FillStart(resp.status_code, None, headers)
+                self._started.set()
+                raise FillError(f"upstream answered {resp.status_code}")
+            size = _announced_size(resp)
+            self._start = FillStart(200, size, {})
+            self._started.set()
+            self._notify()
+            received = await self._body(resp, wfd, size, idle)
+        if size is not None and received != size:
+            logger.warning("cache: blob sha256:%s: %d bytes received, %d announced", self.hex, received, size)
+            raise FillError("upstream blob has the wrong size", kind="size_mismatch")
+        if self._hash.hexdigest() != self.hex:
+            logger.warning("cache: blob sha256:%s: the upstream's bytes do not match the digest", self.hex)
+            raise FillError("upstream blob does not match its digest", kind="digest_mismatch")
+        return received
+
+    async def _body(self, resp: httpx.Response, wfd: int, size: int | None, idle: float) -> int:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+        writer = asyncio.get_running_loop().create_task(self._write_spool(wfd, queue))
+        received = 0
+        try:
+            chunks = resp.aiter_bytes()
+            while True:
+                try:
+                    async with asyncio.timeout(idle):
+                        chunk = await anext(chunks, None)
+                except (httpx.TimeoutException, TimeoutError):
+                    raise FillError("upstream stalled", 504) from None
+                except (httpx.HTTPError, OSError) as e:
+                    raise FillError(f"upstream body failed ({type(e).__name__})") from None
+                if chunk is None:
+                    break
+                received += len(chunk)
+                if size is not None and received > size:
+                    logger.warning("cache: blob sha256:%s: more bytes than the %d announced", self.hex, size)
+                    raise FillError("upstream blob has the wrong size", kind="size_mismatch")
+                if self._write_error is not None:
+                    raise self._write_error
+                async with asyncio.timeout(idle):  # the writer is slower than the network: wait for it
+                    await queue.put(chunk)
+            async with asyncio.timeout(idle):
+                await queue.put(None)
+                await writer
+        except TimeoutError:
+            raise FillError("spool write stalled", 503, kind="store_error") from None
+        finally:
+            if not writer.done():
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await writer
+        if self._write_error is not None:
+            raise self._write_error
+        return received
+
+    async def _write_spool(self, wfd: int, queue: asyncio.Queue[bytes | None]) -> None:
+        """Hash and write what the download queued, everything queued at once per thread call."""
+        while True:
+            batch: list[bytes] = []
+            item = await queue.get()
+            end = item is None
+            if item is not None:
+                batch.append(item)
+            while not end and not queue.empty():
+                item = queue.get_nowait()
+                if item is None:
+                    end = True
+                else:
+                    batch.append(item)
+            if batch and self._write_error is None:
+                try:
+                    await asyncio.to_thread(self._absorb, wfd, batch)
+                except OSError as e:
+                    logger.warning("cache: cannot write a spool file (%s)", e.strerror or type(e).__name__)
+                    self._write_error = FillError("spool write failed", 503, kind="store_error")
+                else:
+                    self.written += sum(len(c) for c in batch)
+                    self._notify()
+            if end:
+                return
+
+    def _absorb(self, wfd: int, batch: list[bytes]) -> None:
+        for chunk in batch:
+            self._hash.update(chunk)
+            view = memoryview(chunk)
+            while view:
+                view = view[os.write(wfd, view) :]
+
+    async def _commit(self, key: str, size: int) -> None:
+        fills = self._fills
+        assert self._path is not None
+        try:
+            await fills.store.put_file(key, self._path)
+            fills.index.added(key, size)
+            await fills.store.put_small(
+                link_key(self.link, self.hex), Link("blob", "application/octet-stream", size).dump()
+            )
+        except StoreError as e:
+            logger.warning("cache: cannot store blob sha256:%s (%s)", self.hex, e)
+            raise FillError("store failed", kind="store_error") from None
 
 
 class Fills:
-    """The fills running in this process, one per (link, digest)."""
+    """The fills running, one per (link id, digest); see the module's docstring."""
 
-    def __init__(self, store: Store, index: Index, spool_dir: Path, observer: FillObserver | None = None) -> None:
+    def __init__(
+        self,
+        store: Store,
+        index: Index,
+        spool_dir: Path,
+        observer: FillObserver | None = None,
+        *,
+        idle_timeout: float = IDLE_TIMEOUT,
+    ) -> None:
         self.store = store
         self.index = index
-        self.spool_dir = spool_dir
+        self.spool_dir = Path(spool_dir)
         self.observer = observer
+        self.idle_timeout = idle_timeout
         self._running: dict[tuple[str, str], Fill] = {}
-        self._recent: OrderedDict[tuple[str, str], float] = OrderedDict()
-        self._count = 0
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def __len__(self) -> int:
+        return len(self._running)
 
     def start_or_join(self, link: str, hex_digest: str, open_upstream: OpenUpstream) -> Fill:
+        """The running fill of this blob through this link id, or a new one started now (on the running loop)."""
         fill = self._running.get((link, hex_digest))
-        if fill is None:
-            self._count += 1
-            spool = self.spool_dir / f"{hex_digest[:16]}-{os.getpid()}-{self._count}.part"
-            fill = self._running[(link, hex_digest)] = Fill(self, link, hex_digest, open_upstream, spool)
+        if fill is not None and not fill.done:
+            return fill
+        fill = Fill(self, link, hex_digest, open_upstream)
+        self._running[(link, hex_digest)] = fill
+        task = asyncio.get_running_loop().create_task(fill.run(), name="cache-fill")
+        fill.task = task
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
         return fill
 
-    def running(self, link: str, hex_digest: str) -> Fill | None:
-        return self._running.get((link, hex_digest))
-
-    def completed(self, link: str, hex_digest: str) -> bool:
-        """Whether a fill of this blob through this link was committed in the last minutes."""
-        at = self._recent.get((link, hex_digest))
-        return at is not None and time.monotonic() - at < RECENT_SECONDS
-
-    def completed_now(self, link: str, hex_digest: str) -> None:
-        self._recent[(link, hex_digest)] = time.monotonic()
-        self._recent.move_to_end((link, hex_digest))
-        while len(self._recent) > RECENT:
-            self._recent.popitem(last=False)
-
-    def ended(self, fill: Fill) -> None:
+    def forget(self, fill: Fill) -> None:
         if self._running.get((fill.link, fill.hex)) is fill:
             del self._running[(fill.link, fill.hex)]
 
+    def notify(self, what: str, hex_digest: str, arg: int | str | None = None) -> None:
+        if self.observer is None:
+            return
+        try:
+            if what == "fill_started":
+                self.observer.fill_started(hex_digest)
+            elif what == "fill_done":
+                assert isinstance(arg, int)
+                self.observer.fill_done(hex_digest, arg)
+            else:
+                self.observer.fill_failed(hex_digest, str(arg))
+        except Exception as e:  # noqa: BLE001 - metrics must never fail a fill
+            logger.warning("cache: fill observer failed (%s)", type(e).__name__)
+
     async def aclose(self) -> None:
-        fills = list(self._running.values())
-        for fill in fills:
-            fill.task.cancel()
-        for fill in fills:
+        """Cancel the running fills (their readers fail, their spools are removed) and wait for them."""
+        tasks = list(self._tasks)
+        for t in tasks:
+            t.cancel()
+        for t in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
-                await fill.task
+                await t
+        self._running.clear()
+
+
+def _make_spool(spool_dir: Path) -> tuple[int, Path]:
+    spool_dir.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=spool_dir, prefix="fill-")
+    return fd, Path(name)
+
+
+def _announced_size(resp: httpx.Response) -> int | None:
+    """Content-Length, when it is the blob's size (not that of an encoded body)."""
+    if resp.headers.get("content-encoding", "identity").strip().lower() != "identity":
+        return None
+    value = resp.headers.get("content-length", "").strip()
+    return int(value) if value.isdigit() and len(value) < 20 else None

@@ -96,7 +96,11 @@ class _Observer:
 
     def fill_failed(self, hex_digest: str, reason: str) -> None:
         self.metrics.cache_fill_failed(reason)
-        logger.warning("registryproxy: cache fill of sha256:%s failed (%s); nothing stored", hex_digest[:12], reason)
+        if reason in ("digest_mismatch", "size_mismatch", "store_error"):
+            # The upstream's own refusals and failures are the access log's to show; these are the cache's.
+            logger.warning(
+                "registryproxy: cache fill of sha256:%s failed (%s); nothing stored", hex_digest[:12], reason
+            )
 
     def store_failed(self) -> None:
         self.metrics.cache_store_failed()
