@@ -27,13 +27,12 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from .fill import CHUNK, FillError, Fills, OpenUpstream
+from .fill import CHUNK, BlobJob, FillError, Fills
 from .index import Index
 from .keys import blob_key
 from .store import Store, StoreError
@@ -42,18 +41,6 @@ logger = logging.getLogger(__name__)
 
 TICKET_TTL = 60.0  # s
 MAX_TICKETS = 100_000  # outstanding at once; the oldest are dropped beyond it
-
-
-@dataclass(frozen=True)
-class BlobJob:
-    """What a ticket stands for: the blob, the link id it is reached through, whether the proxy found it
-    cached, how to fetch it upstream, and who is told the outcome ("hit" or "fill") and the bytes sent."""
-
-    hex: str
-    link: str
-    hit: bool
-    open_upstream: OpenUpstream
-    on_done: Callable[[str, int], None] | None = None
 
 
 class _Gone(Exception):

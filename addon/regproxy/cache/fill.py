@@ -57,6 +57,18 @@ OpenUpstream = Callable[[], contextlib.AbstractAsyncContextManager[httpx.Respons
 raise FillError itself (its reason is then used as it is); httpx errors and timeouts are mapped to 502/504."""
 
 
+@dataclass(frozen=True)
+class BlobJob:
+    """What a ticket stands for: the blob, the link id it is reached through, whether the proxy found it
+    cached, how to fetch it upstream, and who is told the outcome ("hit" or "fill") and the bytes sent."""
+
+    hex: str
+    link: str
+    hit: bool
+    open_upstream: OpenUpstream
+    on_done: Callable[[str, int], None] | None = None
+
+
 class FillError(Exception):
     """The fill failed: `reason` is safe to log and to show (no header value, no URL); `status` is what the
     proxy answers when no byte was sent yet (502 the upstream failed, 504 it timed out)."""

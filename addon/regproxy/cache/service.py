@@ -16,17 +16,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from . import keys
-from .blobserver import BlobJob, BlobServer
-from .fill import FillObserver, Fills
+from .fill import BlobJob, FillObserver, Fills
 from .index import Index
 from .keys import Link, TagRecord
 from .settings import CacheSettings
 from .store import Store, StoreError
 from .store_fs import FsStore
-from .store_s3 import S3Store
+
+if TYPE_CHECKING:
+    from .blobserver import BlobServer
 
 logger = logging.getLogger("registryproxy")
 
@@ -68,6 +69,10 @@ class CacheService:
     @classmethod
     async def open(cls, settings: CacheSettings, spool_dir: Path, observer: CacheObserver | None) -> CacheService:
         """Start the store, rebuild the index from it and start the blob server. Raises StoreError."""
+        # The S3 client and the blob server's aiohttp load only with a cache (about 25 MB of resident memory).
+        from .blobserver import BlobServer
+        from .store_s3 import S3Store
+
         store: Store
         if settings.s3 is not None:
             store = S3Store(settings.s3)

@@ -42,7 +42,7 @@ import httpx
 from mitmproxy import http
 
 from ..cache import keys
-from ..cache.blobserver import BlobJob
+from ..cache.fill import BlobJob
 from ..cache.keys import TagRecord
 from ..cache.service import MAX_MANIFEST, CachedManifest, CacheService
 from ..cache.settings import CacheSettings

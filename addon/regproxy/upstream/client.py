@@ -41,6 +41,7 @@ logger = logging.getLogger(__name__)
 AUTH_CACHE_SECONDS = 600.0
 TOKEN_CACHE_SIZE = 1024
 MAX_TOKEN_RESPONSE = 256 * 1024
+KEEPALIVE_SECONDS = 30.0
 
 
 class RegistryClient:
@@ -89,6 +90,9 @@ class RegistryClient:
             client = self._clients[key] = httpx.AsyncClient(
                 follow_redirects=False,
                 timeout=self._timeout,
+                # Kept as long as the pool keeps mitmproxy's upstream connections (steps/pooling.py): the cache's
+                # tag HEADs between pulls would otherwise open a new connection (TCP and TLS: three round trips).
+                limits=httpx.Limits(max_keepalive_connections=32, keepalive_expiry=KEEPALIVE_SECONDS),
                 headers={"User-Agent": "registryproxy"},
                 trust_env=False,
                 verify=verify,

@@ -17,8 +17,8 @@ from typing import TypeVar
 
 import httpx
 import pytest
-from regproxy.cache.blobserver import BlobJob, BlobServer
-from regproxy.cache.fill import Fills, OpenUpstream
+from regproxy.cache.blobserver import BlobServer
+from regproxy.cache.fill import BlobJob, Fills, OpenUpstream
 from regproxy.cache.index import Index
 from regproxy.cache.keys import blob_key, link_key
 from regproxy.cache.store_fs import FsStore
