@@ -121,6 +121,18 @@ class Cache:
         self._plans: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
         self._fills: weakref.WeakKeyDictionary[http.HTTPFlow, Plan] = weakref.WeakKeyDictionary()
 
+    def running(self) -> None:
+        # Open the store (and load its libraries) now, not on the first pull, which would wait for it.
+        state = self.config.state
+        if state is not None and state.config.cache is not None:
+            background.spawn(self._open_early(state.config.cache))
+
+    async def _open_early(self, settings: CacheSettings) -> None:
+        try:
+            await self._current(settings)
+        except Exception as e:  # noqa: BLE001 - the first request tries again, and answers for itself
+            logger.error("registryproxy: the cache could not be opened at start (%s)", type(e).__name__)
+
     async def done(self) -> None:
         if self._service is not None:
             service, self._service = self._service, None
