@@ -45,7 +45,7 @@ import pytest
 from mitmproxy.utils.emoji import emoji
 from prometheus_client.parser import text_string_to_metric_families
 from rig import clients, daemons, images, proxy, registry
-from rig.flowfiles import flow_texts
+from rig.flowfiles import DEBUG_ARGS, flow_texts
 from rig.haproxy import BACKEND, HAProxy, start_haproxy
 from rig.keys import CAP
 from rig.procs import LOOPBACK, wait_until
@@ -784,14 +784,7 @@ def test_a_restarted_replica_serves_hits_from_the_bucket(
 
 # --- secrets ------------------------------------------------------------------------------------------
 
-SESSION_ARGS = (
-    "--set",
-    "termlog_verbosity=debug",
-    "--set",
-    "flow_detail=4",
-    "--set",
-    "registryproxy_connection_logs=true",
-)
+SESSION_ARGS = DEBUG_ARGS
 
 
 def _session(

@@ -25,7 +25,7 @@ import httpx
 import pytest
 import yaml
 from rig import clients, proxy, registry, standard
-from rig.flowfiles import flow_texts
+from rig.flowfiles import DEBUG_ARGS, flow_texts
 from rig.keys import CAP
 from rig.procs import LOOPBACK, Proc, clean_env
 from rig.standard import APP
@@ -45,14 +45,7 @@ MANIFEST_ACCEPT = [
     ("Accept", "application/vnd.oci.image.manifest.v1+json"),
     ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
 ]
-SESSION_ARGS = (
-    "--set",
-    "termlog_verbosity=debug",
-    "--set",
-    "flow_detail=4",
-    "--set",
-    "registryproxy_connection_logs=true",
-)
+SESSION_ARGS = DEBUG_ARGS
 
 
 def session_config(up: dict[str, registry.Upstream]) -> dict[str, Any]:

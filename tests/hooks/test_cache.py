@@ -215,7 +215,8 @@ def test_a_blob_get_goes_to_the_blob_server_without_the_upstream_credential(prox
     f, st = pull(proxy, f"/v2/bp/true/blobs/{blob}")
     cache = proxy.find(Cache)
     assert st.cache == "fill" and f.response is None
-    assert f.request.host == "127.0.0.1" and f.request.port == cache._service.port if cache._service else False
+    service = cache.holder.service
+    assert service is not None and f.request.host == "127.0.0.1" and f.request.port == service.port
     assert f.request.path.startswith("/t/") and "authorization" not in f.request.headers
     assert st.upstream_auth is None
 
@@ -232,7 +233,7 @@ def test_a_reload_applies_sizes_and_times_and_a_new_store(
     f, _ = pull(chain, "/v2/bp/true/manifests/v1")
     answer(chain, f, MANIFEST)
     cache = chain.find(Cache)
-    first = cache._service
+    first = cache.holder.service
     assert first is not None and first.index.max_size == 10**9
     path = Path(chain.state.path)
     settings = {"store": str(tmp_path / "store"), "max_size": "2GB", "tag_ttl": "1h"}
@@ -240,15 +241,15 @@ def test_a_reload_applies_sizes_and_times_and_a_new_store(
     assert chain.config.reload("test")
     upstream.seen.clear()
     _, st = pull(chain, "/v2/bp/true/manifests/v1")
-    assert cache._service is first and first.index.max_size == 2 * 10**9  # the same store, reconfigured
+    assert cache.holder.service is first and first.index.max_size == 2 * 10**9  # the same store, reconfigured
     assert st.cache == "hit" and upstream.seen == []  # tag_ttl applies at once
     # Another store: opened on the next request; what the old one held is not in it.
     path.write_text(config_text(BACKPLANE, OTHER, cache={"store": str(tmp_path / "other")}))
     assert chain.config.reload("test")
     _, st2 = pull(chain, f"/v2/bp/true/manifests/{DIGEST}")
-    assert cache._service is not first and st2.cache == "fill"
+    assert cache.holder.service is not first and st2.cache == "fill"
     # No cache: off.
     path.write_text(config_text(BACKPLANE, OTHER))
     assert chain.config.reload("test")
     _, st3 = pull(chain, f"/v2/bp/true/manifests/{DIGEST}")
-    assert st3.cache == "off" and cache._service is None
+    assert st3.cache == "off" and cache.holder.service is None

@@ -1,4 +1,5 @@
-"""Flow files (`mitmdump -w`) read back as text, for the tests that search them for secrets."""
+"""What the secret scans read: a proxy at its most verbose (`DEBUG_ARGS`), and its flow files (`mitmdump -w`)
+read back as text."""
 
 from __future__ import annotations
 
@@ -6,6 +7,16 @@ from pathlib import Path
 
 from mitmproxy import http
 from mitmproxy import io as mitmio
+
+# mitmdump at its most talkative: every log line, every flow in full, every connection.
+DEBUG_ARGS = (
+    "--set",
+    "termlog_verbosity=debug",
+    "--set",
+    "flow_detail=4",
+    "--set",
+    "registryproxy_connection_logs=true",
+)
 
 
 def flow_texts(path: Path) -> list[str]:

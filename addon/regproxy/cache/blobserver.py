@@ -32,8 +32,9 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 
-from .fill import CHUNK, BlobJob, FillError, Fills
+from .fill import CHUNK, Fills
 from .index import Index
+from .jobs import BlobJob, FillError
 from .keys import blob_key
 from .store import Store, StoreError
 

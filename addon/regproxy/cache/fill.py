@@ -21,84 +21,34 @@ every reader raise `FillError` instead of yielding its last bytes, so no client 
 complete bytes of a blob that was not stored; the blob server then breaks the connection (Content-Length
 unmet, or no chunked terminator). Nothing is stored, and the spool file is removed.
 
-The spool is written by a writer coroutine that takes every chunk the upstream sent while the previous
-write ran and hashes and writes them in one thread call (a bounded queue holds the download back when
-the disk is slower than the network), so the event loop never does file I/O or hashing.
+The spool is written and hashed in a thread by `spool.SpoolWriter`, so the event loop never does file I/O
+or hashing; the vocabulary the fill shares with the blob server (the job, the errors) is `cache/jobs.py`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
-import tempfile
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Protocol
 
 import httpx
 
 from .index import Index
+from .jobs import BlobJob, FillError, FillObserver, FillStart, OpenUpstream
 from .keys import Link, blob_key, link_key
+from .spool import SpoolWriter, make_spool
 from .store import Store, StoreError
+
+__all__ = ["CHUNK", "BlobJob", "Fill", "FillError", "FillObserver", "FillStart", "Fills", "OpenUpstream"]
 
 logger = logging.getLogger(__name__)
 
 CHUNK = 256 * 1024
 IDLE_TIMEOUT = 60.0  # s: the longest the upstream may stay silent (headers or body) before the fill fails
-QUEUE_CHUNKS = 64  # chunks the download may run ahead of the spool writer (httpx yields up to 64 KiB each)
 PASSED_HEADERS = ("www-authenticate", "retry-after")  # a non-200's headers the proxy answers with
-
-OpenUpstream = Callable[[], contextlib.AbstractAsyncContextManager[httpx.Response]]
-"""Opens the streaming GET of the blob upstream (auth and redirects are the caller's business). It may
-raise FillError itself (its reason is then used as it is); httpx errors and timeouts are mapped to 502/504."""
-
-
-@dataclass(frozen=True)
-class BlobJob:
-    """What a ticket stands for: the blob, the link id it is reached through, whether the proxy found it
-    cached, how to fetch it upstream, and who is told the outcome ("hit" or "fill") and the bytes sent."""
-
-    hex: str
-    link: str
-    hit: bool
-    open_upstream: OpenUpstream
-    on_done: Callable[[str, int], None] | None = None
-
-
-class FillError(Exception):
-    """The fill failed: `reason` is safe to log and to show (no header value, no URL); `status` is what the
-    proxy answers when no byte was sent yet (502 the upstream failed, 504 it timed out)."""
-
-    def __init__(self, reason: str, status: int = 502, *, kind: str = "upstream_error") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.status = status
-        self.kind = kind  # the observer's word: upstream_error, digest_mismatch, size_mismatch, store_error, cancelled
-
-
-@dataclass(frozen=True)
-class FillStart:
-    """The upstream's answer: its status, the blob's announced size (200 only; None if not announced) and
-    the headers the proxy passes on (WWW-Authenticate, Retry-After), lower-case names."""
-
-    status: int
-    size: int | None
-    headers: dict[str, str] = field(default_factory=dict)
-
-
-class FillObserver(Protocol):
-    """Metrics of fills. `reason` is one fixed word: digest_mismatch, size_mismatch, upstream_error (a
-    non-200 answer, a failed connection, a timeout), store_error, cancelled."""
-
-    def fill_started(self, hex_digest: str) -> None: ...
-
-    def fill_done(self, hex_digest: str, size: int) -> None: ...
-
-    def fill_failed(self, hex_digest: str, reason: str) -> None: ...
 
 
 class Fill:
@@ -124,8 +74,6 @@ class Fill:
         self._path: Path | None = None
         self._rfd = -1
         self._fd_users = 0
-        self._hash = hashlib.sha256()
-        self._write_error: FillError | None = None
         self.task: asyncio.Task[None] | None = None
 
     # -- what readers see --------------------------------------------------------------------------
@@ -232,7 +180,7 @@ class Fill:
         try:
             with fills.index.pin(key):
                 try:
-                    wfd, path = await asyncio.to_thread(_make_spool, fills.spool_dir)
+                    wfd, path = await asyncio.to_thread(make_spool, fills.spool_dir)
                     self._path = path
                     self._rfd = await asyncio.to_thread(os.open, path, os.O_RDONLY)
                     self._fd_users = 1  # the fill's own hold, released when it ends
@@ -294,85 +242,19 @@ class Fill:
             self._start = FillStart(200, size, {})
             self._started.set()
             self._notify()
-            received = await self._body(resp, wfd, size, idle)
+            writer = SpoolWriter(wfd, self._written)
+            received = await writer.write(resp, size, idle, f"sha256:{self.hex}")
         if size is not None and received != size:
             logger.warning("cache: blob sha256:%s: %d bytes received, %d announced", self.hex, received, size)
             raise FillError("upstream blob has the wrong size", kind="size_mismatch")
-        if self._hash.hexdigest() != self.hex:
+        if writer.hexdigest() != self.hex:
             logger.warning("cache: blob sha256:%s: the upstream's bytes do not match the digest", self.hex)
             raise FillError("upstream blob does not match its digest", kind="digest_mismatch")
         return received
 
-    async def _body(self, resp: httpx.Response, wfd: int, size: int | None, idle: float) -> int:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
-        writer = asyncio.get_running_loop().create_task(self._write_spool(wfd, queue))
-        received = 0
-        try:
-            chunks = resp.aiter_bytes()
-            while True:
-                try:
-                    async with asyncio.timeout(idle):
-                        chunk = await anext(chunks, None)
-                except (httpx.TimeoutException, TimeoutError):
-                    raise FillError("upstream stalled", 504) from None
-                except (httpx.HTTPError, OSError) as e:
-                    raise FillError(f"upstream body failed ({type(e).__name__})") from None
-                if chunk is None:
-                    break
-                received += len(chunk)
-                if size is not None and received > size:
-                    logger.warning("cache: blob sha256:%s: more bytes than the %d announced", self.hex, size)
-                    raise FillError("upstream blob has the wrong size", kind="size_mismatch")
-                if self._write_error is not None:
-                    raise self._write_error
-                async with asyncio.timeout(idle):  # the writer is slower than the network: wait for it
-                    await queue.put(chunk)
-            async with asyncio.timeout(idle):
-                await queue.put(None)
-                await writer
-        except TimeoutError:
-            raise FillError("spool write stalled", 503, kind="store_error") from None
-        finally:
-            if not writer.done():
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await writer
-        if self._write_error is not None:
-            raise self._write_error
-        return received
-
-    async def _write_spool(self, wfd: int, queue: asyncio.Queue[bytes | None]) -> None:
-        """Hash and write what the download queued, everything queued at once per thread call."""
-        while True:
-            batch: list[bytes] = []
-            item = await queue.get()
-            end = item is None
-            if item is not None:
-                batch.append(item)
-            while not end and not queue.empty():
-                item = queue.get_nowait()
-                if item is None:
-                    end = True
-                else:
-                    batch.append(item)
-            if batch and self._write_error is None:
-                try:
-                    await asyncio.to_thread(self._absorb, wfd, batch)
-                except OSError as e:
-                    logger.warning("cache: cannot write a spool file (%s)", e.strerror or type(e).__name__)
-                    self._write_error = FillError("spool write failed", 503, kind="store_error")
-                else:
-                    self.written += sum(len(c) for c in batch)
-                    self._notify()
-            if end:
-                return
-
-    def _absorb(self, wfd: int, batch: list[bytes]) -> None:
-        for chunk in batch:
-            self._hash.update(chunk)
-            view = memoryview(chunk)
-            while view:
-                view = view[os.write(wfd, view) :]
+    def _written(self, n: int) -> None:
+        self.written += n
+        self._notify()
 
     async def _commit(self, key: str, size: int) -> None:
         fills = self._fills
@@ -451,12 +333,6 @@ class Fills:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await t
         self._running.clear()
-
-
-def _make_spool(spool_dir: Path) -> tuple[int, Path]:
-    spool_dir.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=spool_dir, prefix="fill-")
-    return fd, Path(name)
 
 
 def _announced_size(resp: httpx.Response) -> int | None:

@@ -11,16 +11,18 @@ client: the request goes upstream as if there were no cache.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from . import keys
-from .fill import BlobJob, FillObserver, Fills
+from .fill import Fills
 from .index import Index
+from .jobs import BlobJob, FillObserver
 from .keys import Link, TagRecord
 from .settings import CacheSettings
 from .store import Store, StoreError
@@ -32,6 +34,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger("registryproxy")
 
 MAX_MANIFEST = 4 * 1024 * 1024  # the distribution spec's limit; larger manifests are not cached
+RETRY_OPEN = 30.0  # seconds before a store that failed to open is tried again
+RELOAD_GRACE = 600.0  # seconds a replaced store keeps serving the transfers it began
 
 
 class CacheObserver(FillObserver, Protocol):
@@ -65,6 +69,7 @@ class CacheService:
         self.server = server
         self.port = 0
         self._observer = observer
+        self._last_failure_log = -1e9  # a failing store is logged at most once a minute
 
     @classmethod
     async def open(cls, settings: CacheSettings, spool_dir: Path, observer: CacheObserver | None) -> CacheService:
@@ -177,6 +182,29 @@ class CacheService:
             return False
         return True
 
+    async def fill_manifest(
+        self, link: str, body: bytes, media_type: str, *, expected: str | None, stated: str | None, tag: str | None
+    ) -> str | None:
+        """Store a manifest that went upstream, link it, and for a tag record what it named now. `expected` is
+        the digest the request asked for (None for a tag, which may have moved since its HEAD), `stated` the
+        upstream's Docker-Content-Digest. None when stored, else why not: digest_mismatch, too_large,
+        store_error."""
+        hex_digest = keys.sha256_hex(body)
+        if (expected is not None and expected != hex_digest) or (stated is not None and stated != hex_digest):
+            return "digest_mismatch"
+        if len(body) > MAX_MANIFEST:
+            return "too_large"
+        if not await self.put_manifest(link, hex_digest, media_type, body):
+            return "store_error"
+        if tag is not None:
+            await self.put_tag(link, tag, TagRecord(f"sha256:{hex_digest}", media_type, len(body), time.time()))
+        return None
+
+    async def manifest_of(self, link: str, record: TagRecord) -> CachedManifest | None:
+        """The manifest a tag record names, if this link has it."""
+        hex_digest = keys.parse_digest(record.digest)
+        return await self.manifest(link, hex_digest) if hex_digest is not None else None
+
     async def presign_blob(self, hex_digest: str) -> str | None:
         s3 = self.settings.s3
         if s3 is None or not s3.redirect:
@@ -204,14 +232,11 @@ class CacheService:
 
     def _failed(self, e: Exception) -> None:
         now = time.monotonic()
-        if now - _last_failure_log[0] > 60:
-            _last_failure_log[0] = now
+        if now - self._last_failure_log > 60:
+            self._last_failure_log = now
             logger.warning("registryproxy: cache store failed (%s); serving as if uncached", e)
         if self._observer is not None:
             self._observer.store_failed()
-
-
-_last_failure_log = [-1e9]
 
 
 def _where(settings: CacheSettings) -> str:
@@ -220,4 +245,64 @@ def _where(settings: CacheSettings) -> str:
     return str(settings.path)
 
 
-OnDone = Callable[[str, int], None]
+class CacheHolder:
+    """The service of the configuration's current `cache:` section: opened on first use (or at start),
+    reconfigured by a reload that keeps the store, reopened by one that changes it (the old service closed
+    once its transfers end, at most `RELOAD_GRACE` later), and tried again `RETRY_OPEN` after a store that
+    could not be opened (served uncached meanwhile)."""
+
+    def __init__(self, observer: CacheObserver | None) -> None:
+        self.observer = observer
+        self.service: CacheService | None = None
+        self._lock = asyncio.Lock()
+        self._retry_at = 0.0
+        self._spool: tempfile.TemporaryDirectory[str] | None = None
+        self._closing: set[asyncio.Task[None]] = set()
+
+    async def current(self, settings: CacheSettings | None) -> CacheService | None:
+        service = self.service
+        if settings is None:
+            if service is not None:
+                self.service = None
+                self._close_later(service)
+            return None
+        if service is not None and _same_store(service.settings, settings):
+            if service.settings != settings:
+                service.reconfigure(settings)
+            return service
+        async with self._lock:
+            service = self.service
+            if service is not None and _same_store(service.settings, settings):
+                return service
+            if time.monotonic() < self._retry_at:
+                return None
+            if self._spool is None:  # an S3 store's fills spool here (a directory store has its own)
+                self._spool = tempfile.TemporaryDirectory(prefix="registryproxy-spool-")
+            try:
+                new = await CacheService.open(settings, Path(self._spool.name), self.observer)
+            except StoreError as e:
+                self._retry_at = time.monotonic() + RETRY_OPEN
+                logger.error("registryproxy: cache store %s cannot be opened (%s); serving uncached", settings.store, e)
+                return None
+            self.service = new
+            if service is not None:
+                self._close_later(service)
+            return new
+
+    async def aclose(self) -> None:
+        service, self.service = self.service, None
+        if service is not None:
+            await service.aclose()
+        for task in list(self._closing):
+            task.cancel()
+        if self._spool is not None:
+            self._spool.cleanup()
+
+    def _close_later(self, service: CacheService) -> None:
+        task = asyncio.get_running_loop().create_task(service.aclose(RELOAD_GRACE))
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
+
+
+def _same_store(a: CacheSettings, b: CacheSettings) -> bool:
+    return a.path == b.path and a.s3 == b.s3

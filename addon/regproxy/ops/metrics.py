@@ -95,15 +95,6 @@ def fold_grant(grant: str) -> str:
     return grant if grant in GRANTS else "other"
 
 
-FILL_REASONS = frozenset(
-    {"digest_mismatch", "size_mismatch", "upstream_error", "upstream_status", "store_error", "cancelled", "too_large"}
-)
-
-
-def fold_fill_reason(reason: str) -> str:
-    return reason if reason in FILL_REASONS else "other"
-
-
 def fold_reason(reason: str) -> str:
     """A refusal reason: a registry error code (any case) or a token error, else `other`."""
     key = reason.strip().lower().replace("-", "_").replace(" ", "_")
@@ -250,55 +241,10 @@ class Metrics:
             "Operations of the limits' store (Redis) that failed or timed out.",
             registry=target,
         )
-        self._cache_requests = Counter(
-            "registryproxy_cache_requests",
-            "Requests of cached mappings by kind (manifest, blob) and outcome (hit, miss, fill, stale).",
-            ["kind", "outcome"],
-            registry=target,
-        )
-        self._cache_saved = Counter(
-            "registryproxy_cache_manifest_gets_saved",
-            "Manifest GETs by tag answered from the cache after an upstream HEAD (or within tag_ttl): upstream GETs spared.",
-            registry=target,
-        )
-        self._cache_served = Counter(
-            "registryproxy_cache_bytes_served",
-            "Bytes of blobs and manifests served from the cache.",
-            registry=target,
-        )
-        self._cache_filled = Counter(
-            "registryproxy_cache_bytes_filled",
-            "Bytes fetched from upstreams and committed to the cache.",
-            registry=target,
-        )
-        self._cache_size = Gauge(
-            "registryproxy_cache_store_bytes",
-            "Bytes of content in the cache's store, as this process's index counts them.",
-            registry=target,
-            multiprocess_mode="livemax",
-        )
-        self._cache_evictions = Counter(
-            "registryproxy_cache_evictions",
-            "Content evicted from the cache (least recently used beyond max_size).",
-            registry=target,
-        )
-        self._cache_stale = Counter(
-            "registryproxy_cache_stale",
-            "Tags answered from the cache because the upstream failed (stale_if_error), by mapping.",
-            ["mapping"],
-            registry=target,
-        )
-        self._cache_fill_failures = Counter(
-            "registryproxy_cache_fill_failures",
-            "Fills that stored nothing, by reason (digest_mismatch, size_mismatch, upstream_error, store_error, ...).",
-            ["reason"],
-            registry=target,
-        )
-        self._cache_store_failures = Counter(
-            "registryproxy_cache_store_failures",
-            "Operations of the cache's store that failed (the request was served as if uncached).",
-            registry=target,
-        )
+        # The pull-through cache's metrics, in the same registry (imported here: cache_metrics uses fold_mapping).
+        from .cache_metrics import CacheMetrics
+
+        self.cache = CacheMetrics(target)
 
     def request(self, *, mapping: str, method: str, route: str, status: int | str) -> None:
         """Count one answered request; `status` is the HTTP status, or "error" when none was sent."""
@@ -340,35 +286,6 @@ class Metrics:
     def set_config_info(self, mappings: int, keys: int) -> None:
         self._mappings.set(mappings)
         self._keys.set(keys)
-
-    def cache_request(self, kind: str, outcome: str) -> None:
-        self._cache_requests.labels(kind, outcome).inc()
-
-    def cache_manifest_get_saved(self) -> None:
-        self._cache_saved.inc()
-
-    def cache_bytes_served(self, n: int) -> None:
-        if n > 0:
-            self._cache_served.inc(n)
-
-    def cache_bytes_filled(self, n: int) -> None:
-        if n > 0:
-            self._cache_filled.inc(n)
-
-    def cache_store_size(self, n: int) -> None:
-        self._cache_size.set(n)
-
-    def cache_evicted(self) -> None:
-        self._cache_evictions.inc()
-
-    def cache_stale(self, mapping: str) -> None:
-        self._cache_stale.labels(fold_mapping(mapping)).inc()
-
-    def cache_fill_failed(self, reason: str) -> None:
-        self._cache_fill_failures.labels(fold_fill_reason(reason)).inc()
-
-    def cache_store_failed(self) -> None:
-        self._cache_store_failures.inc()
 
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition and its Content-Type: OpenMetrics 1.0 when `accept` asks for it, else text 0.0.4."""
