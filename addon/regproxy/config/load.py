@@ -25,6 +25,7 @@ import yaml
 
 from ..cache.settings import CacheSettingsError, parse_cache
 from ..limits.settings import LimitsError, parse_settings
+from ..links import LINK_ID_RE, DurationError, parse_duration
 from ..transport.egress import Egress, EgressError
 from ..transport.trust import Trust, TrustError, default_store
 from .mappings import parse_proxies
@@ -57,7 +58,11 @@ TOP_KEYS = {
     "redis_url",
     "trusted_proxies",
     "cache",
+    "revoked_links",
+    "link_max_age",
 }
+DEFAULT_LINK_MAX_AGE = 90 * 86400
+MAX_LINK_MAX_AGE = 3650 * 86400
 
 
 def load_file(path: str | os.PathLike[str], environ: AnyMapping[str, str] | None = None) -> Config:
@@ -149,6 +154,13 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         cache = parse_cache(data.get("cache"), environ, base)
     except CacheSettingsError as e:
         raise ConfigError(str(e)) from None
+    revoked_links = _revoked_links(data.get("revoked_links"))
+    try:
+        link_max_age = parse_duration(data.get("link_max_age", DEFAULT_LINK_MAX_AGE))
+    except DurationError as e:
+        raise ConfigError(f"link_max_age: {e}") from None
+    if link_max_age > MAX_LINK_MAX_AGE:
+        raise ConfigError("link_max_age: must be at most 3650d (ten years)")
     return Config(
         listen_addr=listen_addr,
         port=port,
@@ -163,7 +175,23 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         trust_store=store,
         limits=limits,
         cache=cache,
+        revoked_links=revoked_links,
+        link_max_age=link_max_age,
     )
+
+
+def _revoked_links(value: object) -> frozenset[str]:
+    """`revoked_links`: the ids of share links that no longer work (as `./run.sh link` prints them)."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list):
+        raise ConfigError("revoked_links: must be a list of link ids (as ./run.sh link prints them)")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not LINK_ID_RE.fullmatch(item.strip()):
+            raise ConfigError(
+                f"revoked_links[{i}]: not a link id (16 characters a-z and 2-7, as ./run.sh link prints it)"
+            )
+    return frozenset(item.strip() for item in value)
 
 
 def _exclusive(data: dict[str, Any], *keys: str) -> None:
