@@ -10,7 +10,7 @@ containerd's `?ns=HOST` is served by the mapping whose `mirror_of` lists HOST, a
 mapping's root (the whole name goes below its remote), and by no other: an unknown HOST matches
 nothing. Without mirror mode `?ns=` is ignored, as it always was.
 
-A capability key's secret segments are never sent upstream as part of a repository name: a
+A capability key's secret segments (and share links) are never sent upstream as part of a repository name: a
 name that holds one below the key that matched it (`<key>/typo` falling to the root mapping,
 or any name asked for with `?ns=`) matches nothing, as an unknown name.
 
@@ -104,13 +104,16 @@ class Matcher:
             return None
         else:
             rest = []
-        if self._holds_secret(rest) or any(looks_like_link(s) for s in rest):
+        if self._holds_secret(rest):
             return None
         return Match(mapping, name, mapping.upstream_name_of(rest), link)
 
     def _holds_secret(self, segments: list[str]) -> bool:
-        """Whether these segments (those that would go upstream) hold a capability key's secret segment.
-        A set lookup of whole segments: no faster for a key that is almost right."""
+        """Whether these segments (those that would go upstream) hold a capability key's secret segment or
+        something of a share link's shape. A set lookup of whole segments: no faster for a key that is almost
+        right."""
+        if any(looks_like_link(s) for s in segments):
+            return True
         return bool(self._secrets) and any(s in self._secrets for s in segments)
 
 
