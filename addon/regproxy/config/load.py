@@ -156,9 +156,9 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         raise ConfigError(str(e)) from None
     revoked_links = _revoked_links(data.get("revoked_links"))
     try:
-        link_max_age = parse_duration(data.get("link_max_age", DEFAULT_LINK_MAX_AGE))
+        link_max_age = parse_duration(data.get("link_max_age", DEFAULT_LINK_MAX_AGE), "link_max_age")
     except DurationError as e:
-        raise ConfigError(f"link_max_age: {e}") from None
+        raise ConfigError(str(e)) from None
     if link_max_age > MAX_LINK_MAX_AGE:
         raise ConfigError("link_max_age: must be at most 3650d (ten years)")
     return Config(

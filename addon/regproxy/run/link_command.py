@@ -48,9 +48,9 @@ def mint_link(config: Config, key: str, expires: str, clock: Callable[[], float]
     if not mapping.namespace and looks_like_capability(mapping.prefix[-1]):
         raise LinkRefused(f"link: {show_key(key)}: its last segment is secret, and a link's name would show it")
     try:
-        seconds = parse_duration(expires)
+        seconds = parse_duration(expires, "--expires")
     except DurationError as e:
-        raise LinkRefused(f"link: --expires {e}") from None
+        raise LinkRefused(f"link: {e}") from None
     if seconds > config.link_max_age:
         raise LinkRefused(
             f"link: --expires {format_duration(seconds)} is over link_max_age ({format_duration(config.link_max_age)})"

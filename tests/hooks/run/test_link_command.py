@@ -74,7 +74,7 @@ def test_a_repository_link_is_pulled_by_the_keys_last_segment(
     [
         (["link", "nope/", "--expires", "1d"], "link: nope/ is not a mapping key of the configuration"),
         (["link", "bp/", "--expires", "31d"], "link: --expires 31d is over link_max_age (30d)"),
-        (["link", "bp/", "--expires", "soon"], "link: --expires must be a duration"),
+        (["link", "bp/", "--expires", "soon"], "link: --expires: must be a duration"),
         (["link", CAP, "--expires", "1d"], "link: <capability>: its last segment is secret"),
     ],
 )
