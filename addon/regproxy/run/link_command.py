@@ -1,9 +1,10 @@
 """`./run.sh link KEY --expires DURATION [--note TEXT]`: mint a share link for a mapping (links/).
 
 It reads the configuration the proxy would (`$REGISTRYPROXY_CONFIG`, else config.yaml) for the secret key
-(or `$REGISTRYPROXY_SECRETKEY` / `$REGISTRYPROXY_SECRETKEY_FILE`), the mapping's key and `link_max_age`;
-it writes nothing and keeps no list: the link is good on every replica that shares the key. Every refusal
-is one line on stderr and exit code 2.
+(or `$REGISTRYPROXY_SECRETKEY` / `$REGISTRYPROXY_SECRETKEY_FILE`), the mapping's key, `link_max_age` and
+`public_url`, and nothing else (`config.load.link_settings`: no credential of the proxy's environment is
+needed); it writes nothing and keeps no list: the link is good on every replica that shares the key. Every
+refusal is one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from ..config import Config, ConfigError, Mapping, load_file
+from ..config import ROOT_KEY, ConfigError
+from ..config.load import LinkSettings, link_settings
 from ..config.model import show_key
 from ..links import DurationError, format_duration, mint, parse_duration
 from ..links.book import utc
@@ -35,17 +37,16 @@ class Minted:
     reference: str  # what a client pulls: HOST/LINK/<repository> or HOST/LINK/<name>
 
 
-def mint_link(config: Config, key: str, expires: str, clock: Callable[[], float] = time.time) -> Minted:
+def mint_link(config: LinkSettings, key: str, expires: str, clock: Callable[[], float] = time.time) -> Minted:
     """A new link for the mapping `key`, good for `expires`. Raises `LinkRefused`."""
     if config.generated_key:
         raise LinkRefused(
             "link: no secret key configured (secretkey in the config file, or $REGISTRYPROXY_SECRETKEY): "
             "a link is sealed with it"
         )
-    mapping = next((m for m in config.mappings if m.key == key), None)
-    if mapping is None:
+    if key not in config.mapping_keys:
         raise LinkRefused(f"link: {show_key(key)} is not a mapping key of the configuration (bp/, <key>/nginx, *)")
-    if not mapping.namespace and looks_like_capability(mapping.prefix[-1]):
+    if not _namespace(key) and looks_like_capability(key.rsplit("/", 1)[-1]):
         raise LinkRefused(f"link: {show_key(key)}: its last segment is secret, and a link's name would show it")
     try:
         seconds = parse_duration(expires, "--expires")
@@ -55,27 +56,29 @@ def mint_link(config: Config, key: str, expires: str, clock: Callable[[], float]
         raise LinkRefused(
             f"link: --expires {format_duration(seconds)} is over link_max_age ({format_duration(config.link_max_age)})"
         )
-    link, made = mint(config.secretkeys[0], mapping.key, int(clock()) + seconds)
-    return Minted(link, made.id, made.expires_at, f"{_host(config)}/{_name(mapping, link)}")
+    link, made = mint(config.secretkeys[0], key, int(clock()) + seconds)
+    return Minted(link, made.id, made.expires_at, f"{_host(config)}/{_name(key, link)}")
 
 
-def _name(mapping: Mapping, link: str) -> str:
-    if mapping.namespace:
+def _namespace(key: str) -> bool:
+    return key == ROOT_KEY or key.endswith("/")
+
+
+def _name(key: str, link: str) -> str:
+    """The name a client pulls: below the link for a namespace, the key's last segment for a repository."""
+    if _namespace(key):
         return f"{link}/<repository>"
-    return f"{link}/{mapping.prefix[-1]}"
+    return f"{link}/{key.rsplit('/', 1)[-1]}"
 
 
-def _host(config: Config) -> str:
-    if config.public_url:
-        return urlsplit(config.public_url).netloc
-    hosts = [h for m in config.mappings for h in m.hosts]
-    return hosts[0] if hosts else "<proxy host>"
+def _host(config: LinkSettings) -> str:
+    return urlsplit(config.public_url).netloc if config.public_url else "<proxy host>"
 
 
 def run_link(config_path: str, key: str, expires: str, note: str | None) -> int:
     """The command: print the link, its id, expiry and a pull command; or one line and exit code 2."""
     try:
-        minted = mint_link(load_file(config_path), key, expires)
+        minted = mint_link(link_settings(config_path), key, expires)
     except ConfigError as e:
         print(f"link: {e}", file=sys.stderr)
         return EXIT_REFUSED

@@ -111,7 +111,26 @@ def test_the_secret_key_from_the_environment_or_a_key_file(
 
 
 def test_a_bad_configuration_is_one_line(config_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config_file.write_text(f"secretkey: '{KEY}'\nrevoked_links: [nope]\n{PROXIES}")
+    config_file.write_text(f"secretkey: 'abc'\n{PROXIES}")
     assert cli.main(["link", "bp/", "--expires", "1d"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("link: revoked_links[0]: not a link id") and err.count("\n") == 1
+    assert err.startswith("link: secretkey: is not hex") and err.count("\n") == 1 and "abc" not in err
+
+
+def test_only_the_secret_key_and_the_keys_are_read(
+    config_file: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A mapping whose password comes from a variable this shell lacks, a CA file elsewhere: still minted."""
+    monkeypatch.delenv("RP_LINK_TEST_PASSWORD", raising=False)
+    config_file.write_text(
+        f"secretkey: '{KEY}'\nproxies:\n  'bp/':\n    registry: https://registry.example.com\n"
+        "    username: robot\n    password_env: RP_LINK_TEST_PASSWORD\n    ca_file: /nonexistent/ca.pem\n"
+    )
+    assert cli.main(["link", "bp/", "--expires", "1d"]) == 0
+    assert resolve_key(printed(capsys.readouterr().out)["link"]) == "bp/"
+
+
+def resolve_key(link: str) -> str:
+    use = LinkBook((bytes.fromhex(KEY),), ("bp/",)).resolve(link)
+    assert use is not None
+    return use.mapping_key
