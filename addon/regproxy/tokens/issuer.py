@@ -121,7 +121,9 @@ class TokenService:
         for name in pull_names(list(req.scopes)):
             match = self._matcher.match(name, host, ns)
             link = match.link if match is not None else None
-            if match is None or not is_valid_name(match.upstream_name) or (link is not None and link.state != "ok"):
+            # A link with less than a second left is granted nothing: no token may outlive it.
+            spent = link is not None and (link.state != "ok" or link.remaining < 1)
+            if match is None or not is_valid_name(match.upstream_name) or spent:
                 groups.setdefault(None, (None, [], []))[1].append(name)
                 continue
             if link is not None:

@@ -182,6 +182,16 @@ def test_a_token_expires_no_later_than_its_link() -> None:
     assert codec.read_access(str(body.body["token"]), AUD).expires_at <= int(clock.now) + 90
 
 
+def test_a_link_in_its_last_second_is_granted_nothing() -> None:
+    clock = Clock()
+    clock.now = int(clock.now) + 0.6
+    _, codec, svc = setup(config(), clock)
+    link, _ = link_for("bp/", 1, clock)  # good until int(now) + 1: 0.4 s left
+    body = asyncio.run(svc.answer(TokenRequest(None, (f"repository:{link}/app:pull",), False, None, "a"), AUD, None))
+    [grant] = codec.read_access(str(body.body["token"]), AUD).grants
+    assert grant.mapping is None and grant.link is None
+
+
 def test_expired_and_revoked_are_denied_saying_why() -> None:
     clock = Clock()
     m, codec, svc = setup(config(), clock)
