@@ -1,0 +1,193 @@
+"""Sigstore signatures through the proxy: found by skopeo and podman, checked against a policy, copied with `--all`.
+
+Each test runs on every `side` (e2e/artifacts_rig.py): a plain-HTTP and an HTTPS token upstream, each with and
+without the cache. Images are signed on the upstream the way cosign stores signatures (rig/sigstore.py: an
+OCI image tagged `sha256-<hex>.sig` holding the simple-signing payload and its ECDSA signature, made with
+a key in cosign's encrypted private-key format). What the tools here can and cannot do, seen with
+skopeo 1.9.3 and podman 4.3.1 (Debian bookworm's containers/image 5.23.1):
+- `skopeo copy --sign-by-sigstore-private-key` fails with "creating signature: Debian-local change:
+  sigstore disabled", so the signature is made by rig/sigstore.py instead (the same manifest, payload
+  and annotation cosign pushes);
+- a `sigstoreSigned` requirement is enforced up to the signature's cryptographic check, which Debian's
+  build refuses with "Source image rejected: Debian-local change: sigstore disabled": a signed image is
+  FOUND through the proxy (both tools fetch the `.sig` manifest and its payload blob through it, the
+  upstream sees those requests under its own names), and an unsigned image is REFUSED by the policy
+  ("A signature was required, but no signature exists"). The signature itself is verified here with the
+  public key, on the bytes the proxy served (the check containers/image makes: ECDSA P-256 over the
+  payload, the payload naming the image's manifest digest).
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from e2e.artifacts_rig import Side, side
+from rig import images, sigstore
+from rig.podman import Podman
+from rig.procs import RunResult, run
+
+pytestmark = pytest.mark.e2e
+__all__ = ["side"]
+
+DISABLED = "Debian-local change: sigstore disabled"
+NO_SIGNATURE = "A signature was required, but no signature exists"
+_seq = itertools.count()
+
+
+def push_signed(s: Side, layout: Path, pair: sigstore.KeyPair, repo: str, *, index: bool = False) -> tuple[str, str]:
+    """An image (or multi-arch index) pushed as platform/REPO:v1 and signed: (its digest, the signature's digest)."""
+    seed = f"{s.name}-{repo}-{next(_seq)}"
+    if index:
+        images.build_index(layout, repo, layers=(1024, 512), seed=seed)
+    else:
+        images.build_image(layout, repo, layers=(1024,), seed=seed)
+    digest = images.push(layout, repo, s.up, f"platform/{repo}", "v1", all=index)
+    payload = sigstore.simple_signing_payload(f"{s.upstream_prefix()}/{repo}:v1", digest)
+    manifest, blobs = sigstore.signature_manifest(payload, sigstore.sign_payload(pair, payload))
+    o = s.upstream_oras(f"platform/{repo}")
+    for blob, media_type in zip(blobs, (sigstore.OCI_CONFIG, sigstore.SIGNATURE_MEDIA_TYPE), strict=True):
+        o.push_blob(f"platform/{repo}", blob, media_type)
+    sig_digest = o.put_manifest(f"platform/{repo}", sigstore.signature_tag(digest), manifest, sigstore.OCI_MANIFEST)
+    return digest, sig_digest
+
+
+def push_unsigned(s: Side, layout: Path, repo: str) -> str:
+    images.build_image(layout, repo, layers=(1024,), seed=f"{s.name}-{repo}-{next(_seq)}")
+    return images.push(layout, repo, s.up, f"platform/{repo}", "v1")
+
+
+def verify_through_proxy(s: Side, pair: sigstore.KeyPair, repo: str, digest: str) -> None:
+    """The signature as the proxy serves it: the public key verifies it, and its payload names `digest`."""
+    o = s.proxy_oras()
+    r = o.get_manifest(f"a/{repo}", sigstore.signature_tag(digest))
+    assert r.status_code == 200, r.text
+    layer: dict[str, Any] = r.json()["layers"][0]
+    assert layer["mediaType"] == sigstore.SIGNATURE_MEDIA_TYPE
+    blob = o.request("GET", f"a/{repo}", f"blobs/{layer['digest']}")
+    assert blob.status_code == 200
+    payload: bytes = blob.content
+    key = serialization.load_pem_public_key(pair.public_key.read_bytes())
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    signature = base64.b64decode(layer["annotations"][sigstore.SIGNATURE_ANNOTATION])
+    key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))  # raises InvalidSignature otherwise
+    critical = json.loads(payload)["critical"]
+    assert critical["image"]["docker-manifest-digest"] == digest
+    assert critical["identity"]["docker-reference"] == f"{s.upstream_prefix()}/{repo}:v1"
+
+
+def fetched_signature(s: Side, repo: str, digest: str) -> bool:
+    """Whether the upstream received, through the proxy, the GET of `repo`'s signature manifest for `digest`."""
+    path = f"/v2/platform/{repo}/manifests/{sigstore.signature_tag(digest)}"
+    return any(e.method == "GET" and e.path == path for e in s.up.access_log())
+
+
+def assert_enforced(res: RunResult, *, signed: bool) -> None:
+    """A signed image: accepted, or (Debian's build) refused only at the cryptographic check. Unsigned: refused."""
+    if signed:
+        assert res.returncode == 0 or DISABLED in res.stderr, res.describe()
+        assert NO_SIGNATURE not in res.stderr, res.describe()
+    else:
+        assert res.returncode != 0 and NO_SIGNATURE in res.stderr, res.describe()
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> sigstore.KeyPair:
+    return sigstore.make_key_pair(tmp_path_factory.mktemp("sigstore-keys"))
+
+
+def test_the_key_is_in_cosigns_format_and_signs(keys: sigstore.KeyPair) -> None:
+    pem = keys.private_key.read_text()
+    assert pem.startswith(f"-----BEGIN {sigstore.PRIVATE_KEY_PEM_TYPE}-----\n")
+    doc = json.loads(base64.b64decode("".join(pem.strip().splitlines()[1:-1])))
+    assert doc["kdf"]["name"] == "scrypt" and doc["kdf"]["params"] == sigstore.SCRYPT_PARAMS
+    assert doc["cipher"]["name"] == "nacl/secretbox" and len(base64.b64decode(doc["cipher"]["nonce"])) == 24
+    key = serialization.load_pem_public_key(keys.public_key.read_bytes())
+    assert isinstance(key, ec.EllipticCurvePublicKey)
+    key.verify(base64.b64decode(sigstore.sign_payload(keys, b"x")), b"x", ec.ECDSA(hashes.SHA256()))
+
+
+def test_skopeo_finds_the_signature_and_the_policy_refuses_an_unsigned_image(
+    side: Side, keys: sigstore.KeyPair, tmp_path: Path
+) -> None:
+    digest, _ = push_signed(side, tmp_path / "layout", keys, "signed")
+    push_unsigned(side, tmp_path / "layout", "unsigned")
+    regd = sigstore.registries_d(tmp_path / "registries.d")
+    policy = sigstore.policy(tmp_path / "policy.json", keys.public_key, side.proxy_prefix(), side.upstream_prefix())
+    side.up.clear_access_log()
+    signed = sigstore.skopeo_verified_copy(
+        f"docker://{side.proxy_prefix()}/signed:v1", f"oci:{tmp_path}/out:s", policy, regd, "--src-tls-verify=false"
+    )
+    assert_enforced(signed, signed=True)
+    assert fetched_signature(side, "signed", digest)
+    unsigned = sigstore.skopeo_verified_copy(
+        f"docker://{side.proxy_prefix()}/unsigned:v1", f"oci:{tmp_path}/out:u", policy, regd, "--src-tls-verify=false"
+    )
+    assert_enforced(unsigned, signed=False)
+    verify_through_proxy(side, keys, "signed", digest)
+
+
+def test_podman_finds_the_signature_and_the_policy_refuses_an_unsigned_image(
+    side: Side, keys: sigstore.KeyPair, tmp_path: Path
+) -> None:
+    digest, _ = push_signed(side, tmp_path / "layout", keys, "podsigned")
+    push_unsigned(side, tmp_path / "layout", "podunsigned")
+    podman = Podman(tmp_path / "podman")
+    home = sigstore.podman_home(tmp_path / "home")
+    policy = sigstore.policy(tmp_path / "policy.json", keys.public_key, side.proxy_prefix(), side.upstream_prefix())
+
+    def pull(repo: str) -> RunResult:
+        args = ["pull", "-q", "--signature-policy", str(policy), "--tls-verify=false", f"{side.proxy_prefix()}/{repo}:v1"]
+        return run(podman.argv(*args), timeout=120, env_extra={**podman.env(), "HOME": str(home)})
+
+    side.up.clear_access_log()
+    assert_enforced(pull("podsigned"), signed=True)
+    assert fetched_signature(side, "podsigned", digest)
+    assert_enforced(pull("podunsigned"), signed=False)
+
+
+def test_skopeo_copy_all_through_the_proxy_keeps_every_digest_and_the_signature(
+    side: Side, keys: sigstore.KeyPair, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A signed multi-arch index copied with `--all` from the proxy to another registry: the index, each
+    instance and the signature's payload keep their digests. skopeo writes the signature as a `.sig`
+    manifest of its own making (its config and field order differ from cosign's), so that manifest's
+    digest changes; copying the `.sig` tag itself keeps it, as `cosign copy` does."""
+    from rig import registry
+
+    dest = registry.start_upstream("anonymous", tmp_path / "dest")
+    request.addfinalizer(dest.stop)
+    layout = tmp_path / "layout"
+    digest, sig_digest = push_signed(side, layout, keys, "multi", index=True)
+    regd = sigstore.registries_d(tmp_path / "registries.d")
+    accept = tmp_path / "accept.json"
+    accept.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
+    tls = ("--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests")
+    res = sigstore.skopeo_verified_copy(
+        f"docker://{side.proxy_prefix()}/multi:v1", f"docker://{dest.host}/copied/multi:v1", accept, regd, *tls, "--all"
+    )
+    assert res.returncode == 0, res.describe()
+    index = json.loads(images.get_manifest(side.up, "platform/multi", "v1")[0])
+    body, _, copied_digest = images.get_manifest(dest, "copied/multi", "v1")
+    assert copied_digest == digest and images.sha256_digest(body) == digest
+    for instance in index["manifests"]:
+        assert images.manifest_digest(dest, "copied/multi", instance["digest"]) == instance["digest"]
+    up_sig = json.loads(images.get_manifest(side.up, "platform/multi", sigstore.signature_tag(digest))[0])
+    copied_sig_body, _, copied_sig = images.get_manifest(dest, "copied/multi", sigstore.signature_tag(digest))
+    copied = json.loads(copied_sig_body)
+    assert [(x["digest"], x["annotations"]) for x in copied["layers"]] == [
+        (x["digest"], x["annotations"]) for x in up_sig["layers"]
+    ]
+    assert copied_sig != sig_digest  # skopeo's own `.sig` manifest, as said above
+    tag = sigstore.signature_tag(digest)
+    res = sigstore.skopeo_verified_copy(
+        f"docker://{side.proxy_prefix()}/multi:{tag}", f"docker://{dest.host}/cosigned/multi:{tag}", accept, regd, *tls
+    )
+    assert res.returncode == 0, res.describe()
+    assert images.manifest_digest(dest, "cosigned/multi", tag) == sig_digest
