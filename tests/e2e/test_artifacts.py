@@ -143,7 +143,14 @@ def test_podman_finds_the_signature_and_the_policy_refuses_an_unsigned_image(
     policy = sigstore.policy(tmp_path / "policy.json", keys.public_key, side.proxy_prefix(), side.upstream_prefix())
 
     def pull(repo: str) -> RunResult:
-        args = ["pull", "-q", "--signature-policy", str(policy), "--tls-verify=false", f"{side.proxy_prefix()}/{repo}:v1"]
+        args = [
+            "pull",
+            "-q",
+            "--signature-policy",
+            str(policy),
+            "--tls-verify=false",
+            f"{side.proxy_prefix()}/{repo}:v1",
+        ]
         return run(podman.argv(*args), timeout=120, env_extra={**podman.env(), "HOME": str(home)})
 
     side.up.clear_access_log()

@@ -57,7 +57,9 @@ def test_oras_pulls_an_artifact_byte_identical_with_the_registry_headers(side: S
         assert r.headers.get(header) == up.headers.get(header), header
     assert "OCI-Subject" not in up.headers and "OCI-Subject" not in r.headers  # 2.8 does not know `subject`
     doc: dict[str, Any] = json.loads(r.content)
-    assert doc["artifactType"] == SBOM_TYPE and doc["subject"]["digest"] == json.loads(art.manifest)["subject"]["digest"]
+    assert (
+        doc["artifactType"] == SBOM_TYPE and doc["subject"]["digest"] == json.loads(art.manifest)["subject"]["digest"]
+    )
     out = tmp_path / "pulled"
     files = o.pull("a/art", "sbom", out)
     assert sorted(p.name for p in files) == sorted(name for name, _, _ in art.layers)

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import oras.provider
+import oras.provider  # type: ignore[import-untyped]
 
 from .procs import RigError
 

@@ -202,14 +202,24 @@ def signature_manifest(payload: bytes, signature: str) -> tuple[bytes, list[byte
     """The `.sig` image cosign pushes for one signature: (manifest bytes, [config, payload] blobs)."""
     payload_digest = "sha256:" + hashlib.sha256(payload).hexdigest()
     config = json.dumps(
-        {"architecture": "", "config": {}, "created": "0001-01-01T00:00:00Z", "history": [{"created": "0001-01-01T00:00:00Z"}],
-         "os": "", "rootfs": {"type": "layers", "diff_ids": [payload_digest]}},
+        {
+            "architecture": "",
+            "config": {},
+            "created": "0001-01-01T00:00:00Z",
+            "history": [{"created": "0001-01-01T00:00:00Z"}],
+            "os": "",
+            "rootfs": {"type": "layers", "diff_ids": [payload_digest]},
+        },
         separators=(",", ":"),
     ).encode()
     manifest = {
         "schemaVersion": 2,
         "mediaType": OCI_MANIFEST,
-        "config": {"mediaType": OCI_CONFIG, "size": len(config), "digest": "sha256:" + hashlib.sha256(config).hexdigest()},
+        "config": {
+            "mediaType": OCI_CONFIG,
+            "size": len(config),
+            "digest": "sha256:" + hashlib.sha256(config).hexdigest(),
+        },
         "layers": [
             {
                 "mediaType": SIGNATURE_MEDIA_TYPE,
