@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from e2e.artifacts_rig import Side, side
 from rig import images, sigstore
 from rig.podman import Podman
-from rig.procs import RunResult, run
+from rig.procs import RigError, RunResult, run
 
 pytestmark = pytest.mark.e2e
 __all__ = ["side"]
@@ -111,6 +111,21 @@ def test_the_key_is_in_cosigns_format_and_signs(keys: sigstore.KeyPair) -> None:
     key = serialization.load_pem_public_key(keys.public_key.read_bytes())
     assert isinstance(key, ec.EllipticCurvePublicKey)
     key.verify(base64.b64decode(sigstore.sign_payload(keys, b"x")), b"x", ec.ECDSA(hashes.SHA256()))
+
+
+def test_skopeo_signs_with_the_key_or_says_its_build_has_no_sigstore(
+    side: Side, keys: sigstore.KeyPair, tmp_path: Path
+) -> None:
+    """skopeo's own signing with the cosign-format key: Debian's build refuses it before reading the key; a
+    build with sigstore signs, and its signature is then found through the proxy."""
+    images.build_image(tmp_path / "layout", "v1", layers=(512,), seed=f"{side.name}-skopeo-signed")
+    regd = sigstore.registries_d(tmp_path / "registries.d")
+    try:
+        digest = sigstore.signed_push(tmp_path / "layout", "v1", side.up, "platform/skopeosigned", "v1", keys, regd)
+    except RigError as e:
+        assert DISABLED in str(e), e
+        return
+    verify_through_proxy(side, keys, "skopeosigned", digest)
 
 
 def test_skopeo_finds_the_signature_and_the_policy_refuses_an_unsigned_image(

@@ -19,7 +19,12 @@ public key is the PEM `PUBLIC KEY` (SubjectPublicKeyInfo) a policy's `keyPath` n
 
 Signatures are stored the way cosign stores them, as an OCI image tagged `sha256-<hex>.sig` beside the
 signed manifest (`use-sigstore-attachments: true` in a registries.d file, which skopeo is given with
-`--registries.d` and podman finds in `$HOME/.config/containers/registries.d`).
+`--registries.d` and podman finds in `$HOME/.config/containers/registries.d`). `signed_push` asks skopeo to
+sign (`--sign-by-sigstore-private-key`), which Debian's build refuses ("Debian-local change: sigstore
+disabled"); so the tests make the signature here: `simple_signing_payload` (the payload cosign and
+containers/image sign), `sign_payload` (ECDSA P-256 with SHA-256, with the key read back from cosign's format)
+and `signature_manifest` (the `.sig` image: an OCI manifest whose one layer is the payload, of type
+`application/vnd.dev.cosign.simplesigning.v1+json`, annotated `dev.cosignproject.cosign/signature`).
 """
 
 from __future__ import annotations
@@ -142,7 +147,15 @@ def signature_tag(digest: str) -> str:
 
 
 def signed_push(
-    layout_dir: Path, src_tag: str, upstream: Upstream, name: str, tag: str, pair: KeyPair, regd: Path, *, all: bool
+    layout_dir: Path,
+    src_tag: str,
+    upstream: Upstream,
+    name: str,
+    tag: str,
+    pair: KeyPair,
+    regd: Path,
+    *,
+    all: bool = False,
 ) -> str:
     """`skopeo copy --sign-by-sigstore-private-key` of `oci:DIR:SRC_TAG` to the upstream; the digest pushed."""
     with tempfile.TemporaryDirectory(prefix="rig-sign-") as tmp:
