@@ -29,7 +29,7 @@ import pytest
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from e2e.artifacts_rig import Side, side
-from rig import images, sigstore
+from rig import images, registry, sigstore
 from rig.podman import Podman
 from rig.procs import RigError, RunResult, run
 
@@ -41,21 +41,33 @@ NO_SIGNATURE = "A signature was required, but no signature exists"
 _seq = itertools.count()
 
 
-def push_signed(s: Side, layout: Path, pair: sigstore.KeyPair, repo: str, *, index: bool = False) -> tuple[str, str]:
-    """An image (or multi-arch index) pushed as platform/REPO:v1 and signed: (its digest, the signature's digest)."""
+def push_signed(
+    s: Side, layout: Path, pair: sigstore.KeyPair, repo: str, *, index: bool = False
+) -> tuple[str, dict[str, str]]:
+    """An image (or multi-arch index) pushed as platform/REPO:v1 and signed, an index with each of its instances
+    (`cosign sign --recursive`): (its digest, {signed digest: its `.sig` manifest's digest})."""
     seed = f"{s.name}-{repo}-{next(_seq)}"
     if index:
         images.build_index(layout, repo, layers=(1024, 512), seed=seed)
     else:
         images.build_image(layout, repo, layers=(1024,), seed=seed)
     digest = images.push(layout, repo, s.up, f"platform/{repo}", "v1", all=index)
+    signed = [digest]
+    if index:
+        signed += [
+            m["digest"] for m in json.loads(images.get_manifest(s.up, f"platform/{repo}", digest)[0])["manifests"]
+        ]
+    return digest, {d: sign(s, pair, repo, d) for d in signed}
+
+
+def sign(s: Side, pair: sigstore.KeyPair, repo: str, digest: str) -> str:
+    """Push the signature of platform/REPO@DIGEST (identity platform/REPO:v1) as cosign does; its manifest's digest."""
     payload = sigstore.simple_signing_payload(f"{s.upstream_prefix()}/{repo}:v1", digest)
     manifest, blobs = sigstore.signature_manifest(payload, sigstore.sign_payload(pair, payload))
     o = s.upstream_oras(f"platform/{repo}")
     for blob, media_type in zip(blobs, (sigstore.OCI_CONFIG, sigstore.SIGNATURE_MEDIA_TYPE), strict=True):
         o.push_blob(f"platform/{repo}", blob, media_type)
-    sig_digest = o.put_manifest(f"platform/{repo}", sigstore.signature_tag(digest), manifest, sigstore.OCI_MANIFEST)
-    return digest, sig_digest
+    return o.put_manifest(f"platform/{repo}", sigstore.signature_tag(digest), manifest, sigstore.OCI_MANIFEST)
 
 
 def push_unsigned(s: Side, layout: Path, repo: str) -> str:
@@ -68,6 +80,9 @@ def verify_through_proxy(s: Side, pair: sigstore.KeyPair, repo: str, digest: str
     o = s.proxy_oras()
     r = o.get_manifest(f"a/{repo}", sigstore.signature_tag(digest))
     assert r.status_code == 200, r.text
+    assert r.headers["Docker-Content-Digest"] == images.sha256_digest(r.content)
+    up_body, _, up_digest = images.get_manifest(s.up, f"platform/{repo}", sigstore.signature_tag(digest))
+    assert r.content == up_body and r.headers["Docker-Content-Digest"] == up_digest
     layer: dict[str, Any] = r.json()["layers"][0]
     assert layer["mediaType"] == sigstore.SIGNATURE_MEDIA_TYPE
     blob = o.request("GET", f"a/{repo}", f"blobs/{layer['digest']}")
@@ -174,42 +189,51 @@ def test_podman_finds_the_signature_and_the_policy_refuses_an_unsigned_image(
     assert_enforced(pull("podunsigned"), signed=False)
 
 
-def test_skopeo_copy_all_through_the_proxy_keeps_every_digest_and_the_signature(
+def test_skopeo_copy_all_through_the_proxy_keeps_every_digest_and_the_signatures(
     side: Side, keys: sigstore.KeyPair, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """A signed multi-arch index copied with `--all` from the proxy to another registry: the index, each
-    instance and the signature's payload keep their digests. skopeo writes the signature as a `.sig`
-    manifest of its own making (its config and field order differ from cosign's), so that manifest's
-    digest changes; copying the `.sig` tag itself keeps it, as `cosign copy` does."""
-    from rig import registry
-
+    """A multi-arch index signed with each of its instances, copied with `--all` from the proxy to another
+    registry: the index and each instance keep their digests, and so does each signature's payload and
+    annotation. skopeo writes each signature as a `.sig` manifest of its own making (its config and field
+    order differ from cosign's), so those manifests' digests change; copying a `.sig` tag itself keeps its
+    digest, as `cosign copy` does."""
     dest = registry.start_upstream("anonymous", tmp_path / "dest")
     request.addfinalizer(dest.stop)
-    layout = tmp_path / "layout"
-    digest, sig_digest = push_signed(side, layout, keys, "multi", index=True)
+    digest, signatures = push_signed(side, tmp_path / "layout", keys, "multi", index=True)
     regd = sigstore.registries_d(tmp_path / "registries.d")
     accept = tmp_path / "accept.json"
     accept.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-    tls = ("--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests")
+    opts = ("--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests")
     res = sigstore.skopeo_verified_copy(
-        f"docker://{side.proxy_prefix()}/multi:v1", f"docker://{dest.host}/copied/multi:v1", accept, regd, *tls, "--all"
+        f"docker://{side.proxy_prefix()}/multi:v1",
+        f"docker://{dest.host}/copied/multi:v1",
+        accept,
+        regd,
+        *opts,
+        "--all",
     )
     assert res.returncode == 0, res.describe()
     index = json.loads(images.get_manifest(side.up, "platform/multi", "v1")[0])
     body, _, copied_digest = images.get_manifest(dest, "copied/multi", "v1")
     assert copied_digest == digest and images.sha256_digest(body) == digest
+    assert len(index["manifests"]) == 2 and len(signatures) == 3
     for instance in index["manifests"]:
         assert images.manifest_digest(dest, "copied/multi", instance["digest"]) == instance["digest"]
-    up_sig = json.loads(images.get_manifest(side.up, "platform/multi", sigstore.signature_tag(digest))[0])
-    copied_sig_body, _, copied_sig = images.get_manifest(dest, "copied/multi", sigstore.signature_tag(digest))
-    copied = json.loads(copied_sig_body)
-    assert [(x["digest"], x["annotations"]) for x in copied["layers"]] == [
-        (x["digest"], x["annotations"]) for x in up_sig["layers"]
-    ]
-    assert copied_sig != sig_digest  # skopeo's own `.sig` manifest, as said above
-    tag = sigstore.signature_tag(digest)
-    res = sigstore.skopeo_verified_copy(
-        f"docker://{side.proxy_prefix()}/multi:{tag}", f"docker://{dest.host}/cosigned/multi:{tag}", accept, regd, *tls
-    )
-    assert res.returncode == 0, res.describe()
-    assert images.manifest_digest(dest, "cosigned/multi", tag) == sig_digest
+    for signed, sig_digest in signatures.items():
+        tag = sigstore.signature_tag(signed)
+        up_sig = json.loads(images.get_manifest(side.up, "platform/multi", tag)[0])
+        copied_body, _, copied_sig = images.get_manifest(dest, "copied/multi", tag)
+        copied = json.loads(copied_body)
+        assert [(x["digest"], x["annotations"]) for x in copied["layers"]] == [
+            (x["digest"], x["annotations"]) for x in up_sig["layers"]
+        ], tag
+        assert copied_sig != sig_digest  # skopeo's own `.sig` manifest, as said above
+        res = sigstore.skopeo_verified_copy(
+            f"docker://{side.proxy_prefix()}/multi:{tag}",
+            f"docker://{dest.host}/cosigned/multi:{tag}",
+            accept,
+            regd,
+            *opts,
+        )
+        assert res.returncode == 0, res.describe()
+        assert images.manifest_digest(dest, "cosigned/multi", tag) == sig_digest
