@@ -72,6 +72,8 @@ def test_oras_pulls_an_artifact_byte_identical_with_the_registry_headers(side: S
 
 def test_referrers_fall_back_to_the_tag_schema_through_the_proxy(side: Side, tmp_path: Path) -> None:
     digest, art = push_subject_and_artifact(side, tmp_path, "refs")
+    direct = side.upstream_oras("platform/refs").request("GET", "platform/refs", f"referrers/{digest}")
+    assert direct.status_code == 404  # distribution 2.8 itself: no referrers API
     o = side.proxy_oras()
     side.up.clear_access_log()
     status, index = o.discover("a/refs", digest, SBOM_TYPE)

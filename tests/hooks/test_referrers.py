@@ -125,3 +125,22 @@ def test_an_upstream_without_the_referrers_api_is_a_404_the_client_falls_back_on
     assert resp.status_code == 404
     body = sent(resp, b"")
     assert json.loads(body)["errors"][0]["code"] == "NAME_UNKNOWN" and b"backplane" not in body
+
+
+def test_an_artifact_manifest_passes_with_oci_subject_and_its_digest(
+    rewriter: ResponseRewrite, config: Configuration
+) -> None:
+    """An OCI 1.1 registry names an artifact's subject in `OCI-Subject` (distribution 2.8 sends none): it passes."""
+    body = json.dumps({"schemaVersion": 2, "artifactType": SBOM, "subject": {"digest": DIGEST}}).encode()
+    f, st = upstream_flow(config, "/manifests/sbom")
+    headers = {
+        "Content-Type": "application/vnd.oci.image.manifest.v1+json",
+        "Docker-Content-Digest": "sha256:" + "f" * 64,
+        "OCI-Subject": DIGEST,
+        "ETag": '"sha256:' + "f" * 64 + '"',
+        "Server": "registry/3",
+    }
+    resp = answer(rewriter, f, 200, body, headers)
+    assert st.streamed and resp.content == body
+    assert resp.headers["OCI-Subject"] == DIGEST and resp.headers["Docker-Content-Digest"] == "sha256:" + "f" * 64
+    assert resp.headers["ETag"] == headers["ETag"] and "server" not in resp.headers
