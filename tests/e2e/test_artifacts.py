@@ -131,8 +131,8 @@ def test_the_key_is_in_cosigns_format_and_signs(keys: sigstore.KeyPair) -> None:
 def test_skopeo_signs_with_the_key_or_says_its_build_has_no_sigstore(
     side: Side, keys: sigstore.KeyPair, tmp_path: Path
 ) -> None:
-    """skopeo's own signing with the cosign-format key: Debian's build refuses it before reading the key; a
-    build with sigstore signs, and its signature is then found through the proxy."""
+    """skopeo's own signing with the cosign-format key: Debian's build refuses to sign at all; a build with
+    sigstore signs with this key, and its signature is then found and verified through the proxy."""
     images.build_image(tmp_path / "layout", "v1", layers=(512,), seed=f"{side.name}-skopeo-signed")
     regd = sigstore.registries_d(tmp_path / "registries.d")
     try:
