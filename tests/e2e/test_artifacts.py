@@ -1,20 +1,12 @@
-"""Sigstore signatures through the proxy: found by skopeo and podman, checked against a policy, copied with `--all`.
+"""Sigstore signatures through the proxy, made and verified by the real tools: trixie's skopeo 1.18 and podman 5.4.
 
 Each test runs on every `side` (e2e/artifacts_rig.py): a plain-HTTP and an HTTPS token upstream, each with and
-without the cache. Images are signed on the upstream the way cosign stores signatures (rig/sigstore.py: an
-OCI image tagged `sha256-<hex>.sig` holding the simple-signing payload and its ECDSA signature, made with
-a key in cosign's encrypted private-key format). What the tools here can and cannot do, seen with
-skopeo 1.9.3 and podman 4.3.1 (Debian bookworm's containers/image 5.23.1):
-- `skopeo copy --sign-by-sigstore-private-key` fails with "creating signature: Debian-local change:
-  sigstore disabled", so the signature is made by rig/sigstore.py instead (the same manifest, payload
-  and annotation cosign pushes);
-- a `sigstoreSigned` requirement is enforced up to the signature's cryptographic check, which Debian's
-  build refuses with "Source image rejected: Debian-local change: sigstore disabled": a signed image is
-  FOUND through the proxy (both tools fetch the `.sig` manifest and its payload blob through it, the
-  upstream sees those requests under its own names), and an unsigned image is REFUSED by the policy
-  ("A signature was required, but no signature exists"). The signature itself is verified here with the
-  public key, on the bytes the proxy served (the check containers/image makes: ECDSA P-256 over the
-  payload, the payload naming the image's manifest digest).
+without the cache. The key pair comes from `skopeo generate-sigstore-key` (cosign's encrypted format), images
+are signed onto the upstream with `skopeo copy --sign-by-sigstore-private-key` (the signature stored as cosign
+stores it, an image tagged `sha256-<hex>.sig`, `use-sigstore-attachments: true`), and pulled through the proxy
+under a policy.json `sigstoreSigned` requirement with the public key (rig/sigstore.py). Debian bookworm's
+skopeo 1.9.3 and podman 4.3.1 have sigstore disabled, so trixie's builds do all of it (rig/trixie.py); the rest
+of the suite keeps bookworm's.
 """
 
 from __future__ import annotations
@@ -22,79 +14,58 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from e2e.artifacts_rig import Side, side
-from rig import images, registry, sigstore
+from rig import images, registry, sigstore, trixie
 from rig.podman import Podman
-from rig.procs import RigError, RunResult, run
+from rig.procs import RunResult, run
 
 pytestmark = pytest.mark.e2e
 __all__ = ["side"]
 
-DISABLED = "Debian-local change: sigstore disabled"
-NO_SIGNATURE = "A signature was required, but no signature exists"
 _seq = itertools.count()
 
 
+@pytest.fixture(scope="module")
+def tools() -> trixie.Tools:
+    return trixie.ensure()
+
+
+@pytest.fixture(scope="module")
+def keys(tools: trixie.Tools, tmp_path_factory: pytest.TempPathFactory) -> sigstore.KeyPair:
+    return sigstore.generate_key_pair(tools, tmp_path_factory.mktemp("sigstore-keys"))
+
+
+@pytest.fixture(scope="module")
+def other_keys(tools: trixie.Tools, tmp_path_factory: pytest.TempPathFactory) -> sigstore.KeyPair:
+    """A second key pair: a policy naming its public key must refuse what `keys` signed."""
+    return sigstore.generate_key_pair(tools, tmp_path_factory.mktemp("sigstore-other-keys"), "another-passphrase")
+
+
+@pytest.fixture
+def regd(tmp_path: Path) -> Path:
+    return sigstore.registries_d(tmp_path / "registries.d")
+
+
 def push_signed(
-    s: Side, layout: Path, pair: sigstore.KeyPair, repo: str, *, index: bool = False
-) -> tuple[str, dict[str, str]]:
-    """An image (or multi-arch index) pushed as platform/REPO:v1 and signed, an index with each of its instances
-    (`cosign sign --recursive`): (its digest, {signed digest: its `.sig` manifest's digest})."""
+    tools: trixie.Tools, s: Side, layout: Path, pair: sigstore.KeyPair, regd: Path, repo: str, *, index: bool = False
+) -> str:
+    """An image (or, with `index`, a two-platform index pushed with `--all`) pushed as platform/REPO:v1 by skopeo
+    signing it with `pair`; the digest pushed."""
     seed = f"{s.name}-{repo}-{next(_seq)}"
     if index:
         images.build_index(layout, repo, layers=(1024, 512), seed=seed)
     else:
         images.build_image(layout, repo, layers=(1024,), seed=seed)
-    digest = images.push(layout, repo, s.up, f"platform/{repo}", "v1", all=index)
-    signed = [digest]
-    if index:
-        signed += [
-            m["digest"] for m in json.loads(images.get_manifest(s.up, f"platform/{repo}", digest)[0])["manifests"]
-        ]
-    return digest, {d: sign(s, pair, repo, d) for d in signed}
-
-
-def sign(s: Side, pair: sigstore.KeyPair, repo: str, digest: str) -> str:
-    """Push the signature of platform/REPO@DIGEST (identity platform/REPO:v1) as cosign does; its manifest's digest."""
-    payload = sigstore.simple_signing_payload(f"{s.upstream_prefix()}/{repo}:v1", digest)
-    manifest, blobs = sigstore.signature_manifest(payload, sigstore.sign_payload(pair, payload))
-    o = s.upstream_oras(f"platform/{repo}")
-    for blob, media_type in zip(blobs, (sigstore.OCI_CONFIG, sigstore.SIGNATURE_MEDIA_TYPE), strict=True):
-        o.push_blob(f"platform/{repo}", blob, media_type)
-    return o.put_manifest(f"platform/{repo}", sigstore.signature_tag(digest), manifest, sigstore.OCI_MANIFEST)
+    return sigstore.signed_push(tools, f"oci:{layout}:{repo}", s.up, f"platform/{repo}", "v1", pair, regd, all=index)
 
 
 def push_unsigned(s: Side, layout: Path, repo: str) -> str:
     images.build_image(layout, repo, layers=(1024,), seed=f"{s.name}-{repo}-{next(_seq)}")
     return images.push(layout, repo, s.up, f"platform/{repo}", "v1")
-
-
-def verify_through_proxy(s: Side, pair: sigstore.KeyPair, repo: str, digest: str) -> None:
-    """The signature as the proxy serves it: the public key verifies it, and its payload names `digest`."""
-    o = s.proxy_oras()
-    r = o.get_manifest(f"a/{repo}", sigstore.signature_tag(digest))
-    assert r.status_code == 200, r.text
-    assert r.headers["Docker-Content-Digest"] == images.sha256_digest(r.content)
-    up_body, _, up_digest = images.get_manifest(s.up, f"platform/{repo}", sigstore.signature_tag(digest))
-    assert r.content == up_body and r.headers["Docker-Content-Digest"] == up_digest
-    layer: dict[str, Any] = r.json()["layers"][0]
-    assert layer["mediaType"] == sigstore.SIGNATURE_MEDIA_TYPE
-    blob = o.request("GET", f"a/{repo}", f"blobs/{layer['digest']}")
-    assert blob.status_code == 200
-    payload: bytes = blob.content
-    key = serialization.load_pem_public_key(pair.public_key.read_bytes())
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    signature = base64.b64decode(layer["annotations"][sigstore.SIGNATURE_ANNOTATION])
-    key.verify(signature, payload, ec.ECDSA(hashes.SHA256()))  # raises InvalidSignature otherwise
-    critical = json.loads(payload)["critical"]
-    assert critical["image"]["docker-manifest-digest"] == digest
-    assert critical["identity"]["docker-reference"] == f"{s.upstream_prefix()}/{repo}:v1"
 
 
 def fetched_signature(s: Side, repo: str, digest: str) -> bool:
@@ -103,137 +74,143 @@ def fetched_signature(s: Side, repo: str, digest: str) -> bool:
     return any(e.method == "GET" and e.path == path for e in s.up.access_log())
 
 
-def assert_enforced(res: RunResult, *, signed: bool) -> None:
-    """A signed image: accepted, or (Debian's build) refused only at the cryptographic check. Unsigned: refused."""
-    if signed:
-        assert res.returncode == 0 or DISABLED in res.stderr, res.describe()
-        assert NO_SIGNATURE not in res.stderr, res.describe()
-    else:
-        assert res.returncode != 0 and NO_SIGNATURE in res.stderr, res.describe()
+def policies(s: Side, tmp_path: Path, keys: sigstore.KeyPair, other: sigstore.KeyPair) -> tuple[Path, Path]:
+    """The policy with the signing key's public key, and the same policy with another key's."""
+    good = sigstore.policy(tmp_path / "policy.json", keys.public_key, s.proxy_prefix(), s.upstream_prefix())
+    bad = sigstore.policy(tmp_path / "other.json", other.public_key, s.proxy_prefix(), s.upstream_prefix())
+    return good, bad
 
 
-@pytest.fixture(scope="module")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> sigstore.KeyPair:
-    return sigstore.make_key_pair(tmp_path_factory.mktemp("sigstore-keys"))
-
-
-def test_the_key_is_in_cosigns_format_and_signs(keys: sigstore.KeyPair) -> None:
-    pem = keys.private_key.read_text()
-    assert pem.startswith(f"-----BEGIN {sigstore.PRIVATE_KEY_PEM_TYPE}-----\n")
-    doc = json.loads(base64.b64decode("".join(pem.strip().splitlines()[1:-1])))
-    assert doc["kdf"]["name"] == "scrypt" and doc["kdf"]["params"] == sigstore.SCRYPT_PARAMS
+def test_skopeo_generates_a_key_in_cosigns_encrypted_format(keys: sigstore.KeyPair) -> None:
+    lines = keys.private_key.read_text().strip().splitlines()
+    assert lines[0] == "-----BEGIN ENCRYPTED COSIGN PRIVATE KEY-----", lines[0]
+    assert lines[-1] == "-----END ENCRYPTED COSIGN PRIVATE KEY-----"
+    doc = json.loads(base64.b64decode("".join(lines[1:-1])))
+    assert doc["kdf"]["name"] == "scrypt" and set(doc["kdf"]["params"]) == {"N", "r", "p"}
     assert doc["cipher"]["name"] == "nacl/secretbox" and len(base64.b64decode(doc["cipher"]["nonce"])) == 24
-    key = serialization.load_pem_public_key(keys.public_key.read_bytes())
-    assert isinstance(key, ec.EllipticCurvePublicKey)
-    key.verify(base64.b64decode(sigstore.sign_payload(keys, b"x")), b"x", ec.ECDSA(hashes.SHA256()))
+    assert keys.public_key.read_text().startswith("-----BEGIN PUBLIC KEY-----\n")
 
 
-def test_skopeo_signs_with_the_key_or_says_its_build_has_no_sigstore(
-    side: Side, keys: sigstore.KeyPair, tmp_path: Path
+def test_skopeo_verifies_a_skopeo_signature_through_the_proxy_and_refuses_unsigned_and_foreign_keys(
+    side: Side,
+    tools: trixie.Tools,
+    keys: sigstore.KeyPair,
+    other_keys: sigstore.KeyPair,
+    regd: Path,
+    tmp_path: Path,
 ) -> None:
-    """skopeo's own signing with the cosign-format key: Debian's build refuses to sign at all; a build with
-    sigstore signs with this key, and its signature is then found and verified through the proxy."""
-    images.build_image(tmp_path / "layout", "v1", layers=(512,), seed=f"{side.name}-skopeo-signed")
-    regd = sigstore.registries_d(tmp_path / "registries.d")
-    try:
-        digest = sigstore.signed_push(tmp_path / "layout", "v1", side.up, "platform/skopeosigned", "v1", keys, regd)
-    except RigError as e:
-        assert DISABLED in str(e), e
-        return
-    verify_through_proxy(side, keys, "skopeosigned", digest)
-
-
-def test_skopeo_finds_the_signature_and_the_policy_refuses_an_unsigned_image(
-    side: Side, keys: sigstore.KeyPair, tmp_path: Path
-) -> None:
-    digest, _ = push_signed(side, tmp_path / "layout", keys, "signed")
+    digest = push_signed(tools, side, tmp_path / "layout", keys, regd, "signed")
     push_unsigned(side, tmp_path / "layout", "unsigned")
-    regd = sigstore.registries_d(tmp_path / "registries.d")
-    policy = sigstore.policy(tmp_path / "policy.json", keys.public_key, side.proxy_prefix(), side.upstream_prefix())
+    good, bad = policies(side, tmp_path, keys, other_keys)
+
+    def copy(repo: str, policy_file: Path, out: str) -> RunResult:
+        src, dest = f"docker://{side.proxy_prefix()}/{repo}:v1", f"oci:{tmp_path}/out:{out}"
+        return sigstore.skopeo_copy(
+            tools, src, dest, policy_file, regd, "--src-tls-verify=false", "--remove-signatures"
+        )
+
     side.up.clear_access_log()
-    signed = sigstore.skopeo_verified_copy(
-        f"docker://{side.proxy_prefix()}/signed:v1", f"oci:{tmp_path}/out:s", policy, regd, "--src-tls-verify=false"
-    )
-    assert_enforced(signed, signed=True)
+    signed = copy("signed", good, "s")
+    assert signed.returncode == 0 and sigstore.VERIFIED in signed.stderr, signed.describe()
     assert fetched_signature(side, "signed", digest)
-    unsigned = sigstore.skopeo_verified_copy(
-        f"docker://{side.proxy_prefix()}/unsigned:v1", f"oci:{tmp_path}/out:u", policy, regd, "--src-tls-verify=false"
-    )
-    assert_enforced(unsigned, signed=False)
-    verify_through_proxy(side, keys, "signed", digest)
+    assert images.layout_digest(tmp_path / "out", "s") == digest
+    foreign = copy("signed", bad, "f")
+    assert foreign.returncode != 0 and sigstore.BAD_SIGNATURE in foreign.stderr, foreign.describe()
+    unsigned = copy("unsigned", good, "u")
+    assert unsigned.returncode != 0 and sigstore.NO_SIGNATURE in unsigned.stderr, unsigned.describe()
+    # The signature manifest the proxy served is the upstream's, byte for byte.
+    tag = sigstore.signature_tag(digest)
+    body, _, sig_digest = images.get_manifest(side.up, "platform/signed", tag)
+    r = side.proxy_oras().get_manifest("a/signed", tag)
+    assert r.status_code == 200 and r.content == body and r.headers["Docker-Content-Digest"] == sig_digest
+    assert json.loads(body)["layers"][0]["mediaType"] == sigstore.SIGNATURE_MEDIA_TYPE
 
 
-def test_podman_finds_the_signature_and_the_policy_refuses_an_unsigned_image(
-    side: Side, keys: sigstore.KeyPair, tmp_path: Path
+@pytest.fixture
+def podman(tools: trixie.Tools, tmp_path: Path) -> Iterator[Podman]:
+    p = Podman(tmp_path / "podman", command=tools.podman(), containers_conf=tools.podman_containers_conf())
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+def test_podman_verifies_a_skopeo_signature_through_the_proxy_and_refuses_unsigned_and_foreign_keys(
+    side: Side,
+    tools: trixie.Tools,
+    keys: sigstore.KeyPair,
+    other_keys: sigstore.KeyPair,
+    regd: Path,
+    podman: Podman,
+    tmp_path: Path,
 ) -> None:
-    digest, _ = push_signed(side, tmp_path / "layout", keys, "podsigned")
+    digest = push_signed(tools, side, tmp_path / "layout", keys, regd, "podsigned")
     push_unsigned(side, tmp_path / "layout", "podunsigned")
-    podman = Podman(tmp_path / "podman")
+    good, bad = policies(side, tmp_path, keys, other_keys)
     home = sigstore.podman_home(tmp_path / "home")
-    policy = sigstore.policy(tmp_path / "policy.json", keys.public_key, side.proxy_prefix(), side.upstream_prefix())
+    env = {**podman.env(), "HOME": str(home), "PODMAN_IGNORE_CGROUPSV1_WARNING": "1"}
 
-    def pull(repo: str) -> RunResult:
-        args = [
-            "pull",
-            "-q",
-            "--signature-policy",
-            str(policy),
-            "--tls-verify=false",
-            f"{side.proxy_prefix()}/{repo}:v1",
-        ]
-        return run(podman.argv(*args), timeout=120, env_extra={**podman.env(), "HOME": str(home)})
+    def pull(repo: str, policy_file: Path) -> RunResult:
+        args = ["--log-level=debug", "pull", "-q", "--signature-policy", str(policy_file), "--tls-verify=false"]
+        return run(podman.argv(*args, f"{side.proxy_prefix()}/{repo}:v1"), timeout=120, env_extra=env)
 
     side.up.clear_access_log()
-    assert_enforced(pull("podsigned"), signed=True)
+    foreign = pull("podsigned", bad)
+    assert foreign.returncode != 0 and sigstore.BAD_SIGNATURE in foreign.stderr, foreign.describe()
+    assert podman.images() == []
+    signed = pull("podsigned", good)
+    assert signed.returncode == 0 and sigstore.VERIFIED in signed.stderr, signed.describe()
     assert fetched_signature(side, "podsigned", digest)
-    assert_enforced(pull("podunsigned"), signed=False)
+    assert podman.inspect(f"{side.proxy_prefix()}/podsigned:v1").digest == digest
+    unsigned = pull("podunsigned", good)
+    assert unsigned.returncode != 0 and sigstore.NO_SIGNATURE in unsigned.stderr, unsigned.describe()
 
 
-def test_skopeo_copy_all_through_the_proxy_keeps_every_digest_and_the_signatures(
-    side: Side, keys: sigstore.KeyPair, tmp_path: Path, request: pytest.FixtureRequest
+def test_skopeo_copy_all_through_the_proxy_keeps_every_digest_and_every_signature(
+    side: Side,
+    tools: trixie.Tools,
+    keys: sigstore.KeyPair,
+    regd: Path,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
 ) -> None:
-    """A multi-arch index signed with each of its instances, copied with `--all` from the proxy to another
-    registry: the index and each instance keep their digests, and so does each signature's payload and
-    annotation. skopeo writes each signature as a `.sig` manifest of its own making (its config and field
-    order differ from cosign's), so those manifests' digests change; copying a `.sig` tag itself keeps its
-    digest, as `cosign copy` does."""
+    """skopeo 1.18 signing with `--all` signs the index and each instance (three `.sig` images). `skopeo copy
+    --all` from the proxy (its policy verifying the index's signature) to another registry copies the index,
+    both instances and all three signatures, each under the same digest: the `.sig` manifests too, since the
+    upstream's were written by the same containers/image, which rebuilds them identically (same payloads,
+    same annotations, the same config)."""
     dest = registry.start_upstream("anonymous", tmp_path / "dest")
     request.addfinalizer(dest.stop)
-    digest, signatures = push_signed(side, tmp_path / "layout", keys, "multi", index=True)
-    regd = sigstore.registries_d(tmp_path / "registries.d")
-    accept = tmp_path / "accept.json"
-    accept.write_text(json.dumps({"default": [{"type": "insecureAcceptAnything"}]}))
-    opts = ("--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests")
-    res = sigstore.skopeo_verified_copy(
-        f"docker://{side.proxy_prefix()}/multi:v1",
-        f"docker://{dest.host}/copied/multi:v1",
-        accept,
-        regd,
-        *opts,
-        "--all",
-    )
-    assert res.returncode == 0, res.describe()
+    digest = push_signed(tools, side, tmp_path / "layout", keys, regd, "multi", index=True)
     index = json.loads(images.get_manifest(side.up, "platform/multi", "v1")[0])
+    instances = [m["digest"] for m in index["manifests"]]
+    assert len(instances) == 2
+    signed = [digest, *instances]
+    up_sigs = {d: images.get_manifest(side.up, "platform/multi", sigstore.signature_tag(d)) for d in signed}
+    policy = sigstore.policy(tmp_path / "policy.json", keys.public_key, side.proxy_prefix(), side.upstream_prefix())
+    opts = ("--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests", "--all")
+    src, dst = f"docker://{side.proxy_prefix()}/multi:v1", f"docker://{dest.host}/copied/multi:v1"
+    res = sigstore.skopeo_copy(tools, src, dst, policy, regd, *opts)
+    assert res.returncode == 0 and sigstore.VERIFIED in res.stderr, res.describe()
     body, _, copied_digest = images.get_manifest(dest, "copied/multi", "v1")
     assert copied_digest == digest and images.sha256_digest(body) == digest
-    assert len(index["manifests"]) == 2 and len(signatures) == 3
-    for instance in index["manifests"]:
-        assert images.manifest_digest(dest, "copied/multi", instance["digest"]) == instance["digest"]
-    for signed, sig_digest in signatures.items():
-        tag = sigstore.signature_tag(signed)
-        up_sig = json.loads(images.get_manifest(side.up, "platform/multi", tag)[0])
-        copied_body, _, copied_sig = images.get_manifest(dest, "copied/multi", tag)
-        copied = json.loads(copied_body)
-        assert [(x["digest"], x["annotations"]) for x in copied["layers"]] == [
-            (x["digest"], x["annotations"]) for x in up_sig["layers"]
-        ], tag
-        assert copied_sig != sig_digest  # skopeo's own `.sig` manifest, as said above
-        res = sigstore.skopeo_verified_copy(
-            f"docker://{side.proxy_prefix()}/multi:{tag}",
-            f"docker://{dest.host}/cosigned/multi:{tag}",
-            accept,
+    for instance in instances:
+        assert images.manifest_digest(dest, "copied/multi", instance) == instance
+    for d, (up_body, _, up_digest) in up_sigs.items():
+        copied_body, _, copied_sig = images.get_manifest(dest, "copied/multi", sigstore.signature_tag(d))
+        assert copied_sig == up_digest and copied_body == up_body, d
+    # The copy's signatures still verify, each instance's under its own digest (the identity remapped).
+    dest_policy = sigstore.policy(
+        tmp_path / "dest.json", keys.public_key, f"{dest.host}/copied", side.upstream_prefix()
+    )
+    for instance in instances:
+        check = sigstore.skopeo_copy(
+            tools,
+            f"docker://{dest.host}/copied/multi@{instance}",
+            f"oci:{tmp_path}/check:{instance[7:19]}",
+            dest_policy,
             regd,
-            *opts,
+            "--src-tls-verify=false",
+            "--remove-signatures",
         )
-        assert res.returncode == 0, res.describe()
-        assert images.manifest_digest(dest, "cosigned/multi", tag) == sig_digest
+        assert check.returncode == 0 and sigstore.VERIFIED in check.stderr, check.describe()
