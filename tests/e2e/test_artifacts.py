@@ -74,6 +74,19 @@ def fetched_signature(s: Side, repo: str, digest: str) -> bool:
     return any(e.method == "GET" and e.path == path for e in s.up.access_log())
 
 
+def tamper_signature(s: Side, repo: str, digest: str) -> None:
+    """Replace platform/REPO's signature of `digest` on the upstream by the same `.sig` manifest with one bit of
+    its ECDSA signature (the annotation) flipped."""
+    tag = sigstore.signature_tag(digest)
+    manifest = json.loads(images.get_manifest(s.up, f"platform/{repo}", tag)[0])
+    annotations = manifest["layers"][0]["annotations"]
+    raw = bytearray(base64.b64decode(annotations[sigstore.SIGNATURE_ANNOTATION]))
+    raw[-1] ^= 0x01
+    annotations[sigstore.SIGNATURE_ANNOTATION] = base64.b64encode(bytes(raw)).decode()
+    body = json.dumps(manifest, separators=(",", ":")).encode()
+    s.upstream_oras(f"platform/{repo}").put_manifest(f"platform/{repo}", tag, body, manifest["mediaType"])
+
+
 def policies(s: Side, tmp_path: Path, keys: sigstore.KeyPair, other: sigstore.KeyPair) -> tuple[Path, Path]:
     """The policy with the signing key's public key, and the same policy with another key's."""
     good = sigstore.policy(tmp_path / "policy.json", keys.public_key, s.proxy_prefix(), s.upstream_prefix())
@@ -91,7 +104,7 @@ def test_skopeo_generates_a_key_in_cosigns_encrypted_format(keys: sigstore.KeyPa
     assert keys.public_key.read_text().startswith("-----BEGIN PUBLIC KEY-----\n")
 
 
-def test_skopeo_verifies_a_skopeo_signature_through_the_proxy_and_refuses_unsigned_and_foreign_keys(
+def test_skopeo_verifies_a_skopeo_signature_through_the_proxy_and_refuses_unsigned_tampered_and_foreign_keys(
     side: Side,
     tools: trixie.Tools,
     keys: sigstore.KeyPair,
@@ -100,6 +113,8 @@ def test_skopeo_verifies_a_skopeo_signature_through_the_proxy_and_refuses_unsign
     tmp_path: Path,
 ) -> None:
     digest = push_signed(tools, side, tmp_path / "layout", keys, regd, "signed")
+    tampered_digest = push_signed(tools, side, tmp_path / "layout", keys, regd, "tampered")
+    tamper_signature(side, "tampered", tampered_digest)
     push_unsigned(side, tmp_path / "layout", "unsigned")
     good, bad = policies(side, tmp_path, keys, other_keys)
 
@@ -118,6 +133,9 @@ def test_skopeo_verifies_a_skopeo_signature_through_the_proxy_and_refuses_unsign
     assert foreign.returncode != 0 and sigstore.BAD_SIGNATURE in foreign.stderr, foreign.describe()
     unsigned = copy("unsigned", good, "u")
     assert unsigned.returncode != 0 and sigstore.NO_SIGNATURE in unsigned.stderr, unsigned.describe()
+    tampered = copy("tampered", good, "t")
+    assert tampered.returncode != 0 and sigstore.BAD_SIGNATURE in tampered.stderr, tampered.describe()
+    assert fetched_signature(side, "tampered", tampered_digest)
     # The signature manifest the proxy served is the upstream's, byte for byte.
     tag = sigstore.signature_tag(digest)
     body, _, sig_digest = images.get_manifest(side.up, "platform/signed", tag)
