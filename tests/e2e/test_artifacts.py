@@ -94,6 +94,14 @@ def policies(s: Side, tmp_path: Path, keys: sigstore.KeyPair, other: sigstore.Ke
     return good, bad
 
 
+def test_the_tools_are_trixies_pinned_builds_run_as_themselves(tools: trixie.Tools) -> None:
+    skopeo = run([*tools.skopeo(), "--version"], timeout=30)
+    podman = run([*tools.podman(), "--version"], timeout=30)
+    assert skopeo.stdout.strip() == f"skopeo version {trixie.SKOPEO_VERSION}", skopeo.describe()
+    assert podman.stdout.strip() == f"podman version {trixie.PODMAN_VERSION}", podman.describe()
+    assert tools.skopeo()[0].startswith(str(tools.root)) and tools.podman()[0].startswith(str(tools.root))
+
+
 def test_skopeo_generates_a_key_in_cosigns_encrypted_format(keys: sigstore.KeyPair) -> None:
     lines = keys.private_key.read_text().strip().splitlines()
     assert lines[0] == "-----BEGIN ENCRYPTED COSIGN PRIVATE KEY-----", lines[0]

@@ -39,6 +39,12 @@ die() { echo "trixie-tools: $*" >&2; exit 1; }
 command -v patchelf >/dev/null || die "needs patchelf (a Debian package; ./run.sh test installs it)"
 
 mkdir -p "$cache/lists/partial" "$cache/apt-cache/archives/partial" "$cache/debs"
+# One install at a time (test sessions may start together); the winner's tree is the loser's.
+exec 9>"$cache/.lock"
+flock -w 600 9 || die "another install holds $cache/.lock"
+if [ -f "$cache/root/.complete-$stamp_want" ]; then
+  exit 0
+fi
 echo "deb [signed-by=$keyring] $mirror trixie main" > "$cache/trixie.list"
 apt_opts=(
   -o "Dir::Etc::sourcelist=$cache/trixie.list" -o "Dir::Etc::sourceparts=-"

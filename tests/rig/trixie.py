@@ -45,7 +45,7 @@ class Tools:
 
 
 def _complete(root: Path) -> bool:
-    return any(root.glob(".complete-*")) and (root / "usr/bin/skopeo").is_file()
+    return any(root.glob(".complete-*")) and all((root / "usr/bin" / b).is_file() for b in ("skopeo", "podman"))
 
 
 def ensure() -> Tools:
