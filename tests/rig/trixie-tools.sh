@@ -14,18 +14,21 @@ set -euo pipefail
 cache="${TRIXIE_CACHE:-/var/cache/registryproxy-tests/trixie}"
 mirror="http://deb.debian.org/debian"
 keyring=/usr/share/keyrings/debian-archive-keyring.gpg
-# Pinned: a trixie update cannot change the tests silently; a pin gone from the mirror fails with one line.
+# Pinned to a release: the tools under test (skopeo, podman, netavark) to their upstream version, the libraries
+# they load to trixie's ABI (libc6 2.41, ...). deb.debian.org keeps only each package's current version, so a pin
+# is a pattern of Debian revisions (a trixie point release or binNMU rebuilds the same release): the version taken
+# is printed; a release gone from the mirror fails with one line naming the pin to update.
 pins=(
-  skopeo=1.18.0+ds1-1+b5
-  podman=5.4.2+ds1-2+b2
-  libc6=2.41-12+deb13u5
-  libgpgme11t64=1.24.2-3
-  libassuan9=3.0.2-2
-  libgpg-error0=1.51-4
-  libseccomp2=2.6.0-2
-  libsqlite3-0=3.46.1-7+deb13u2
-  libsubid5=1:4.17.4-2
-  netavark=1.14.0-2
+  'skopeo=1.18.0+ds1-*'
+  'podman=5.4.2+ds1-*'
+  'netavark=1.14.0-*'
+  'libc6=2.41-*'
+  'libgpgme11t64=1.24.*'
+  'libassuan9=3.0.*'
+  'libgpg-error0=1.51-*'
+  'libseccomp2=2.6.*'
+  'libsqlite3-0=3.46.*'
+  'libsubid5=1:4.17.*'
 )
 
 stamp_want=$( (printf '%s\n' "${pins[@]}"; cat "${BASH_SOURCE[0]}") | sha256sum | cut -c1-16)
@@ -56,14 +59,20 @@ apt_opts=(
 if ! out=$(apt-get "${apt_opts[@]}" update 2>&1) || grep -qE '^(W|E):' <<<"$out"; then
   die "apt-get update of $mirror trixie failed: $(grep -E '^(W|E):' <<<"$out" | head -1)"
 fi
+chosen=()
 for pin in "${pins[@]}"; do
-  name=${pin%%=*} version=${pin#*=}
-  apt-cache "${apt_opts[@]}" madison "$name" | awk -F'|' '{gsub(/ /, "", $2); print $2}' | grep -qxF "$version" \
-    || die "$name $version is no longer on $mirror trixie (update the pins in tests/rig/trixie-tools.sh)"
+  name=${pin%%=*} pattern=${pin#*=} version=""
+  while read -r v; do
+    # shellcheck disable=SC2053  # the pattern is a glob on purpose
+    if [[ $v == $pattern ]]; then version=$v; break; fi
+  done < <(apt-cache "${apt_opts[@]}" madison "$name" | awk -F'|' '{gsub(/ /, "", $2); print $2}')
+  [ -n "$version" ] || die "$name $pattern is no longer on $mirror trixie (update the pins in tests/rig/trixie-tools.sh)"
+  chosen+=("$name=$version")
 done
+echo "trixie-tools: taking ${chosen[*]}" >&2
 rm -f "$cache"/debs/*.deb
-(cd "$cache/debs" && apt-get -qq "${apt_opts[@]}" download "${pins[@]}" 2>&1 | grep -v 'unsandboxed as root' >&2) || true
-[ "$(find "$cache/debs" -name '*.deb' | wc -l)" -eq "${#pins[@]}" ] || die "apt-get download of ${pins[*]} failed"
+(cd "$cache/debs" && apt-get -qq "${apt_opts[@]}" download "${chosen[@]}" 2>&1 | grep -v 'unsandboxed as root' >&2) || true
+[ "$(find "$cache/debs" -name '*.deb' | wc -l)" -eq "${#pins[@]}" ] || die "apt-get download of ${chosen[*]} failed"
 rm -rf "$cache/root.new"
 mkdir -p "$cache/root.new"
 for deb in "$cache"/debs/*.deb; do
