@@ -57,7 +57,7 @@ ensure_venv() {
 
 # Debian packages the end-to-end tests use (real registry, real clients; Swift and memcached: a real S3 store).
 test_packages=(docker-registry skopeo apache2-utils containerd docker.io podman haproxy chromium fonts-noto-color-emoji tinyproxy-bin iproute2 redis-server mmdebstrap
-  swift swift-proxy swift-account swift-container swift-object python3-swift memcached)
+  swift swift-proxy swift-account swift-container swift-object python3-swift memcached patchelf)
 
 # Extra Debian packages the benchmark uses (nginx and haproxy as references, wrk as load generator).
 bench_packages=(nginx haproxy wrk curl)
@@ -99,6 +99,9 @@ case "$cmd" in
   test)
     shift
     install_test_packages
+    # trixie's skopeo and podman (sigstore enabled) for the signature tests, unpacked under
+    # /var/cache/registryproxy-tests/trixie, never installed (tests/rig/trixie-tools.sh says how).
+    bash "$here/tests/rig/trixie-tools.sh"
     ensure_venv "$here/tests/requirements.txt"
     cd "$here"
     "$venv/bin/ruff" check --quiet --line-length 120 addon tests

@@ -33,6 +33,7 @@ import platform
 import re
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -71,8 +72,9 @@ class PulledImage:
 class Podman:
     """podman with storage, state, temp files and configuration all under `base`."""
 
-    def __init__(self, base: Path) -> None:
+    def __init__(self, base: Path, *, command: Sequence[str] = ("podman",), containers_conf: str = "") -> None:
         self.base = base
+        self.command = list(command)
         base.mkdir(parents=True, exist_ok=True)
         self.root = base / "root"
         # podman refuses a runroot longer than 50 characters: run state goes to a short /tmp dir.
@@ -90,7 +92,7 @@ class Podman:
             d.mkdir(exist_ok=True)
         self.auth_file.write_text("{}")
         self.registries_conf.write_text(REGISTRIES_CONF)
-        self.containers_conf.write_text("")
+        self.containers_conf.write_text(containers_conf)
         self.storage_conf.write_text(
             f'[storage]\ndriver = "vfs"\nrunroot = "{self.runroot}"\ngraphroot = "{self.root}"\n'
         )
@@ -107,7 +109,7 @@ class Podman:
 
     def argv(self, *args: str) -> list[str]:
         return [
-            "podman",
+            *self.command,
             "--storage-driver",
             "vfs",
             "--root",
