@@ -149,6 +149,12 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         cache = parse_cache(data.get("cache"), environ, base)
     except CacheSettingsError as e:
         raise ConfigError(str(e)) from None
+    for m in mappings:
+        if m.policy.digests_resolved and (cache is None or not m.cache):
+            raise ConfigError(
+                f"proxies.{show_key(m.key)}.digests: resolved needs the cache (a cache: section, and the mapping"
+                " not cache: false): the record of resolved digests is kept in its store"
+            )
     return Config(
         listen_addr=listen_addr,
         port=port,

@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Mapping, mirror_host
+from ..policy import spellings
 from ..protocol.names import looks_like_capability
 
 
@@ -28,6 +29,15 @@ class Match:
     mapping: Mapping
     local_name: str
     upstream_name: str
+    # The name was asked for with `?ns=` of a registry the mapping mirrors: all of it is below the key.
+    mirrored: bool = False
+
+    @property
+    def rest(self) -> str:
+        """The name's segments below the mapping's key (all of them for the root key and for `?ns=`)."""
+        if self.mirrored:
+            return self.local_name
+        return "/".join(self.local_name.split("/")[len(self.mapping.prefix) :])
 
     @property
     def log_name(self) -> str:
@@ -55,7 +65,7 @@ class Matcher:
             mapping = self._mirrors.get(registry) if registry is not None else None
             if mapping is None or not mapping.serves_host(host) or self._holds_secret(segments):
                 return None
-            return Match(mapping, name, mapping.upstream_name_of(segments))
+            return Match(mapping, name, mapping.upstream_name_of(segments), mirrored=True)
         key = tuple(segments)
         # Down to 0 segments: the root key.
         for n in range(min(len(key), self._longest), -1, -1):
@@ -70,6 +80,13 @@ class Matcher:
         """Whether these segments (those that would go upstream) hold a capability key's secret segment.
         A set lookup of whole segments: no faster for a key that is almost right."""
         return bool(self._secrets) and any(s in self._secrets for s in segments)
+
+
+def policy_names(match: Match) -> tuple[str, ...]:
+    """The spellings of the name below the key a mapping's policy decides on (policy/): with Docker Hub's
+    implied `library/` (no `remote`), `busybox` and `library/busybox` are one repository."""
+    mapping = match.mapping
+    return spellings(match.rest, mapping.upstream.dockerhub and not mapping.remote)
 
 
 def redact_name(name: str) -> str:

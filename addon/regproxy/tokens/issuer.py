@@ -27,7 +27,8 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from ..config import Config, Mapping, mirror_host
-from ..mapping.matcher import Matcher
+from ..mapping.matcher import Matcher, policy_names
+from ..policy import refuses_repository
 from ..protocol.errors import RegistryError
 from ..protocol.names import is_valid_name
 from ..protocol.scopes import pull_names
@@ -112,10 +113,16 @@ class TokenService:
                 raise RegistryError(401, "UNAUTHORIZED", f"refresh token refused: {e.reason}") from None
 
         groups: dict[str | None, tuple[Mapping | None, list[str], list[str]]] = {}
+        # Names a mapping's policy refuses whatever the reference: granted (so a request answers 403 DENIED,
+        # not a challenge) without an upstream token, and never named to the upstream's token service.
+        refused: dict[str, list[str]] = {}
         for name in pull_names(list(req.scopes)):
             match = self._matcher.match(name, host, ns)
             if match is None or not is_valid_name(match.upstream_name):
                 groups.setdefault(None, (None, [], []))[1].append(name)
+                continue
+            if refuses_repository(match.mapping.policy, policy_names(match)):
+                refused.setdefault(match.mapping.identity, []).append(name)
                 continue
             entry = groups.setdefault(match.mapping.identity, (match.mapping, [], []))
             entry[1].append(name)
@@ -138,6 +145,7 @@ class TokenService:
             if result is not None:
                 lifetime = min(lifetime, result.expires_at - now)
             grants.append(Grant(key, tuple(groups[key][1]), upstream_token))
+        grants.extend(Grant(key, tuple(names), None) for key, names in refused.items())
         # Rounded, not truncated: an upstream token of 60 s fetched in a few milliseconds is
         # answered as 60 s (protocol.md: never below 60), at most half a second over.
         lifetime_s = max(1, round(lifetime))
