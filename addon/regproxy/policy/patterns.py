@@ -65,10 +65,10 @@ def _repo_regex(text: str, repo: str) -> re.Pattern[str]:
                 continue  # `**/**` is `**`
             parts.append("(?:[^/]+/)*")
             continue
-        if not _SEGMENT_RE.fullmatch(segment) or "**" in segment:
+        if not _SEGMENT_RE.fullmatch(segment) or "**" in segment or segment.strip(".") == "":
             raise PolicyError(
                 f"{_show(text)}: each repository segment is ** or lower-case letters, digits, . _ - and *"
-                " (no empty segment, no ** inside a segment)"
+                " (no empty, . or .. segment, no ** inside a segment)"
             )
         parts.append("[^/]*".join(re.escape(p) for p in segment.split("*")) + "/")
     return re.compile("".join(parts))
