@@ -136,3 +136,40 @@ def test_digests_resolved_admits_only_recorded_digests_of_admitted_tags(make_cha
     # A record from a tag the policy refuses now admits nothing.
     asyncio.run(record("latest"))
     refused(pull(chain, digest, "p/app"), "this digest (not resolved from an admitted tag)")
+
+
+def test_under_digests_resolved_a_tags_list_shows_signature_tags_of_admitted_digests_only(
+    make_chain: Any, tmp_path: Path
+) -> None:
+    chain = make_chain(cfg({**POLICY, "digests": "resolved"}, cache={"store": str(tmp_path / "store")}))
+    other = "ef" * 32
+
+    async def record() -> None:
+        service = await chain.find(Cache).holder.current(chain.state.config.cache)
+        assert service is not None
+        mapping = chain.state.config.mappings[0]
+        await service.admit(keys.link_id(mapping.key, mapping.upstream.origin, "platform/app"), [HEX], "v1")
+
+    asyncio.run(record())
+    upstream = ["v1", "latest", f"sha256-{HEX}.sig", f"sha256-{HEX}.att", f"sha256-{other}.sig"]
+    tags, link = tags_answer(chain, "", upstream)
+    assert tags == [f"sha256-{HEX}.att", f"sha256-{HEX}.sig", "v1"] and link is None
+
+
+def test_a_mirror_requests_whole_name_is_what_the_policy_decides(make_chain: Any) -> None:
+    chain = make_chain(
+        config_text({"*": {"registry": UPSTREAM, "mirror_of": ["docker.io"], "allow": ["library/*"], "deny": ["x/**"]}})
+    )
+    root = chain.state.config.mappings[0]
+
+    def mirrored(path: str, name: str) -> http.HTTPFlow:
+        base = f"http://{HOST}/ns/docker.io"
+        tok = chain.state.codec.issue_access(base, (Grant(root.identity, (name,), "T"),), 60)
+        f = request_flow(f"{path}?ns=docker.io", "GET", [("Authorization", f"Bearer {tok}")], HOST)
+        asyncio.run(chain.hook("requestheaders", f))
+        return f
+
+    forwarded(mirrored("/v2/library/nginx/manifests/1", "library/nginx"))
+    f = mirrored("/v2/x/library/nginx/manifests/1", "x/library/nginx")
+    assert f.response is not None and f.response.status_code == 403
+    assert b"the policy of mapping * refuses this repository" in (f.response.content or b"")
