@@ -9,17 +9,20 @@ rig/tap.py) and its token requests (the issuer's record) are counted: a refused 
   no request (and no token request) naming it.
 - A tags list is filtered to admitted tags (signature tags included), with `n`/`last` paging right.
 - A signature tag (`sha256-<hex>.sig`) of an admitted digest pulls although no tag rule admits it.
-- The digest gap: without `digests: resolved`, a digest pull of a refused tag's image works (documented);
-  with it and a cache, the same pull is refused (ctr and docker, and its blobs), while an admitted tag's
-  digests (an index and its platform manifests and blobs, as ctr pulls them) are admitted, also after a
-  restart (the record is in the store).
+- The digest gap (skopeo, ctr and docker): without `digests: resolved`, a digest pull of a refused tag's
+  image works (documented); with it and a cache, the same pull is refused (and its blobs), while an admitted
+  tag's digests (an index and its platform manifests and blobs) are admitted, also after a restart (the record
+  is in the store), and through a second proxy on the same S3 bucket (replicas share the record).
 - A reload that tightens a policy applies to the next request.
 - An HTTPS upstream (the rig's `https-basic`): admitted and refused alike.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +33,7 @@ import yaml
 from rig import clients, daemons, images, matrix, proxy, registry
 from rig.https_upstream import HttpsRig
 from rig.procs import wait_until
+from rig.swift import Swift
 
 pytestmark = pytest.mark.e2e
 
@@ -221,6 +225,14 @@ def test_a_tags_list_holds_only_admitted_tags_and_pages_right(content: Content, 
         path = link.split(">")[0].lstrip("<")
     assert pages == [[t] for t in want], pages
     assert get(rp, f"/v2/p/app/tags/list?n=2&last={want[0]}", "p/app").json()["tags"] == want[1:]
+    listed = subprocess.run(
+        ["skopeo", "list-tags", "--tls-verify=false", f"docker://{rp.host}/p/app"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    assert json.loads(listed.stdout)["Tags"] == want
 
 
 def test_a_signature_tag_of_an_admitted_digest_pulls_whatever_the_tag_rules(
@@ -234,16 +246,18 @@ def test_a_signature_tag_of_an_admitted_digest_pulls_whatever_the_tag_rules(
 # --- the digest gap, and digests: resolved -------------------------------------------------------
 
 
+@pytest.mark.parametrize("client", CLIENTS)
 def test_without_digests_resolved_a_digest_pull_of_a_refused_tag_works(
-    content: Content, make_proxy: Any, tmp_path: Path
+    request: pytest.FixtureRequest, content: Content, make_proxy: Any, tmp_path: Path, client: str
 ) -> None:
     """The documented gap: tag rules apply to tags; a digest of the repository is the repository's."""
+    puller = Puller(client, request, tmp_path)
     rp = make_proxy(config(content.up, POLICY))
-    ref = f"{rp.host}/p/app@{content.digests['latest']}"
-    assert clients.skopeo_copy(ref, tmp_path / "gap", tag="t").check().digest == content.digests["latest"]
+    assert puller.pull(rp, "p/app:latest") is None, puller.last
+    assert puller.pull(rp, f"p/app@{content.digests['latest']}") == content.digests["latest"], puller.last
 
 
-@pytest.mark.parametrize("client", ["ctr", "docker"])
+@pytest.mark.parametrize("client", CLIENTS)
 def test_digests_resolved_closes_the_gap_and_admits_what_admitted_tags_resolve(
     request: pytest.FixtureRequest, content: Content, make_proxy: Any, tmp_path: Path, client: str
 ) -> None:
@@ -311,3 +325,33 @@ def test_an_https_upstream_is_served_by_its_policy(https_rig: HttpsRig, make_pro
     refused = clients.skopeo_copy(f"{rp.host}/p/app:multi", tmp_path / "b", tag="t")
     assert not refused.ok and said_denied(refused.describe()), refused.describe()
     assert not [p for p in upstream_paths(up) if "/manifests/" in p]
+
+
+def test_replicas_on_one_s3_bucket_share_the_record_of_resolved_digests(
+    swift_s3: Swift, content: Content, make_proxy: Any, tmp_path: Path
+) -> None:
+    up, digests = content.up, content.digests
+    bucket = f"rp-policy-{uuid.uuid4().hex[:12]}"
+    swift_s3.create_bucket(bucket)
+    cfg = config(up, {**POLICY, "digests": "resolved"})
+    cfg["cache"] = {
+        "store": f"s3://{bucket}/rp",
+        "s3": {
+            "endpoint_url": swift_s3.endpoint_url,
+            "region": swift_s3.region,
+            "access_key_id_env": "POLICY_S3_KEY_ID",
+            "secret_access_key_env": "POLICY_S3_SECRET",
+        },
+    }
+    env = {"POLICY_S3_KEY_ID": swift_s3.proxy_access_key_id, "POLICY_S3_SECRET": swift_s3.proxy_secret_access_key}
+    one, two = make_proxy(cfg, env=env), make_proxy(cfg, env=env)
+    by_digest = f"/v2/p/app/manifests/{digests['v1']}"
+    assert denied(get(two, by_digest, "p/app"), "this digest (not resolved from an admitted tag)")
+    assert clients.skopeo_copy(f"{one.host}/p/app:v1", tmp_path / "a", tag="t").check().digest == digests["v1"]
+    # Resolved through the first replica: the second admits the digest, and pulls the image by it.
+    assert get(two, by_digest, "p/app").status_code == 200
+    copied = clients.skopeo_copy(f"{two.host}/p/app@{digests['v1']}", tmp_path / "b", tag="t")
+    assert copied.check().digest == digests["v1"]
+    assert denied(
+        get(two, f"/v2/p/app/manifests/{digests['latest']}", "p/app"), "this digest (not resolved from an admitted tag)"
+    )
