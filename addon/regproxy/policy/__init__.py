@@ -6,7 +6,7 @@ a digest reference is admitted through a mapping's policy, and why not. The step
 cache store (cache/keys.py).
 """
 
-from .decide import Decision, Policy, decide, refuses_repository, signed_digest, spellings
+from .decide import Decision, Policy, decide, narrowed, refuses_repository, signed_digest, spellings
 from .patterns import Pattern, PolicyError, compile_pattern
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "PolicyError",
     "compile_pattern",
     "decide",
+    "narrowed",
     "refuses_repository",
     "signed_digest",
     "spellings",

@@ -76,6 +76,17 @@ def spellings(rest: str, library_implied: bool) -> tuple[str, ...]:
     return (rest,)
 
 
+def narrowed(policy: Policy, names: Sequence[str]) -> Policy:
+    """The policy with only the patterns whose repository part matches one of `names`: it decides every
+    reference of that repository as `policy` does, faster (a tags list decides each of its tags)."""
+
+    def keep(patterns: tuple[Pattern, ...]) -> tuple[Pattern, ...]:
+        return tuple(p for p in patterns if any(p.matches_repository(n) for n in names))
+
+    allow = keep(policy.allow) if policy.allow is not None else None
+    return Policy(allow, keep(policy.deny), policy.digests_resolved)
+
+
 def refuses_repository(policy: Policy, names: Sequence[str]) -> bool:
     """Whether the policy refuses the repository whatever the reference (what the token endpoint asks)."""
     if any(p.tag is None and p.matches_repository(n) for p in policy.deny for n in names):

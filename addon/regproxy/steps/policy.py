@@ -25,7 +25,7 @@ from ..flow import answers
 from ..flow import state as flowstate
 from ..flow.answers import fail_closed
 from ..mapping.matcher import Match, policy_names
-from ..policy import Policy, decide, signed_digest
+from ..policy import Policy, decide, narrowed, signed_digest
 from ..policy.decide import Refusal
 from ..protocol.errors import RegistryError
 from ..protocol.names import RouteKind, is_valid_digest
@@ -56,7 +56,8 @@ class ServePolicy:
             self._refuse(flow, match, decision.refused)
             return
         if route.kind is RouteKind.TAGS:
-            st.tag_filter = lambda t: _lists(policy, names, t, set())
+            mine = narrowed(policy, names)  # each tag is decided: by this repository's patterns only
+            st.tag_filter = lambda t: _lists(mine, names, t, set())
             return
         if not policy.digests_resolved:
             return
@@ -80,7 +81,8 @@ class ServePolicy:
         match = st.match
         if match is None or not match.mapping.policy.digests_resolved:
             return
-        policy, names = match.mapping.policy, policy_names(match)
+        names = policy_names(match)
+        policy = narrowed(match.mapping.policy, names)
         admitted: set[str] = set()
         for tag in _signature_tags(resp.content or b"")[:MAX_SIGNATURE_LOOKUPS]:
             signed = signed_digest(tag)

@@ -7,7 +7,7 @@ import re
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from regproxy.policy import Policy, compile_pattern, decide, refuses_repository, signed_digest, spellings
+from regproxy.policy import Policy, compile_pattern, decide, narrowed, refuses_repository, signed_digest, spellings
 from regproxy.protocol.names import COMPONENT, TAG_RE
 
 HEX = "ab" * 32
@@ -91,3 +91,16 @@ def test_docker_hubs_implied_library_is_one_repository() -> None:
     deny = policy(deny=["library/busybox"])
     assert refuses_repository(deny, spellings("busybox", True))
     assert decide(policy(allow=["alpine"]), spellings("library/alpine", True), "3").admitted
+
+
+PATTERNS = st.sampled_from(["library/*", "library/*:latest", "**", "**:v*", "a/**", "a/*/c:1.?", "b", "lib*/x:*x"])
+
+
+@given(st.lists(PATTERNS, max_size=4) | st.none(), st.lists(PATTERNS, max_size=4), NAMES, TAGS)
+def test_narrowing_to_a_repository_decides_as_the_whole_policy(
+    allow: list[str] | None, deny: list[str], name: str, tag: str
+) -> None:
+    whole = policy(allow, deny)
+    names = spellings(name, True)
+    assert decide(narrowed(whole, names), names, tag) == decide(whole, names, tag)
+    assert decide(narrowed(whole, names), names, None) == decide(whole, names, None)
