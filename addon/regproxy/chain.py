@@ -69,7 +69,7 @@ def addons() -> list[object]:
         Router(config),
         # What the mapping serves (allow, deny, digests): refuses in `requestheaders`, after Router's match and
         # before the cache plans anything or anything goes upstream; reads the cache's record of resolved digests.
-        ServePolicy(config, cache.holder),
+        ServePolicy(config, cache.holder, metrics),
         # The pull-through cache: looks up in `requestheaders`, after Router's match, so that Limits (in
         # `request`) knows an answer from the store; answers in `request`, after Limits admitted it.
         cache,

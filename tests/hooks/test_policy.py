@@ -9,11 +9,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from hooks.conftest import Chain, config_text, request_flow
+from hooks.conftest import Chain, config_text, request_flow, sample
 from mitmproxy import http
 from regproxy.cache import keys
 from regproxy.flow import state as flowstate
 from regproxy.steps.cache import Cache
+from regproxy.steps.policy import ServePolicy
 from regproxy.tokens.paseto import Grant
 
 HOST = "reg.test"
@@ -68,6 +69,12 @@ def test_refused_tags_and_repositories_answer_403_denied_and_go_nowhere(make_cha
     forwarded(pull(chain, "/v2/p/app/manifests/v1", "p/app"))
     forwarded(pull(chain, f"/v2/p/app/manifests/sha256:{HEX}", "p/app"))  # a digest: the repository decides
     forwarded(pull(chain, f"/v2/p/other/a/b/blobs/sha256:{HEX}", "p/other/a/b"))
+    metrics = chain.find(ServePolicy).metrics
+    counted = {
+        r: sample(metrics, "registryproxy_policy_refusals_total", mapping="p/", refused=r)
+        for r in ("tag", "repository")
+    }
+    assert counted == {"tag": 3, "repository": 4}
 
 
 def test_signature_tags_of_an_admitted_repository_are_admitted_whatever_the_tag_rules(make_chain: Any) -> None:

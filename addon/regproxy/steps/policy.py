@@ -25,6 +25,7 @@ from ..flow import answers
 from ..flow import state as flowstate
 from ..flow.answers import fail_closed
 from ..mapping.matcher import Match, policy_names
+from ..ops.metrics import Metrics
 from ..policy import Policy, decide, narrowed, signed_digest
 from ..policy.decide import Refusal
 from ..protocol.errors import RegistryError
@@ -36,9 +37,10 @@ WHAT = {"repository": "this repository", "tag": "this tag", "digest": "this dige
 
 
 class ServePolicy:
-    def __init__(self, config: Configuration, holder: CacheHolder) -> None:
+    def __init__(self, config: Configuration, holder: CacheHolder, metrics: Metrics) -> None:
         self.config = config
         self.holder = holder
+        self.metrics = metrics
 
     @fail_closed
     async def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -107,9 +109,9 @@ class ServePolicy:
         state = self.config.state
         return await self.holder.current(state.config.cache) if state is not None else None
 
-    @staticmethod
-    def _refuse(flow: http.HTTPFlow, match: Match, refused: Refusal) -> None:
+    def _refuse(self, flow: http.HTTPFlow, match: Match, refused: Refusal) -> None:
         label = match.mapping.label
+        self.metrics.policy_refused(label, refused)
         err = RegistryError(403, "DENIED", f"the policy of mapping {label} refuses {WHAT[refused]}")
         answers.answer_error(flow, err, note=f"policy refused the {refused}")
 
