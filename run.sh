@@ -7,6 +7,8 @@
 #   ./run.sh test [pytest args]   install what the tests need and run the whole suite
 #   ./run.sh keygen               print a new secret key
 #   ./run.sh capability           print a new capability prefix and the config lines to use it
+#   ./run.sh link KEY --expires DURATION [--note TEXT]
+#                                 mint a share link for the mapping KEY (expiring, revocable; docs/links.md)
 #   ./run.sh demo [--web]         offline demo: a local registry, the proxy, pulls through both mappings
 #   ./run.sh bench [--quick|--wan|--cache|--limits]
 #                                 the benchmark (see README, "Performance"; --wan, --cache, --limits: one section)
@@ -131,7 +133,7 @@ case "$cmd" in
     ensure_venv "$here/requirements.txt"
     exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.demo "$@"
     ;;
-  keygen | capability)
+  keygen | capability | link)
     shift
     ensure_venv "$here/requirements.txt"
     exec env PYTHONPATH="$here/addon" "$venv/bin/python" -m regproxy.run.cli "$cmd" "$@"

@@ -64,7 +64,7 @@ PREFIX = "rp"
 REMOTE = "platform"
 JSON_LOG = ("--set", "registryproxy_log_format=json")
 FILL_TIMEOUT = 30.0  # s for a fill to be committed to the bucket (bounded; the commit follows the answer)
-LOG_TIMEOUT = 10.0  # s for the access log lines of answered requests
+LOG_TIMEOUT = 30.0  # s for the access log lines of answered requests (bounded; generous for a loaded CI machine)
 MANIFEST_TYPES = (
     "application/vnd.oci.image.manifest.v1+json",
     "application/vnd.oci.image.index.v1+json",

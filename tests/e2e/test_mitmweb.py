@@ -9,7 +9,8 @@ answers (GET /flows, each flow's request and response content and its content vi
 /events) must show every flow annotated by the addon, failures and refusals marked, the manifests,
 indexes and configs kept byte for byte and read by the OCI view, locally answered flows at the
 proxy's own address, and no secret at all: the upstream password, an upstream token, a PASETO, the
-secret key or the capability key.
+secret key, the capability key or a share link (pulls and a challenge through links of tok/ and of the
+capability mapping are among the requests).
 
 tests/screenshot/shoot.py (whose mitmweb launcher this module uses) is run once to a temporary path.
 """
@@ -43,6 +44,7 @@ from mitmproxy.http import HTTPFlow
 from mitmproxy.utils.emoji import emoji
 from regproxy.config import load_file
 from regproxy.debug.text import short_digest
+from regproxy.links import mint
 from regproxy.steps.keep_bodies import DEFAULT_KEEP_BLOB_SIZE, MAX_KEPT_BODY
 from rig import clients, images, registry
 from rig.httpserver import HandlerServer
@@ -57,6 +59,8 @@ REPO = Path(__file__).resolve().parents[2]
 KEY_HEX = "c3" * 16 + "9d" * 16
 ALMOST_CAP = CAP[:-1] + "9"  # one character off
 FORGED = "v4.local.Zm9yZ2VkLXRva2VuLXRoYXQtbmV2ZXItZGVjcnlwdHM"
+# Share links (links/) of a namespace and of the capability mapping, good for two hours.
+LINKS = {key: mint(bytes.fromhex(KEY_HEX), key, int(time.time()) + 7200)[0] for key in ("tok/", f"{CAP}/app")}
 JWT_RE = re.compile(rb"eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,}")
 RED, WARNING = ":red_circle:", ":warning:"
 MANIFEST_ACCEPT = [
@@ -305,6 +309,7 @@ def scene(
         "capability key (hex only)": CAP.replace("-", "").encode(),
         "PASETO": b"v4.local.",
         "the forged client token": FORGED.encode(),
+        **{f"the share link of {key}": link.encode() for key, link in LINKS.items()},
     }
     s.upstream_tokens = tok.token_issuer.issued()[issued_before:]  # signed while the module ran
     return s
@@ -329,6 +334,12 @@ def _act(
     s.pulls["basic/app:multi"] = (res.digest, image_digests["basic"][(APP, "multi")])
     res = clients.skopeo_copy(f"{web.host}/tok/app:v2s2", out / "v2s2", tag="v2s2")
     s.pulls["tok/app:v2s2"] = (res.digest, image_digests["token"][(APP, "v2s2")])
+
+    # Share links: pulls through a namespace's and the capability mapping's, and a link in a challenge's scope.
+    for i, (key, link) in enumerate(LINKS.items()):
+        res = clients.skopeo_copy(f"{web.host}/{link}/app:v1", out / f"link{i}", tag="v1")
+        s.pulls[f"<link of {key}>/app"] = (res.digest, image_digests["token"][(APP, "v1")])
+    s.answers["link challenge"] = _manifest(web, f"{LINKS['tok/']}/app", None)
 
     # Failures: a dead upstream (skopeo), an upstream that drops the connection, one that stalls a manifest.
     rc, _, _ = clients.skopeo_inspect(f"{web.host}/dead/app:v1")
@@ -383,7 +394,7 @@ def test_pulls_through_mitmweb_work(scene: Scene) -> None:
     assert scene.answers["drop manifest"].status_code == 502
     assert scene.answers["stalled manifest"].status_code == 502
     assert scene.answers["unknown tag"].status_code == 404
-    for what in ("forged", "other repo", "almost cap", "cap challenge", "cap query"):
+    for what in ("forged", "other repo", "almost cap", "cap challenge", "cap query", "link challenge"):
         assert scene.answers[what].status_code in (401, 404), (what, scene.answers[what].status_code)
     assert scene.upstream_tokens, "the token upstream issued no token: nothing was checked for leaks"
 

@@ -6,7 +6,9 @@ dump at flow_detail=4, debug logging, mitmproxy's connection lines) and under th
 of upstream (anonymous, Basic, token, token with blobs redirected to storage) and through a capability
 mapping over the token upstream whose password comes from the environment; token requests by GET (with
 client credentials and offline_token), POST password grant and POST refresh_token grant; a bad token,
-client credentials on a registry route, a challenge naming the capability, tags lists. Then the proxy
+client credentials on a registry route, a challenge naming the capability, tags lists; and pulls, token
+requests (GET and POST), challenges, tags lists and a revoked answer through share links of a namespace
+and of the capability mapping, and probes with links that are not genuine. Then the proxy
 is stopped and everything it printed, the raw bytes of the flow file and every flow read back with
 mitmproxy's FlowReader are searched for each secret. The pulls' digests are checked too: hiding the
 secrets must not change what clients are sent.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import base64
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -24,6 +27,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from regproxy.links import mint
 from rig import clients, proxy, registry, standard
 from rig.flowfiles import DEBUG_ARGS, flow_texts
 from rig.keys import CAP
@@ -46,6 +50,19 @@ MANIFEST_ACCEPT = [
     ("Accept", "application/vnd.docker.distribution.manifest.v2+json"),
 ]
 SESSION_ARGS = DEBUG_ARGS
+# Share links of the session (links/): a namespace's and the capability mapping's, one revoked, and a link of
+# another key and a tampered one (not genuine: answered as unknown names, and hidden as links are).
+LINKS: dict[str, str] = {
+    kind: mint(bytes.fromhex(key), mapping, int(time.time()) + 7200)[0]
+    for kind, key, mapping in (
+        ("namespace", KEY_HEX, "tok/"),
+        ("capability", KEY_HEX, f"{CAP}/app"),
+        ("revoked", KEY_HEX, "basic/"),
+        ("foreign", "77" * 32, "tok/"),
+    )
+}
+LINKS["tampered"] = LINKS["namespace"][:-3] + ("a" if LINKS["namespace"][-3] != "a" else "b") + LINKS["namespace"][-2:]
+REVOKED_ID = LINKS["revoked"][4:20]  # the id: the 16 characters after the marker (links/codec.py)
 
 
 def session_config(up: dict[str, registry.Upstream]) -> dict[str, Any]:
@@ -58,7 +75,7 @@ def session_config(up: dict[str, registry.Upstream]) -> dict[str, Any]:
         proxies[f"{prefix}/"] = m
     tok = up["token"]
     proxies[f"{CAP}/app"] = {"registry": tok.url, "remote": APP, "username": tok.username, "password_env": CAP_ENV}
-    return {"secretkey": KEY_HEX, "proxies": proxies}
+    return {"secretkey": KEY_HEX, "revoked_links": [REVOKED_ID], "proxies": proxies}
 
 
 def start_master(
@@ -185,6 +202,31 @@ def run_session(
         assert many.status_code == 200 and many.json()["name"] == "tok/many" and "link" in many.headers
         cap_tags = get(f"/v2/{CAP}/app/tags/list", f"Bearer {tok}")
         assert cap_tags.status_code == 200 and cap_tags.json()["name"] == f"{CAP}/app"
+
+        # Share links: pulls, token requests by GET and POST, a challenge, tags lists, a revoked link, fakes.
+        through = {kind: f"{LINKS[kind]}/app" for kind in LINKS}
+        link_scopes = [f"repository:{n}:pull" for n in through.values()]
+        got = c.get("/token", params=(("service", p.host), *(("scope", s) for s in link_scopes)))
+        assert got.status_code == 200, got.text
+        link_tok = got.json()["token"]
+        pw = c.post("/token", data={"grant_type": "password", "username": CLIENT_USER, "password": CLIENT_PASSWORD,
+                                    "service": p.host, "scope": " ".join(link_scopes)})  # fmt: skip
+        assert pw.status_code == 200, pw.text
+        received += [link_tok, pw.json()["access_token"], pw.json()["refresh_token"]]
+        for kind in ("namespace", "capability"):
+            r = get(f"/v2/{through[kind]}/manifests/v1", f"Bearer {link_tok}")
+            assert r.status_code == 200 and r.headers["docker-content-digest"] == digests["token"][(APP, "v1")]
+            tags = get(f"/v2/{through[kind]}/tags/list?n=1", f"Bearer {link_tok}")
+            assert tags.status_code == 200 and tags.json()["name"] == through[kind]  # delivered intact
+        challenge = get(f"/v2/{through['namespace']}/manifests/v1", None)
+        assert challenge.status_code == 401 and LINKS["namespace"] in challenge.headers["www-authenticate"]
+        revoked = get(f"/v2/{through['revoked']}/manifests/v1", f"Bearer {link_tok}")
+        assert revoked.status_code == 403 and "this link was revoked" in revoked.text
+        for kind in ("foreign", "tampered"):
+            assert get(f"/v2/{through[kind]}/manifests/v1", f"Bearer {link_tok}").status_code == 404
+    for kind in ("namespace", "capability"):
+        res = clients.skopeo_copy(f"{p.host}/{LINKS[kind]}/app:v1", tmp / f"link-{kind}", tag="v1").check()
+        assert res.digest == digests["token"][(APP, "v1")], kind
     return received
 
 
@@ -213,6 +255,7 @@ def test_a_whole_session_leaves_no_secret_in_output_or_saved_flows(
     texts = flow_texts(flows_file)
     # The session really was logged, dumped and saved.
     assert output.count("GET tok/app/manifests/v1") >= 1 and "POST /token" in output
+    assert f"link={LINKS['namespace'][4:20]}" in output and f"link={REVOKED_ID}" in output
     assert len(texts) >= 30, len(texts)
     assert any("[redacted]" in t for t in texts)
     if master == "stock":
@@ -232,6 +275,7 @@ def test_a_whole_session_leaves_no_secret_in_output_or_saved_flows(
             secrets[f"the {u.kind} upstream's Basic credentials"] = (u.basic_auth_header() or "").split()[1]
     secrets |= {f"upstream token #{i}": t for i, t in enumerate(issued_upstream_tokens())}
     secrets |= {f"client token #{i}": t for i, t in enumerate(received)}
+    secrets |= {f"the {kind} share link": link for kind, link in LINKS.items()}
     places = {"the proxy's output": output.encode(), "the flow file": raw}
     places |= {f"saved flow #{i}": t.encode() for i, t in enumerate(texts)}
     for where, data in places.items():

@@ -17,6 +17,7 @@ import ipaddress
 import os
 import secrets
 from collections.abc import Mapping as AnyMapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -25,6 +26,7 @@ import yaml
 
 from ..cache.settings import CacheSettingsError, parse_cache
 from ..limits.settings import LimitsError, parse_settings
+from ..links import LINK_ID_RE, DurationError, parse_duration
 from ..transport.egress import Egress, EgressError
 from ..transport.trust import Trust, TrustError, default_store
 from .mappings import parse_proxies
@@ -57,33 +59,72 @@ TOP_KEYS = {
     "redis_url",
     "trusted_proxies",
     "cache",
+    "revoked_links",
+    "link_max_age",
 }
+DEFAULT_LINK_MAX_AGE = 90 * 86400
+MAX_LINK_MAX_AGE = 3650 * 86400
 
 
 def load_file(path: str | os.PathLike[str], environ: AnyMapping[str, str] | None = None) -> Config:
     """Read and validate a configuration file."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ConfigError(f"config file {os.fspath(path)}: cannot read: {e.strerror or e}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"config file {os.fspath(path)}: not UTF-8 text") from None
-    return loads(text, environ, base_dir=Path(path).resolve().parent)
+    return loads(_read(path), environ, base_dir=Path(path).resolve().parent)
 
 
 def loads(
     text: str, environ: AnyMapping[str, str] | None = None, base_dir: str | os.PathLike[str] | None = None
 ) -> Config:
     """Parse and validate configuration text (relative `ca_file` paths are relative to `base_dir`)."""
+    return parse(_yaml(text), os.environ if environ is None else environ, base_dir)
+
+
+def _read(path: str | os.PathLike[str]) -> str:
     try:
-        data = yaml.safe_load(text)
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(f"config file {os.fspath(path)}: cannot read: {e.strerror or e}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {os.fspath(path)}: not UTF-8 text") from None
+
+
+def _yaml(text: str) -> Any:
+    try:
+        return yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""
         if getattr(e, "context", None) == "while scanning an alias":
             where += ' (a key or value starting with * must be quoted, as the root key "*")'
         raise ConfigError(f"config: not valid YAML{where}") from None
-    return parse(data, os.environ if environ is None else environ, base_dir)
+
+
+@dataclass(frozen=True)
+class LinkSettings:
+    """What `./run.sh link` reads of a configuration (run/link_command.py): the secret keys, the mappings'
+    keys as the file writes them, `link_max_age` and `public_url`."""
+
+    secretkeys: tuple[bytes, ...] = field(repr=False)
+    generated_key: bool
+    mapping_keys: tuple[str, ...]
+    link_max_age: int
+    public_url: str | None
+
+
+def link_settings(path: str | os.PathLike[str], environ: AnyMapping[str, str] | None = None) -> LinkSettings:
+    """The settings a share link is minted from, read as `parse` reads them (the secret key from the file,
+    else `$REGISTRYPROXY_SECRETKEY` or `$REGISTRYPROXY_SECRETKEY_FILE`) and nothing else: no credential,
+    trust or cache setting is read, so minting needs none of the proxy's environment."""
+    data = _yaml(_read(path))
+    if not isinstance(data, dict):
+        raise ConfigError("config: the top level must be a mapping of keys to values")
+    _exclusive(data, "secretkey", "secret_key", "secretkeys")
+    _exclusive(data, "public_url", "proxy_fqdn")
+    keys, generated = _secret_keys(data, os.environ if environ is None else environ)
+    proxies = data.get("proxies")
+    if not isinstance(proxies, dict) or not proxies:
+        raise ConfigError("proxies: must be a non-empty mapping of local names to upstreams")
+    names = tuple(k for k in proxies if isinstance(k, str))
+    return LinkSettings(keys, generated, names, _link_max_age(data), _public_url(data))
 
 
 def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[str] | None = None) -> Config:
@@ -155,6 +196,8 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
                 f"proxies.{show_key(m.key)}.digests: resolved needs the cache (a cache: section, and the mapping"
                 " not cache: false): the record of resolved digests is kept in its store"
             )
+    revoked_links = _revoked_links(data.get("revoked_links"))
+    link_max_age = _link_max_age(data)
     return Config(
         listen_addr=listen_addr,
         port=port,
@@ -169,7 +212,34 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         trust_store=store,
         limits=limits,
         cache=cache,
+        revoked_links=revoked_links,
+        link_max_age=link_max_age,
     )
+
+
+def _link_max_age(data: dict[str, Any]) -> int:
+    """`link_max_age`: the longest `--expires` of `./run.sh link`, in seconds."""
+    try:
+        seconds = parse_duration(data.get("link_max_age", DEFAULT_LINK_MAX_AGE), "link_max_age")
+    except DurationError as e:
+        raise ConfigError(str(e)) from None
+    if seconds > MAX_LINK_MAX_AGE:
+        raise ConfigError("link_max_age: must be at most 3650d (ten years)")
+    return seconds
+
+
+def _revoked_links(value: object) -> frozenset[str]:
+    """`revoked_links`: the ids of share links that no longer work (as `./run.sh link` prints them)."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list):
+        raise ConfigError("revoked_links: must be a list of link ids (as ./run.sh link prints them)")
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not LINK_ID_RE.fullmatch(item.strip()):
+            raise ConfigError(
+                f"revoked_links[{i}]: not a link id (16 characters a-z and 2-7, as ./run.sh link prints it)"
+            )
+    return frozenset(item.strip() for item in value)
 
 
 def _exclusive(data: dict[str, Any], *keys: str) -> None:

@@ -139,6 +139,9 @@ class Config:
     limits: LimitSettings = field(default_factory=LimitSettings)
     # `cache:` (cache/settings.py); None: no cache.
     cache: CacheSettings | None = None
+    # Share links (links/): the ids of revoked ones, and the longest expiry `./run.sh link` mints (seconds).
+    revoked_links: frozenset[str] = frozenset()
+    link_max_age: int = 90 * 86400
 
     @property
     def domains(self) -> frozenset[str]:

@@ -1,7 +1,7 @@
 """Redaction of secrets from text: one mechanism for everything that is kept or shown.
 
-Tokens (PASETOs, JWTs), credentials after an auth scheme, and the configured capability keys are
-replaced. Used on flows before they are saved (`-w`), where the proxy cannot stop the bytes that
+Tokens (PASETOs, JWTs), credentials after an auth scheme, share links (anything of a link's shape:
+they are minted, not configured) and the configured capability keys are replaced. Used on flows before they are saved (`-w`), where the proxy cannot stop the bytes that
 were sent to a client from also being recorded.
 """
 
@@ -11,12 +11,14 @@ import re
 from collections.abc import Iterable
 
 from ..config import Mapping
+from ..links import LINK_LENGTH, MARKER
 from ..protocol.names import looks_like_capability
 
 _PASETO = re.compile(r"v[1-4]\.(?:local|public)\.[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)?")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
 # A credential after its scheme word; not a challenge's `realm="…"` (possessive, so no backtracking).
 _CREDENTIAL = re.compile(r'(?i)\b(basic|bearer)(\s+)[A-Za-z0-9+/._\-~]++=*+(?!")')
+_LINK = re.compile(rf"(?i){MARKER}[a-z2-7]{{{LINK_LENGTH - len(MARKER)}}}")
 _FORM_SECRET = re.compile(r"(?i)\b(password|refresh_token|access_token|token)=[^&\s]*")
 _JSON_SECRET = re.compile(r'(?i)"(token|access_token|refresh_token|password)"\s*:\s*"[^"]*"')
 
@@ -35,7 +37,7 @@ def capability_keys(mappings: Iterable[Mapping]) -> list[str]:
 # Every pattern above (matched case-insensitively here) contains one of these: text holding none
 # of them (nor a capability key) is returned as it is, after a few substring scans (most headers and
 # log lines hold nothing to redact, and a regular expression over them costs ten times more).
-_TRIGGERS = ("v1.", "v2.", "v3.", "v4.", "eyj", "basic", "bearer", "token", "password")
+_TRIGGERS = ("v1.", "v2.", "v3.", "v4.", "eyj", "basic", "bearer", "token", "password", MARKER)
 
 
 class Redactor:
@@ -60,6 +62,7 @@ class Redactor:
         value = _CREDENTIAL.sub(lambda m: f"{m[1]}{m[2]}[redacted]", value)
         value = _PASETO.sub("[token]", value)
         value = _JWT.sub("[token]", value)
+        value = _LINK.sub("<link>", value)
         for cap in self._caps:
             value = value.replace(cap, "<capability>")
         for secret in self._secrets:

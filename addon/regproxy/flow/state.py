@@ -61,6 +61,11 @@ class FlowState:
     route: Route | None = None
     match: Match | None = None
     page: dict[str, str] = field(default_factory=dict)  # tags/list `n` and `last` as asked
+    # Written by routing and token_endpoint: the id(s) of the share link(s) the request came through (never
+    # the link itself).
+    link: str | None = None
+    # Written by routing: that link's state (ok, expired, revoked), for metrics.
+    link_state: str | None = None
     # Written by routing, cache and answers: the upstream credential (sent by veil.Courier, after display);
     # routing sets it, a local answer drops it (answers), and so does cache for a blob GET it sends to its blob
     # server (the credential travels in the blob server's ticket).

@@ -10,9 +10,16 @@ containerd's `?ns=HOST` is served by the mapping whose `mirror_of` lists HOST, a
 mapping's root (the whole name goes below its remote), and by no other: an unknown HOST matches
 nothing. Without mirror mode `?ns=` is ignored, as it always was.
 
-A capability key's secret segments are never sent upstream as part of a repository name: a
+A capability key's secret segments (and share links) are never sent upstream as part of a repository name: a
 name that holds one below the key that matched it (`<key>/typo` falling to the root mapping,
 or any name asked for with `?ns=`) matches nothing, as an unknown name.
+
+Share links (links/): a name whose first segment has a link's shape is resolved through the
+`LinkBook` and nothing else: a genuine link of a namespace mapping serves `LINK/REST` as the mapping
+serves `KEY/REST`, one of a repository mapping serves `LINK/<the key's last segment>` only. The
+`Match` then names the link (`link`: id, expiry, state), also when it has expired or was revoked,
+for the caller to refuse; a segment that is not a genuine link matches nothing, as an unknown name
+(never the root mapping: it is not sent upstream). The router and the token endpoint both ask here.
 """
 
 from __future__ import annotations
@@ -20,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..config import Mapping, mirror_host
+from ..links import LinkBook, LinkUse, looks_like_link
 from ..policy import spellings
 from ..protocol.names import looks_like_capability
 
@@ -29,27 +37,42 @@ class Match:
     mapping: Mapping
     local_name: str
     upstream_name: str
+    # The share link the name came through (its first segment), None for a name with the key itself.
+    link: LinkUse | None = None
     # The name was asked for with `?ns=` of a registry the mapping mirrors: all of it is below the key.
     mirrored: bool = False
 
     @property
+    def key_length(self) -> int:
+        """How many leading segments of `local_name` stand for the mapping's key: the link, and for a
+        repository mapping the key's last segment after it; else the key's own segments."""
+        if self.link is not None:
+            return 1 if self.mapping.namespace else 2
+        return len(self.mapping.prefix)
+
+    @property
     def rest(self) -> str:
-        """The name's segments below the mapping's key (all of them for the root key and for `?ns=`)."""
+        """The name's segments below the mapping's key (or the link standing for it; all of them for the
+        root key and for `?ns=`): what a mapping's policy decides on."""
         if self.mirrored:
             return self.local_name
-        return "/".join(self.local_name.split("/")[len(self.mapping.prefix) :])
+        return "/".join(self.local_name.split("/")[self.key_length :])
 
     @property
     def log_name(self) -> str:
-        """The local name with capability keys replaced by the mapping's label."""
+        """The local name with capability keys replaced by the mapping's label, a link by its id."""
+        rest = self.local_name.split("/")[self.key_length :]
+        if self.link is not None:
+            return "/".join([f"<link:{self.link.id}>", *rest])
         if not self.mapping.capability:
             return self.local_name
-        rest = self.local_name.split("/")[len(self.mapping.prefix) :]
         return "/".join([f"<{self.mapping.label}>", *rest])
 
 
 class Matcher:
-    def __init__(self, mappings: tuple[Mapping, ...]) -> None:
+    def __init__(self, mappings: tuple[Mapping, ...], links: LinkBook | None = None) -> None:
+        self._links = links
+        self._by_key = {m.key: m for m in mappings}
         self._by_prefix: dict[tuple[tuple[str, ...], bool], Mapping] = {(m.prefix, m.namespace): m for m in mappings}
         self._longest = max((len(m.prefix) for m in mappings), default=0)
         self._mirrors = {host: m for m in mappings for host in m.mirror_of}
@@ -66,6 +89,8 @@ class Matcher:
             if mapping is None or not mapping.serves_host(host) or self._holds_secret(segments):
                 return None
             return Match(mapping, name, mapping.upstream_name_of(segments), mirrored=True)
+        if looks_like_link(segments[0]):
+            return self._through_link(name, segments, host)
         key = tuple(segments)
         # Down to 0 segments: the root key.
         for n in range(min(len(key), self._longest), -1, -1):
@@ -76,9 +101,30 @@ class Matcher:
                 return Match(mapping, name, mapping.upstream_name_of(segments[n:]))
         return None
 
+    def _through_link(self, name: str, segments: list[str], host: str | None) -> Match | None:
+        """The mapping a genuine link stands for, serving this name on this Host; else None."""
+        link = self._links.resolve(segments[0]) if self._links is not None else None
+        mapping = self._by_key.get(link.mapping_key) if link is not None else None
+        if link is None or mapping is None or not mapping.serves_host(host):
+            return None
+        if mapping.namespace:
+            rest = segments[1:]
+            if not rest:
+                return None
+        elif segments[1:] != [mapping.prefix[-1]]:
+            return None
+        else:
+            rest = []
+        if self._holds_secret(rest):
+            return None
+        return Match(mapping, name, mapping.upstream_name_of(rest), link)
+
     def _holds_secret(self, segments: list[str]) -> bool:
-        """Whether these segments (those that would go upstream) hold a capability key's secret segment.
-        A set lookup of whole segments: no faster for a key that is almost right."""
+        """Whether these segments (those that would go upstream) hold a capability key's secret segment or
+        something of a share link's shape. A set lookup of whole segments: no faster for a key that is almost
+        right."""
+        if any(looks_like_link(s) for s in segments):
+            return True
         return bool(self._secrets) and any(s in self._secrets for s in segments)
 
 

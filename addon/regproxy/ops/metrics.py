@@ -42,7 +42,10 @@ REFUSAL_REASONS: Final = (
     "invalid_token",
     "expired",
     "insufficient_scope",
+    "link_expired",
+    "link_revoked",
 )
+LINK_OUTCOMES: Final = ("ok", "expired", "revoked")
 LIMITS: Final = (
     "client_requests",
     "manifest_gets",
@@ -186,6 +189,12 @@ class Metrics:
             ["reason"],
             registry=target,
         )
+        self._links = Counter(
+            "registryproxy_link_requests",
+            "Registry requests through a share link, by the link's id (never the link) and its state.",
+            ["link", "state"],
+            registry=target,
+        )
         self._upstream_tokens = Counter(
             "registryproxy_upstream_token_fetches",
             "Token requests sent to upstream token services (cache hits not counted).",
@@ -266,6 +275,10 @@ class Metrics:
 
     def token_issued(self, grant: str) -> None:
         self._issued.labels(fold_grant(grant)).inc()
+
+    def link_request(self, link_id: str, state: str) -> None:
+        """Count one registry request through the share link `link_id` (an id, not the link)."""
+        self._links.labels(link_id[:MAX_LABEL], state if state in LINK_OUTCOMES else "other").inc()
 
     def token_refused(self, reason: str) -> None:
         self._refused.labels(fold_reason(reason)).inc()

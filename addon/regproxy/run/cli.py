@@ -1,4 +1,4 @@
-"""Command line of ./run.sh: start mitmdump/mitmweb with the addon, make keys and capabilities."""
+"""Command line of ./run.sh: start mitmdump/mitmweb with the addon, make keys, capabilities and share links."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..config import ConfigError, load_file
 from .launch import ADDON_DIR, mitm_args, new_capability
+from .link_command import run_link
 from .workers import run_workers
 
 REPO = ADDON_DIR.parent
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> int:
     run.add_argument("extra", nargs=argparse.REMAINDER, help="further mitmproxy arguments")
     sub.add_parser("keygen", help="print a new secret key")
     sub.add_parser("capability", help="print a new capability prefix and config lines")
+    link = sub.add_parser("link", help="mint a share link for a mapping: expiring, revocable (docs/links.md)")
+    link.add_argument("key", metavar="KEY", help="the mapping's key in the configuration (bp/, <key>/nginx)")
+    link.add_argument("--expires", required=True, metavar="DURATION", help="how long it works: 14d, 12h, 30m")
+    link.add_argument("--note", metavar="TEXT", help="a note to keep with the link's id (printed, not stored)")
     args = parser.parse_args(argv)
 
     if args.cmd == "keygen":
@@ -51,6 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     config_path = os.environ.get(CONFIG_ENV) or str(REPO / "config.yaml")
+    if args.cmd == "link":
+        return run_link(config_path, args.key, args.expires, args.note)
     try:
         config = load_file(config_path)
     except ConfigError as e:

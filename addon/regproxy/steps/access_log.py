@@ -101,6 +101,8 @@ class AccessLog:
             self.metrics.bytes_streamed(st.match.mapping.label, st.bytes_streamed)
         if st.token_refusal is not None:
             self.metrics.token_refused(st.token_refusal)
+        if st.link is not None and st.link_state is not None:
+            self.metrics.link_request(st.link, st.link_state)
 
         if self._json is not None:
             record = {
@@ -116,6 +118,7 @@ class AccessLog:
                 "duration_ms": round(elapsed, 1),
                 "token": st.token,
                 "cache": st.cache,
+                "link": st.link,
             }
             state = self.config.state
             if state is not None:
@@ -125,7 +128,7 @@ class AccessLog:
             self._json.info(json.dumps(record, separators=(",", ":")))
         else:
             logger.info(
-                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms cache=%s token=%s",
+                "%s %s mapping=%s status=%s upstream=%s bytes=%s %.1fms cache=%s token=%s%s",
                 flow.request.method,
                 st.log_path,
                 mapping,
@@ -135,6 +138,7 @@ class AccessLog:
                 elapsed,
                 st.cache,
                 st.token,
+                f" link={st.link}" if st.link is not None else "",
             )
 
         if st.kind == "upstream" and st.cache in ("hit", "stale"):

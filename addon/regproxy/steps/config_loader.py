@@ -14,6 +14,8 @@ import contextlib
 import logging
 import os
 import signal
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +27,7 @@ from ..config import Config, ConfigError, load_file
 from ..debug.redact import Redactor, capability_keys
 from ..flow import answers, background
 from ..flow.answers import fail_closed
+from ..links import LinkBook
 from ..mapping.matcher import Matcher
 from ..ops.metrics import Metrics
 from ..protocol.errors import RegistryError
@@ -60,6 +63,8 @@ class Configuration:
         self._watch: asyncio.Task[None] | None = None
         self._sighup = False
         self._tried = False  # configure has tried to load the file (a failure was reported)
+        # The time tokens and share links are judged by (hook tests set their own); read at each use.
+        self.clock: Callable[[], float] = time.time
 
     def load(self, loader: Loader) -> None:
         loader.add_option(
@@ -151,8 +156,10 @@ class Configuration:
     def _load(self, path: str) -> State:
         """Read and validate a configuration; everything derived from it. Raises ConfigError."""
         config = load_file(path)
-        matcher = Matcher(config.mappings)
-        codec = TokenCodec(config.secretkeys)
+        now: Callable[[], float] = lambda: self.clock()  # follows self.clock
+        links = LinkBook(config.secretkeys, (m.key for m in config.mappings), config.revoked_links, now)
+        matcher = Matcher(config.mappings, links)
+        codec = TokenCodec(config.secretkeys, now)
         client = self.client
         if client is None or client.timeout != config.upstream_timeout:
             client = RegistryClient(config.upstream_timeout)

@@ -91,6 +91,8 @@ class Router:
         if decided.match is not None:
             st.match = decided.match
             st.log_path = log_path(asked, decided.match)
+            if decided.match.link is not None:
+                st.link, st.link_state = decided.match.link.id, decided.match.link.state
         if isinstance(decided, Allowed):
             st.token = "ok"
             return decided

@@ -76,9 +76,13 @@ class TokenEndpoint:
             query, base, ns = self._queries.pop(flow, ([], st.base, None))
             parsed = parse_token_request(req.method, query, form)
             names = pull_names(list(parsed.scopes))
-            labels = sorted({m.mapping.label for n in names if (m := state.matcher.match(n, host, ns))})
+            matches = [m for n in names if (m := state.matcher.match(n, host, ns)) is not None]
+            labels = sorted({m.mapping.label for m in matches})
             if labels:
                 st.log_path = f"{st.log_path} ({', '.join(labels)})"
+            links = sorted({m.link.id for m in matches if m.link is not None})
+            if links:
+                st.link = ",".join(links)
             if ns is None:
                 answer = await state.tokens.answer(parsed, base, host)
             else:

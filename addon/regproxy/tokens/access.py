@@ -5,7 +5,8 @@ mitmproxy. `Asked` is what the request names: its route and, for containerd's mi
 (`?ns=HOST`), the registry (`mirror_ns`). `read_token` reads the client's PASETO access token from its
 Authorization. `authorize` then decides, in this order: the ping and the catalog are answered here
 (nothing is listed); a client without a valid token, or whose token grants no pull of the name, is
-challenged; a name no mapping serves is 404; a grant issued by a mapping that has changed since is
+challenged; a name no mapping serves is 404 (so is a segment that is not a genuine share link); a share
+link that expired or was revoked is 403 DENIED, saying which; a grant issued by a mapping that has changed since is
 challenged again; anything but a pull is 405; the rest is `Allowed` through its mapping. The name is
 looked up only for a client whose token grants a pull of it.
 """
@@ -143,7 +144,10 @@ def authorize(asked: Asked, method: str, presented: Presented, matcher: Matcher)
     match = matcher.match(route.name, asked.host, asked.ns)
     if match is None or not is_valid_name(match.upstream_name):
         return Answer(RegistryError(404, "NAME_UNKNOWN"), "ok")
-    if grant.mapping != match.mapping.identity:
+    link = match.link
+    if link is not None and link.refusal is not None:
+        return Answer(RegistryError(403, "DENIED", link.refusal), f"link {link.state}", f"link_{link.state}", match)
+    if grant.mapping != match.mapping.identity or grant.link != (link.id if link is not None else None):
         return Answer(Challenge(scope, "invalid_token"), "stale (mapping changed)", "invalid_token", match)
     if method not in ("GET", "HEAD") or route.kind is RouteKind.UPLOAD:
         return Answer(RegistryError(405, "UNSUPPORTED", "this registry is pull-only"), "ok", match=match)

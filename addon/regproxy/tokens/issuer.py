@@ -10,6 +10,10 @@ Each requested repository scope is cut down to `pull`, matched with the same mat
 as the routes, and exchanged for an upstream token with the mapping's credentials;
 the answer is a PASETO that wraps those upstream tokens.
 
+Share links: a name through a genuine link is granted as a name of its mapping, in a grant of its own
+that names the link's id; the token expires no later than the link. A link that expired or was revoked
+is granted nothing, as a name no mapping serves: the registry request then answers why (403 DENIED).
+
 Mirror mode: containerd sends `?ns=HOST` on its registry requests but not on its token
 requests, so a challenge for an `?ns=` request names the realm `BASE/ns/HOST/token`
 (`mirror_base`). There scope names are matched as that registry's names, and the token's
@@ -112,19 +116,27 @@ class TokenService:
             except TokenError as e:
                 raise RegistryError(401, "UNAUTHORIZED", f"refresh token refused: {e.reason}") from None
 
-        groups: dict[str | None, tuple[Mapping | None, list[str], list[str]]] = {}
+        # By (mapping identity, link id): a grant names one mapping and at most one link.
+        groups: dict[tuple[str, str | None] | None, tuple[Mapping | None, list[str], list[str]]] = {}
+        link_left: dict[str, float] = {}
         # Names a mapping's policy refuses whatever the reference: granted (so a request answers 403 DENIED,
         # not a challenge) without an upstream token, and never named to the upstream's token service.
-        refused: dict[str, list[str]] = {}
+        refused: dict[tuple[str, str | None], list[str]] = {}
         for name in pull_names(list(req.scopes)):
             match = self._matcher.match(name, host, ns)
-            if match is None or not is_valid_name(match.upstream_name):
+            link = match.link if match is not None else None
+            # A link with less than a second left is granted nothing: no token may outlive it.
+            spent = link is not None and (link.state != "ok" or link.remaining < 1)
+            if match is None or not is_valid_name(match.upstream_name) or spent:
                 groups.setdefault(None, (None, [], []))[1].append(name)
                 continue
+            if link is not None:
+                link_left[link.id] = link.remaining
+            group = (match.mapping.identity, link.id if link is not None else None)
             if refuses_repository(match.mapping.policy, policy_names(match)):
-                refused.setdefault(match.mapping.identity, []).append(name)
+                refused.setdefault(group, []).append(name)
                 continue
-            entry = groups.setdefault(match.mapping.identity, (match.mapping, [], []))
+            entry = groups.setdefault(group, (match.mapping, [], []))
             entry[1].append(name)
             entry[2].append(match.upstream_name)
 
@@ -144,11 +156,13 @@ class TokenService:
             upstream_token = result.token if result else None
             if result is not None:
                 lifetime = min(lifetime, result.expires_at - now)
-            grants.append(Grant(key, tuple(groups[key][1]), upstream_token))
-        grants.extend(Grant(key, tuple(names), None) for key, names in refused.items())
+            identity, link_id = key if key is not None else (None, None)
+            grants.append(Grant(identity, tuple(groups[key][1]), upstream_token, link_id))
+        grants.extend(Grant(identity, tuple(names), None, link_id) for (identity, link_id), names in refused.items())
         # Rounded, not truncated: an upstream token of 60 s fetched in a few milliseconds is
-        # answered as 60 s (protocol.md: never below 60), at most half a second over.
-        lifetime_s = max(1, round(lifetime))
+        # answered as 60 s (protocol.md: never below 60), at most half a second over. A link's
+        # time left is truncated: the token never outlives the link.
+        lifetime_s = max(1, min([round(lifetime), *(int(left) for left in link_left.values())]))
 
         # The access token is good where it was asked for; refresh tokens (an identity, bound to no
         # mapping) stay at the base, so one `docker login` serves every realm.

@@ -45,11 +45,13 @@ class TokenError(Exception):
 
 @dataclass(frozen=True)
 class Grant:
-    """Pull access to local repositories through one mapping (None: names no mapping serves)."""
+    """Pull access to local repositories through one mapping (None: names no mapping serves), and through
+    the share link `link` (its id) when the names came through one: the router checks it is still good."""
 
     mapping: str | None
     names: tuple[str, ...]
     upstream_token: str | None = field(default=None, repr=False)
+    link: str | None = None
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,12 @@ class TokenCodec:
             "aud": audience,
             "iat": int(self._clock()),
             "g": [
-                {"m": g.mapping, "r": list(g.names), **({"u": g.upstream_token} if g.upstream_token else {})}
+                {
+                    "m": g.mapping,
+                    "r": list(g.names),
+                    **({"u": g.upstream_token} if g.upstream_token else {}),
+                    **({"l": g.link} if g.link else {}),
+                }
                 for g in grants
             ],
         }
@@ -116,6 +123,7 @@ class TokenCodec:
                     mapping=_opt_str(g["m"]),
                     names=tuple(_str(n) for n in g["r"]),
                     upstream_token=_opt_str(g.get("u")),
+                    link=_opt_str(g.get("l")),
                 )
                 for g in payload["g"]
             )
