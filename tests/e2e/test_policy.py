@@ -15,6 +15,7 @@ rig/tap.py) and its token requests (the issuer's record) are counted: a refused 
   is in the store), and through a second proxy on the same S3 bucket (replicas share the record).
 - A reload that tightens a policy applies to the next request.
 - An HTTPS upstream (the rig's `https-basic`): admitted and refused alike.
+- Mirror mode: a root mapping's policy decides on the whole name of a `?ns=docker.io` request.
 """
 
 from __future__ import annotations
@@ -355,3 +356,27 @@ def test_replicas_on_one_s3_bucket_share_the_record_of_resolved_digests(
     assert denied(
         get(two, f"/v2/p/app/manifests/{digests['latest']}", "p/app"), "this digest (not resolved from an admitted tag)"
     )
+
+
+def test_a_root_mappings_policy_decides_on_the_whole_name_of_a_mirror_request(
+    content: Content, make_proxy: Any
+) -> None:
+    """containerd's `?ns=docker.io` through a root mapping (mirror mode): the policy sees the whole name."""
+    up = content.up
+    root = {**matrix._mapping(up, "platform"), "mirror_of": ["docker.io"], "allow": ["app"], "deny": ["app:latest"]}
+    rp = make_proxy({"secretkey": KEY_HEX, "proxies": {"*": root}})
+
+    def mirrored(name: str, ref: str) -> httpx.Response:
+        r = httpx.get(f"{rp.url}/ns/docker.io/token", params={"scope": f"repository:{name}:pull"}, timeout=30)
+        headers = [("Authorization", f"Bearer {r.json()['token']}")] + [("Accept", t) for t in MANIFEST_TYPES]
+        return httpx.get(f"{rp.url}/v2/{name}/manifests/{ref}?ns=docker.io", headers=headers, timeout=30)
+
+    clear(up)
+    ok = mirrored("app", "v1")
+    assert ok.status_code == 200 and ok.headers["docker-content-digest"] == content.digests["v1"]
+    for name, ref, what in (("app", "latest", "this tag"), ("blocked", "v1", "this repository")):
+        r = mirrored(name, ref)
+        assert r.status_code == 403, r.text
+        assert r.json()["errors"][0]["message"] == f"the policy of mapping * refuses {what}"
+    assert not [p for p in upstream_paths(up) if "latest" in p or "blocked" in p]
+    assert not [s for s in token_scopes(up) if "blocked" in s]
