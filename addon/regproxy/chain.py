@@ -20,6 +20,7 @@ from .steps.keep_bodies import KeepBodies
 from .steps.limits import Limits
 from .steps.local_address import LocalAddress
 from .steps.ops_endpoints import Operations
+from .steps.policy import ServePolicy
 from .steps.pooling import UpstreamPooling
 from .steps.rewrite import ResponseRewrite
 from .steps.routing import Router
@@ -45,6 +46,7 @@ def addons() -> list[object]:
     metrics = Metrics()
     config = Configuration(metrics)
     secrets = FlowSecrets(config)
+    cache = Cache(config, metrics)
     return [
         # Every new flow gets its state before anyone looks at it.
         FlowStates(),
@@ -65,9 +67,12 @@ def addons() -> list[object]:
         # anything goes upstream.
         Limits(config, metrics),
         Router(config),
+        # What the mapping serves (allow, deny, digests): refuses in `requestheaders`, after Router's match and
+        # before the cache plans anything or anything goes upstream; reads the cache's record of resolved digests.
+        ServePolicy(config, cache.holder, metrics),
         # The pull-through cache: looks up in `requestheaders`, after Router's match, so that Limits (in
         # `request`) knows an answer from the store; answers in `request`, after Limits admitted it.
-        Cache(config, metrics),
+        cache,
         # Upstream connections shared across clients (TLS, trust and forward proxy set up by the pool)...
         UpstreamPooling(config),
         # ...and TLS to the upstream with the mapping's trust for connections mitmproxy opens itself (system store + ca_file, or tls_verify: false);

@@ -185,6 +185,51 @@ def test_path_tricks_never_leave_the_remote_prefix(ap: proxy.ProxyProc, taps: di
     assert_still_serving(ap)
 
 
+# Hostile spellings of what `pol/`'s policy refuses (`allow: [app]`, `deny: [app:v1]`): platform/app:v1 and
+# every other repository (platform/many, library/solo). None may reach the upstream or answer 200.
+POLICY_TRICKS: list[bytes] = [
+    b"/v2/pol/app/manifests/v1",
+    b"/v2/pol/many/manifests/t000",
+    b"/v2/pol/APP/manifests/v1",  # case: names are lower-case, refused before any mapping
+    b"/v2/pol/App/manifests/v1",
+    b"/v2/pol/app/manifests/v1:",  # a trailing `:`
+    b"/v2/pol/app:/manifests/v1",
+    b"/v2/pol/app/manifests/v1%3a",
+    b"/v2/pol/app/manifests/%76%31",
+    b"/v2/pol/app%2fmanifests/v1",  # encoded slashes
+    b"/v2/pol/app%2Fx/manifests/v1",
+    b"/v2/pol%2fmany/manifests/t000",
+    b"/v2/pol/x/../many/manifests/t000",  # dot segments
+    b"/v2/pol/app/../many/manifests/t000",
+    b"/v2/pol/./many/manifests/t000",
+    b"/v2/pol/%2e%2e/many/manifests/t000",
+    b"/v2/pol//many/manifests/t000",
+    b"/v2/pol/app/manifests/v1?ns=docker.io",
+    b"/v2/pol/many/tags/list",
+    b"/v2/pol/app/../../library/solo/manifests/latest",
+]
+
+
+def test_hostile_names_cannot_slip_past_a_policy(ap: proxy.ProxyProc, taps: dict[str, registry.Upstream]) -> None:
+    """Encoded slashes, dot segments, case and a trailing `:` (GET and HEAD, with a token good for every name
+    they aim at): a registry 4xx error every time, never the refused content, and the upstream never sees a
+    request for platform/app:v1 or another repository than platform/app through `pol/`."""
+    tok = token_for(ap, "pol/app", "pol/many", "pol/x", "pol/library/solo")
+    for target in POLICY_TRICKS:
+        for method in (b"GET", b"HEAD"):
+            headers = [(b"Host", ap.host.encode()), (b"Authorization", f"Bearer {tok}".encode())]
+            headers += [(b"Accept", t.encode()) for t in MANIFEST_TYPES]
+            answer = raw_exchange(ap, raw_get(ap, target, headers, method), head=method == b"HEAD")
+            assert answer is not None, target
+            assert answer.status != 200, (method, target, answer.body[:100])
+            assert_registry_error(answer.status, answer.body, head=method == b"HEAD")
+    seen = [e.path for e in taps["anonymous"].access_log()]
+    assert not [p for p in seen if p.startswith("/v2/platform/app/manifests/v1") or "many" in p or "solo" in p]
+    # What the policy admits still pulls.
+    assert get(ap, "/v2/pol/app/manifests/multi", tok).status_code == 200
+    assert_still_serving(ap)
+
+
 def test_connect_and_odd_request_forms_are_not_tunnels(
     ap: proxy.ProxyProc, taps: dict[str, registry.Upstream], hostiles: Hostiles
 ) -> None:

@@ -63,8 +63,8 @@ def _hostile_mapping(server: ScriptedServer) -> dict[str, Any]:
 
 def attack_config(up: dict[str, registry.Upstream], h: Hostiles, key_hex: str = KEY_HEX) -> dict[str, Any]:
     """The `ap` proxy's configuration: namespace mappings onto the anonymous, basic and token upstreams,
-    two capability mappings (token and redirect upstreams), a `hosts:` mapping, and one mapping per
-    hostile upstream (with the operator's credentials, which must never leave for a foreign realm)."""
+    two capability mappings (token and redirect upstreams), a `hosts:` mapping, a mapping with a policy, and one
+    mapping per hostile upstream (with the operator's credentials, which must never leave for a foreign realm)."""
 
     def creds(u: registry.Upstream) -> dict[str, Any]:
         return {"username": u.username, "password": u.password} if u.username else {}
@@ -76,6 +76,8 @@ def attack_config(up: dict[str, registry.Upstream], h: Hostiles, key_hex: str = 
         CAP_NAME: {"registry": up["token"].url, "remote": APP, **creds(up["token"])},
         CAP2_NAME: {"registry": up["redirect"].url, "remote": APP, **creds(up["redirect"])},
         "dom/": {"registry": up["anonymous"].url, "remote": "platform", "hosts": ["images.test"]},
+        # A policy (test_attacks.py's hostile names): app's tags but v1, and nothing else of platform/.
+        "pol/": {"registry": up["anonymous"].url, "remote": "platform", "allow": ["app"], "deny": ["app:v1"]},
         "evt/": _hostile_mapping(h.tokens),
         "evping/": _hostile_mapping(h.huge_ping),
     }
@@ -308,6 +310,8 @@ def public_config(up: dict[str, registry.Upstream]) -> dict[str, Any]:
         "proxies": {
             "anon/": {"registry": up["anonymous"].url, "remote": "platform"},
             "dom/": {"registry": up["anonymous"].url, "remote": "platform", "hosts": ["images.test"]},
+            # A policy (test_attacks.py's hostile names): app's tags but v1, and nothing else of platform/.
+            "pol/": {"registry": up["anonymous"].url, "remote": "platform", "allow": ["app"], "deny": ["app:v1"]},
         },
     }
 

@@ -17,7 +17,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[2] / "addon" / "regproxy"
 
-PURE = {"protocol", "config", "mapping", "transport", "upstream", "tokens", "limits", "cache", "links", "ops"}
+PURE = {"protocol", "config", "mapping", "transport", "upstream", "tokens", "limits", "cache", "links", "ops", "policy"}
 ABOVE_PURE = {"steps", "flow", "mitm", "run", "debug", "demo", "chain"}
 # mitmproxy's addon API, open to every layer that may import mitmproxy at all.
 PUBLIC = {

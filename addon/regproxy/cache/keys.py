@@ -3,7 +3,9 @@
 Content is stored once by digest (`blobs/sha256/<hex>`, `manifests/sha256/<hex>`); whether a mapping
 may be answered from it is a link, written when content came through that mapping from that upstream
 repository (distribution's repository links are the model): `links/<link id>/sha256/<hex>`. Tags are
-records per link id too: `tags/<link id>/<tag>`. A link id is a hash of the mapping's key, its
+records per link id too: `tags/<link id>/<tag>`, and so are the digests a mapping's policy admits under
+`digests: resolved` (policy/): `admitted/<link id>/sha256/<hex>`, written when the cache resolves or stores
+a manifest of an admitted tag, or one an admitted index lists. A link id is a hash of the mapping's key, its
 upstream's origin and the upstream repository, so it is the same on every replica, and never shows a
 capability key (the key is hashed with a fixed label).
 """
@@ -57,6 +59,10 @@ def tag_key(link: str, tag: str) -> str:
     return f"tags/{link}/{tag}"
 
 
+def admitted_key(link: str, hex_digest: str) -> str:
+    return f"admitted/{link}/sha256/{hex_digest}"
+
+
 def content_hex(key: str) -> str | None:
     """The digest's hex of a content key (`blobs/...` or `manifests/...`), else None."""
     for prefix in ("blobs/sha256/", "manifests/sha256/"):
@@ -107,3 +113,24 @@ class TagRecord:
         except (ValueError, KeyError, TypeError):
             return None
         return rec if parse_digest(rec.digest) is not None else None
+
+
+@dataclass(frozen=True)
+class AdmittedRecord:
+    """A digest admitted under `digests: resolved`: the tag it was resolved from (for a manifest an admitted
+    index lists, or a blob an admitted manifest lists, the tag that admitted the top), and when."""
+
+    tag: str
+    at: float
+
+    def dump(self) -> bytes:
+        return json.dumps(asdict(self), separators=(",", ":")).encode()
+
+    @staticmethod
+    def load(data: bytes) -> AdmittedRecord | None:
+        try:
+            d = json.loads(data)
+            rec = AdmittedRecord(str(d["tag"]), float(d["at"]))
+        except (ValueError, KeyError, TypeError):
+            return None
+        return rec if TAG_RE.fullmatch(rec.tag) else None

@@ -23,7 +23,7 @@ from . import keys
 from .fill import Fills
 from .index import Index
 from .jobs import BlobJob, FillObserver
-from .keys import Link, TagRecord
+from .keys import AdmittedRecord, Link, TagRecord
 from .settings import CacheSettings
 from .store import Store, StoreError
 from .store_fs import FsStore
@@ -35,6 +35,7 @@ logger = logging.getLogger("registryproxy")
 
 MAX_MANIFEST = 4 * 1024 * 1024  # the distribution spec's limit; larger manifests are not cached
 RETRY_OPEN = 30.0  # seconds before a store that failed to open is tried again
+MAX_ADMITTED_SEEN = 100_000  # admitted records remembered as written (oldest forgotten first)
 RELOAD_GRACE = 600.0  # seconds a replaced store keeps serving the transfers it began
 
 
@@ -70,6 +71,8 @@ class CacheService:
         self.port = 0
         self._observer = observer
         self._last_failure_log = -1e9  # a failing store is logged at most once a minute
+        # Admitted records this process wrote (key -> tag), so a hit does not write its record again.
+        self._admitted_seen: dict[str, str] = {}
 
     @classmethod
     async def open(cls, settings: CacheSettings, spool_dir: Path, observer: CacheObserver | None) -> CacheService:
@@ -159,7 +162,28 @@ class CacheService:
         data = await self._get(key)
         return TagRecord.load(data) if data is not None else None
 
+    async def admitted(self, link: str, hex_digest: str) -> AdmittedRecord | None:
+        """The record of a digest admitted under `digests: resolved` through this link, if any."""
+        data = await self._get(keys.admitted_key(link, hex_digest))
+        return AdmittedRecord.load(data) if data is not None else None
+
     # --- records ----------------------------------------------------------------
+
+    async def admit(self, link: str, hex_digests: list[str], tag: str) -> None:
+        """Record digests admitted under `digests: resolved` (from `tag`); each written once a process."""
+        record = AdmittedRecord(tag, time.time())
+        for hex_digest in hex_digests:
+            key = keys.admitted_key(link, hex_digest)
+            if self._admitted_seen.get(key) == tag:
+                continue
+            try:
+                await self.store.put_small(key, record.dump())
+            except StoreError as e:
+                self._failed(e)
+                return
+            self._admitted_seen[key] = tag
+            if len(self._admitted_seen) > MAX_ADMITTED_SEEN:
+                self._admitted_seen.pop(next(iter(self._admitted_seen)))
 
     async def put_tag(self, link: str, tag: str, record: TagRecord) -> None:
         try:

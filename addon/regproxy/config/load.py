@@ -190,6 +190,12 @@ def parse(data: Any, environ: AnyMapping[str, str], base_dir: str | os.PathLike[
         cache = parse_cache(data.get("cache"), environ, base)
     except CacheSettingsError as e:
         raise ConfigError(str(e)) from None
+    for m in mappings:
+        if m.policy.digests_resolved and (cache is None or not m.cache):
+            raise ConfigError(
+                f"proxies.{show_key(m.key)}.digests: resolved needs the cache (a cache: section, and the mapping"
+                " not cache: false): the record of resolved digests is kept in its store"
+            )
     revoked_links = _revoked_links(data.get("revoked_links"))
     link_max_age = _link_max_age(data)
     return Config(

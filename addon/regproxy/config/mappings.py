@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from ..limits.settings import LimitsError, parse_limits
+from ..policy import Pattern, Policy, PolicyError, compile_pattern
 from ..protocol.names import is_valid_name, looks_like_capability
 from .model import HOSTNAME_RE, ROOT_KEY, ConfigError, Mapping, show_key
 from .registry import (
@@ -41,7 +42,11 @@ MAPPING_KEYS = {
     "token_realms",
     "limits",
     "cache",
+    "allow",
+    "deny",
+    "digests",
 }
+POLICY_KEYS = ("allow", "deny", "digests")
 
 
 def parse_proxies(
@@ -129,8 +134,37 @@ def _mapping(
         token_realms=_token_realms(value, where),
         limits=limits,
         cache=cache,
+        policy=_policy(value, where, namespace and not capability),
     )
     return mapping, trust
+
+
+def _policy(value: dict[str, Any], where: str, namespace: bool) -> Policy:
+    """`allow`, `deny` (REPO[:TAG] patterns, policy/patterns.py) and `digests` (`resolved` or `any`)."""
+    named = [k for k in POLICY_KEYS if k in value]
+    if not named:
+        return Policy()
+    if not namespace:
+        raise ConfigError(
+            f"{where}.{named[0]}: only a namespace mapping has a policy (an exact or capability mapping serves one"
+            " repository)"
+        )
+    digests = value.get("digests", "any")
+    if digests not in ("any", "resolved"):
+        raise ConfigError(f"{where}.digests: must be resolved or any (resolved needs the cache: see docs/policy.md)")
+    allow = _patterns(value, "allow", where) if "allow" in value else None
+    deny = _patterns(value, "deny", where) if "deny" in value else ()
+    return Policy(allow, deny, digests == "resolved")
+
+
+def _patterns(value: dict[str, Any], key: str, where: str) -> tuple[Pattern, ...]:
+    patterns = value[key]
+    if not isinstance(patterns, list):
+        raise ConfigError(f"{where}.{key}: must be a list of REPO[:TAG] patterns such as [library/*, grafana/**:v*]")
+    try:
+        return tuple(compile_pattern(p) for p in patterns)
+    except PolicyError as e:
+        raise ConfigError(f"{where}.{key}: {e}") from None
 
 
 def _token_realms(value: dict[str, Any], where: str) -> tuple[str, ...]:

@@ -14,6 +14,7 @@ from urllib.parse import urlsplit
 
 from ..cache.settings import CacheSettings
 from ..limits.settings import LimitSettings, Rules
+from ..policy import Policy
 from ..protocol.names import looks_like_capability
 from ..transport.egress import Egress
 from ..transport.trust import DefaultStore, Trust
@@ -74,6 +75,8 @@ class Mapping:
     limits: Rules | None = None
     # `cache: false` opts the mapping out of the pull-through cache (`cache:` at the top, cache/settings.py).
     cache: bool = True
+    # `allow`, `deny` and `digests` (policy/): what the mapping serves; the default admits everything.
+    policy: Policy = field(default_factory=Policy)
 
     @property
     def label(self) -> str:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -75,6 +76,11 @@ class FlowState:
     # Written by rewrite and keep_bodies: the response headers went to the client before the `response`
     # hook (rewrite sets it; keep_bodies clears it again for a body it keeps whole).
     streamed: bool = False
+    # Written by policy: under `digests: resolved`, the tag whose admission admits what this request resolves
+    # (the cache records the digests it resolves or stores under it); None: nothing to record.
+    admitted_via: str | None = None
+    # Written by policy: for a tags list through a mapping with a policy, which tags it lists (None: all).
+    tag_filter: Callable[[str], bool] | None = None
     # Written by cache: how the cache answered (hit, stale), filled or missed; off when it had no say.
     cache: str = "off"
     # Written by upstream_watch.

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 from ..config import Mapping, mirror_host
 from ..links import LinkBook, LinkUse, looks_like_link
+from ..policy import spellings
 from ..protocol.names import looks_like_capability
 
 
@@ -38,6 +39,8 @@ class Match:
     upstream_name: str
     # The share link the name came through (its first segment), None for a name with the key itself.
     link: LinkUse | None = None
+    # The name was asked for with `?ns=` of a registry the mapping mirrors: all of it is below the key.
+    mirrored: bool = False
 
     @property
     def key_length(self) -> int:
@@ -46,6 +49,14 @@ class Match:
         if self.link is not None:
             return 1 if self.mapping.namespace else 2
         return len(self.mapping.prefix)
+
+    @property
+    def rest(self) -> str:
+        """The name's segments below the mapping's key (or the link standing for it; all of them for the
+        root key and for `?ns=`): what a mapping's policy decides on."""
+        if self.mirrored:
+            return self.local_name
+        return "/".join(self.local_name.split("/")[self.key_length :])
 
     @property
     def log_name(self) -> str:
@@ -77,7 +88,7 @@ class Matcher:
             mapping = self._mirrors.get(registry) if registry is not None else None
             if mapping is None or not mapping.serves_host(host) or self._holds_secret(segments):
                 return None
-            return Match(mapping, name, mapping.upstream_name_of(segments))
+            return Match(mapping, name, mapping.upstream_name_of(segments), mirrored=True)
         if looks_like_link(segments[0]):
             return self._through_link(name, segments, host)
         key = tuple(segments)
@@ -115,6 +126,13 @@ class Matcher:
         if any(looks_like_link(s) for s in segments):
             return True
         return bool(self._secrets) and any(s in self._secrets for s in segments)
+
+
+def policy_names(match: Match) -> tuple[str, ...]:
+    """The spellings of the name below the key a mapping's policy decides on (policy/): with Docker Hub's
+    implied `library/` (no `remote`), `busybox` and `library/busybox` are one repository."""
+    mapping = match.mapping
+    return spellings(match.rest, mapping.upstream.dockerhub and not mapping.remote)
 
 
 def redact_name(name: str) -> str:

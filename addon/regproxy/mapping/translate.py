@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit
 
 from ..protocol.names import TAG_RE, Route, RouteKind
@@ -106,10 +107,15 @@ def _rewrite_one_link(value: str, match: Match) -> str | None:
     return f"<{target}>{m[2] or ''}"
 
 
-def rewrite_tags(body: bytes, match: Match, page: dict[str, str], has_link: bool) -> tuple[bytes, str | None] | None:
-    """A tags list with the local name, in lexical order, after `last`, and paged here if the upstream
-    ignored `n` (distribution 2.8 does): the new body and the `Link` to add, if any. Sorting and `last`
-    change nothing for an upstream that honours them. None: the body is not a tags list."""
+def rewrite_tags(
+    body: bytes, match: Match, page: dict[str, str], has_link: bool, admit: Callable[[str], bool] | None = None
+) -> tuple[bytes, str | None] | None:
+    """A tags list with the local name, in lexical order, after `last`, only the tags `admit` admits (a
+    mapping's policy; None: all), and paged here if the upstream ignored `n` (distribution 2.8 does): the
+    new body and the `Link` to add, if any. Tags are filtered before the page is cut, so a page holds `n`
+    admitted tags and its `Link` names the last of them. Sorting and `last` change nothing for an upstream
+    that honours them (its pages may then hold fewer than `n` after the filter; its `Link` still leads on).
+    None: the body is not a tags list."""
     try:
         data = json.loads(body or b"")
     except ValueError:
@@ -118,7 +124,11 @@ def rewrite_tags(body: bytes, match: Match, page: dict[str, str], has_link: bool
         return None
     data["name"] = match.local_name
     last = page.get("last")
-    tags = sorted(t for t in data.get("tags") or [] if isinstance(t, str) and (last is None or t > last))
+    tags = sorted(
+        t
+        for t in data.get("tags") or []
+        if isinstance(t, str) and (last is None or t > last) and (admit is None or admit(t))
+    )
     n = int(page["n"]) if "n" in page else None
     link = None
     if n is not None and len(tags) > n and not has_link:

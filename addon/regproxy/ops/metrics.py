@@ -55,6 +55,7 @@ LIMITS: Final = (
     "store_unavailable",
 )
 MAX_LABEL = 64
+POLICY_REFUSALS = frozenset({"repository", "tag", "digest"})
 NO_MAPPING = "-"
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -245,6 +246,12 @@ class Metrics:
             registry=target,
             multiprocess_mode="livemostrecent",
         )
+        self._policy_refused = Counter(
+            "registryproxy_policy_refusals",
+            "Requests a mapping's policy refused (403 DENIED), by mapping and what it refused.",
+            ["mapping", "refused"],
+            registry=target,
+        )
         self._store_failures = Counter(
             "registryproxy_limit_store_failures",
             "Operations of the limits' store (Redis) that failed or timed out.",
@@ -285,6 +292,10 @@ class Metrics:
 
     def limit_refused(self, limit: str, mapping: str) -> None:
         self._limited.labels(fold_limit(limit), fold_mapping(mapping)).inc()
+
+    def policy_refused(self, mapping: str, refused: str) -> None:
+        """`refused`: repository, tag or digest (policy/decide.py's `Refusal`)."""
+        self._policy_refused.labels(fold_mapping(mapping), refused if refused in POLICY_REFUSALS else "other").inc()
 
     def limit_usage(self, limit: str, mapping: str, used: float, budget: float) -> None:
         self._limit_usage.labels(fold_limit(limit), fold_mapping(mapping)).set(used)

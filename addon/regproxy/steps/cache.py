@@ -36,7 +36,7 @@ import weakref
 import httpx
 from mitmproxy import http
 
-from ..cache import keys, plans
+from ..cache import admitted, keys, plans
 from ..cache.jobs import BlobJob
 from ..cache.keys import TagRecord
 from ..cache.plans import Plan
@@ -162,6 +162,7 @@ class Cache:
         )
         if failed is None:
             self.metrics.filled(len(body))
+            await self._admit(st, service, plan.link, keys.sha256_hex(body), body)
         elif failed == "digest_mismatch":
             self.metrics.fill_failure(failed)
             logger.warning(
@@ -180,6 +181,7 @@ class Cache:
         if hex_digest is not None:
             found = await service.manifest(link, hex_digest)
             if found is not None:
+                await self._admit(st, service, link, hex_digest, found.body)
                 st.cache = "hit"
                 return plans.manifest(found, hex_digest)
             st.cache = "fill" if get else "miss"
@@ -190,6 +192,7 @@ class Cache:
         if record is not None and ttl > 0 and time.time() - record.checked < ttl:
             found = await service.manifest_of(link, record)
             if found is not None:
+                await self._admit(st, service, link, keys.parse_digest(record.digest) or "", found.body)
                 return self._tag_hit(st, get, found, record.digest)
 
         client = self.config.client
@@ -221,6 +224,7 @@ class Cache:
         size = int(length) if length.isdigit() else 0
         await service.put_tag(link, reference, TagRecord(f"sha256:{named}", media_type, size, time.time()))
         found = await service.manifest(link, named)
+        await self._admit(st, service, link, named, found.body if found is not None else None)
         if found is not None:
             return self._tag_hit(st, get, found, f"sha256:{named}")
         if get:
@@ -252,6 +256,7 @@ class Cache:
         if record is not None and window > 0 and age <= window:
             found = await service.manifest_of(link, record)
             if found is not None:
+                await self._admit(st, service, link, keys.parse_digest(record.digest) or "", found.body)
                 self.metrics.stale(match.mapping.label)
                 logger.warning(
                     "registryproxy: %s: %s; answered from the cache (stale: the upstream named it %ds ago)",
@@ -293,6 +298,12 @@ class Cache:
         return Plan("blob", job=job, link=link, hex=hex_digest)
 
     # --- helpers ----------------------------------------------------------------
+
+    @staticmethod
+    async def _admit(st: FlowState, service: CacheService, link: str, hex_digest: str, body: bytes | None) -> None:
+        """Under `digests: resolved` (policy's `st.admitted_via`): record the manifest and what it lists."""
+        if st.admitted_via is not None and hex_digest:
+            await admitted.admit(service, link, st.admitted_via, hex_digest, body)
 
     def _blob_done(self, outcome: str, sent: int) -> None:
         if outcome == "hit":

@@ -73,7 +73,7 @@ class ResponseRewrite:
             if resp.raw_content is not None and flow.request.method != "HEAD":
                 resp.content = st.error_body
         elif st.route is not None and st.route.kind is RouteKind.TAGS and resp.status_code == 200:
-            rewritten = rewrite_tags(resp.content or b"", st.match, st.page, "link" in resp.headers)
+            rewritten = rewrite_tags(resp.content or b"", st.match, st.page, "link" in resp.headers, st.tag_filter)
             if rewritten is None:
                 flow.response = answers.error_response(
                     RegistryError(502, "UNAVAILABLE", "upstream answered a malformed tags list")

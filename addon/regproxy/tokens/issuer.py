@@ -31,7 +31,8 @@ from datetime import UTC, datetime
 from urllib.parse import urlsplit
 
 from ..config import Config, Mapping, mirror_host
-from ..mapping.matcher import Matcher
+from ..mapping.matcher import Matcher, policy_names
+from ..policy import refuses_repository
 from ..protocol.errors import RegistryError
 from ..protocol.names import is_valid_name
 from ..protocol.scopes import pull_names
@@ -118,6 +119,9 @@ class TokenService:
         # By (mapping identity, link id): a grant names one mapping and at most one link.
         groups: dict[tuple[str, str | None] | None, tuple[Mapping | None, list[str], list[str]]] = {}
         link_left: dict[str, float] = {}
+        # Names a mapping's policy refuses whatever the reference: granted (so a request answers 403 DENIED,
+        # not a challenge) without an upstream token, and never named to the upstream's token service.
+        refused: dict[tuple[str, str | None], list[str]] = {}
         for name in pull_names(list(req.scopes)):
             match = self._matcher.match(name, host, ns)
             link = match.link if match is not None else None
@@ -129,6 +133,9 @@ class TokenService:
             if link is not None:
                 link_left[link.id] = link.remaining
             group = (match.mapping.identity, link.id if link is not None else None)
+            if refuses_repository(match.mapping.policy, policy_names(match)):
+                refused.setdefault(group, []).append(name)
+                continue
             entry = groups.setdefault(group, (match.mapping, [], []))
             entry[1].append(name)
             entry[2].append(match.upstream_name)
@@ -151,6 +158,7 @@ class TokenService:
                 lifetime = min(lifetime, result.expires_at - now)
             identity, link_id = key if key is not None else (None, None)
             grants.append(Grant(identity, tuple(groups[key][1]), upstream_token, link_id))
+        grants.extend(Grant(identity, tuple(names), None, link_id) for (identity, link_id), names in refused.items())
         # Rounded, not truncated: an upstream token of 60 s fetched in a few milliseconds is
         # answered as 60 s (protocol.md: never below 60), at most half a second over. A link's
         # time left is truncated: the token never outlives the link.

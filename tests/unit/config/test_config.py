@@ -854,3 +854,41 @@ def test_cache_section_errors_are_config_errors() -> None:
     )
     assert message == "cache.s3.secret_access_key_env: environment variable SECRET_KEY is not set or empty"
     assert "AKIAIOSFODNN7EXAMPLE" not in message
+
+
+# --- policy (allow, deny, digests) ---
+
+
+def test_a_policy_is_parsed_onto_the_mapping() -> None:
+    cfg = parse(with_mapping("hub/", registry="docker.io", allow=["library/*", "grafana/**:v*"], deny=["x"]), {})
+    policy = cfg.mappings[0].policy
+    assert policy.allow is not None and [p.text for p in policy.allow] == ["library/*", "grafana/**:v*"]
+    assert [p.text for p in policy.deny] == ["x"] and not policy.digests_resolved
+    assert parse(base(), {}).mappings[0].policy.restricts is False
+
+
+def test_a_bad_pattern_is_one_line_naming_it() -> None:
+    message = config_error(with_mapping("hub/", registry="docker.io", deny=["library/*", "Library/x"]))
+    assert message.startswith("proxies.hub/.deny: 'Library/x'")
+    assert "must be a list" in config_error(with_mapping("hub/", registry="docker.io", allow="library/*"))
+
+
+def test_a_policy_is_refused_on_exact_and_capability_mappings() -> None:
+    assert "only a namespace mapping" in config_error(
+        with_mapping("bp/true", registry="docker.io", remote="x", deny=["a"])
+    )
+    message = config_error(with_mapping(f"{UUID}/", registry="docker.io", allow=["a"]))
+    assert "only a namespace mapping" in message and UUID not in message
+
+
+def test_digests_resolved_needs_the_cache(tmp_path: Path) -> None:
+    no_cache = with_mapping("hub/", registry="docker.io", digests="resolved")
+    assert "digests: resolved needs the cache" in config_error(no_cache)
+    cached = {**no_cache, "cache": {"store": str(tmp_path)}}
+    assert parse(cached, {}).mappings[0].policy.digests_resolved
+    opted_out = {
+        **with_mapping("hub/", registry="docker.io", digests="resolved", cache=False),
+        "cache": cached["cache"],
+    }
+    assert "needs the cache" in config_error(opted_out)
+    assert "must be resolved or any" in config_error(with_mapping("hub/", registry="docker.io", digests="all"))

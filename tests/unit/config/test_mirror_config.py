@@ -345,3 +345,34 @@ def test_a_refresh_token_stays_at_the_base() -> None:
     req = TokenRequest("refresh_token", ("repository:org/app:pull",), True, refresh, "anonymous")
     renewed = asyncio.run(svc.answer(req, AUD, None, ns="ghcr.io")).body
     assert codec.read_access(str(renewed["token"]), f"{AUD}/ns/ghcr.io").grants[0].names == ("org/app",)
+
+
+# --- the name a policy decides on (Match.rest) ---
+
+
+def test_the_rest_is_the_name_below_the_key_and_the_whole_name_for_the_root_and_ns() -> None:
+    m = matcher()
+    rests = {
+        ("bp/tools/true", None): "tools/true",
+        ("library/nginx", None): "library/nginx",  # the root key: no segment of its own
+        ("gh/org/app", None): "org/app",
+        ("org/app", "ghcr.io"): "org/app",  # ?ns=: the whole name, though gh/ has a key segment
+        ("mirror/app", "quay.io"): "mirror/app",
+        ("quay/x", "quay.io"): "quay/x",
+    }
+    for (name, ns), rest in rests.items():
+        match = m.match(name, None, ns)
+        assert match is not None and match.rest == rest, (name, ns)
+
+
+def test_a_policy_on_a_mirror_decides_on_the_whole_name() -> None:
+    from regproxy.mapping.matcher import policy_names
+    from regproxy.policy import decide
+
+    m = matcher({"*": {"registry": "docker.io", "mirror_of": ["docker.io"], "deny": ["library/busybox"]}})
+    for name, ns in (("library/busybox", "docker.io"), ("busybox", "docker.io"), ("busybox", None)):
+        match = m.match(name, None, ns)
+        assert match is not None
+        assert decide(match.mapping.policy, policy_names(match), None).refused == "repository", (name, ns)
+    match = m.match("library/nginx", None, "docker.io")
+    assert match is not None and decide(match.mapping.policy, policy_names(match), "latest").admitted

@@ -225,3 +225,26 @@ def test_upstream_name_keeps_the_rest_of_the_name(specs: list[tuple[tuple[str, .
     if match is not None:
         rest = name.split("/")[len(match.mapping.prefix) :]
         assert match.upstream_name == "/".join(["up", *rest])
+
+
+def test_the_rest_through_a_share_link_is_the_name_below_the_link() -> None:
+    import time
+
+    from regproxy.config import parse
+    from regproxy.links import LinkBook, mint
+    from regproxy.mapping.matcher import policy_names
+    from regproxy.policy import decide
+
+    key = "11" * 32
+    proxies = {"bp/": {"registry": "http://127.0.0.1:5001", "remote": "backplane", "deny": ["app/x"]}}
+    cfg = parse({"secretkey": key, "proxies": proxies}, {})
+    m = Matcher(cfg.mappings, LinkBook(cfg.secretkeys, ("bp/",), cfg.revoked_links, time.time))
+    link, _ = mint(bytes.fromhex(key), "bp/", int(time.time() + 3600))
+    through, direct = m.match(f"{link}/app/x", None), m.match("bp/app/x", None)
+    assert through is not None and direct is not None and through.rest == direct.rest == "app/x"
+    # A link is no way around the mapping's policy.
+    assert decide(through.mapping.policy, policy_names(through), "v1").refused == "repository"
+    other = m.match(f"{link}/app/y", None)
+    assert (
+        other is not None and other.rest == "app/y" and decide(other.mapping.policy, policy_names(other), "v1").admitted
+    )

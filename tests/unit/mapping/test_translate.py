@@ -332,3 +332,18 @@ def test_a_pull_goes_upstream_under_the_upstream_name_with_its_parameters(
 ) -> None:
     r = route(path)
     assert upstream_path(match, r, upstream_params(r, query)) == expected
+
+
+def test_a_policy_filters_before_the_page_is_cut() -> None:
+    body = b'{"name":"x","tags":["a","b","c","d","e","f"]}'
+    admit = {"b", "d", "e", "f"}.__contains__
+    result = rewrite_tags(body, BP, {"n": "2"}, False, admit)
+    assert result is not None and tags_of(result[0]) == ["b", "d"]
+    assert result[1] == '</v2/bp/true/tags/list?n=2&last=d>; rel="next"'
+    result = rewrite_tags(body, BP, {"n": "2", "last": "d"}, False, admit)
+    assert result is not None and tags_of(result[0]) == ["e", "f"] and result[1] is None
+    # An upstream that paged itself: its page filtered, its Link left to lead on.
+    result = rewrite_tags(b'{"name":"x","tags":["a","b"]}', BP, {"n": "2"}, True, admit)
+    assert result is not None and tags_of(result[0]) == ["b"] and result[1] is None
+    result = rewrite_tags(body, BP, {}, False, lambda t: False)
+    assert result is not None and tags_of(result[0]) == []

@@ -343,3 +343,31 @@ def test_public_base_without_public_url_uses_host(tls: bool, scheme: str) -> Non
 
 def test_public_base_without_public_url_or_host() -> None:
     assert public_base(make_config(), None, tls=False) == "http://localhost"
+
+
+# --- a mapping's policy ---
+
+
+def test_a_repository_the_policy_refuses_is_granted_without_asking_upstream() -> None:
+    config = make_config(
+        proxies={"hub/": {"registry": "docker.io", "remote": "", "allow": ["library/*"], "deny": ["library/busybox"]}}
+    )
+    client = FakeClient()
+    svc, codec = service(client, config)
+    a = answer(svc, get("repository:hub/busybox:pull", "repository:hub/library/nginx:pull", "repository:hub/x/y:pull"))
+    # Only the admitted name is named to the upstream's token service.
+    assert client.calls == [("hub/", ["library/nginx"])]
+    token = codec.read_access(str(a.body["token"]), AUD)
+    refused = token.grant_for("hub/busybox")
+    assert refused is not None and refused.upstream_token is None  # 403 DENIED at the request, not a challenge
+    assert token.grant_for("hub/x/y") == refused
+    admitted = token.grant_for("hub/library/nginx")
+    assert admitted is not None and admitted.upstream_token == "tok-hub/"
+
+
+def test_a_repository_refused_whole_asks_no_upstream_token_at_all() -> None:
+    config = make_config(proxies={"hub/": {"registry": "docker.io", "remote": "", "deny": ["library/busybox"]}})
+    client = FakeClient()
+    svc, _ = service(client, config)
+    answer(svc, get("repository:hub/library/busybox:pull"))
+    assert client.calls == []
