@@ -55,6 +55,7 @@ JSON_FIELDS = {
     "duration_ms",
     "token",
     "cache",
+    "link",  # the share link's id (docs/links.md), null without one
 }
 RELOADED = "configuration reloaded"
 REFUSED = re.compile(r"^.*reload.*refused.*$", re.MULTILINE)
