@@ -595,6 +595,7 @@ def test_redirect_answers_cached_blobs_with_presigned_swift_urls(
     tok = token_for(p.url, "tok/app")
     layer_hex = max(image.blobs, key=lambda h: image.blobs[h])
     up.clear_access_log()
+    before = len(p.output())
     with httpx.Client(timeout=30, trust_env=False, follow_redirects=False) as c:
         r = c.get(f"{p.url}/v2/tok/app/blobs/sha256:{layer_hex}", headers={"Authorization": f"Bearer {tok}"})
         assert r.status_code == 307, (r.status_code, r.text)
@@ -624,6 +625,14 @@ def test_redirect_answers_cached_blobs_with_presigned_swift_urls(
         anonymous = c.get(f"{p.url}/v2/tok/app/blobs/sha256:{layer_hex}")
         assert anonymous.status_code == 401 and "location" not in anonymous.headers
     assert upstream_blob_gets(up) == Counter()
+    # A line is logged after its answer is sent: the lines of the requests above must be in before the second
+    # pull's mark, or the anonymous 401 would count as one of its blob lines.
+    wait_records(
+        p,
+        before,
+        lambda rs: sorted(r["status"] for r in blob_records(rs, image)) == [307, 401],
+        "the 307's and the 401's lines",
+    )
 
     # The second pull: skopeo follows the 307s to Swift, the digests are right, the upstream sees no blob GET.
     up.clear_access_log()
