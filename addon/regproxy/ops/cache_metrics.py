@@ -10,7 +10,7 @@ import logging
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
-from .metrics import fold_mapping
+from .labels import fold_mapping
 
 logger = logging.getLogger("registryproxy")
 

@@ -3,7 +3,7 @@
 The proxy counts what it does in a `Metrics` object with its own `CollectorRegistry` (not
 prometheus_client's global one, so tests and configuration reloads never see each other's
 numbers). Every label value is folded into a small fixed set, or truncated, before it reaches
-a metric: whatever a client sends, the number of time series stays bounded. `Metrics.render`
+a metric (ops/labels.py): whatever a client sends, the number of time series stays bounded. `Metrics.render`
 writes the text format or OpenMetrics, as the scraper's Accept header asks (`wants_openmetrics`).
 
 Several proxy processes (`./run.sh --workers N`) share their numbers through prometheus_client's
@@ -29,34 +29,21 @@ from prometheus_client import multiprocess as prom_multiprocess
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4, generate_latest
 from prometheus_client.openmetrics import exposition as openmetrics
 
-ROUTES: Final = ("ping", "token", "manifest", "blob", "tags", "other")
-METHODS: Final = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE")
-GRANTS: Final = ("anonymous", "password", "refresh_token")
-REFUSAL_REASONS: Final = (
-    "unauthorized",
-    "denied",
-    "unsupported",
-    "size_invalid",
-    "unavailable",
-    "invalid_request",
-    "invalid_token",
-    "expired",
-    "insufficient_scope",
-    "link_expired",
-    "link_revoked",
+from .cache_metrics import CacheMetrics
+from .labels import (
+    LINK_OUTCOMES,
+    MAX_LABEL,
+    NO_MAPPING,
+    POLICY_REFUSALS,
+    fold_grant,
+    fold_limit,
+    fold_mapping,
+    fold_method,
+    fold_reason,
+    fold_route,
+    fold_status,
 )
-LINK_OUTCOMES: Final = ("ok", "expired", "revoked")
-LIMITS: Final = (
-    "client_requests",
-    "manifest_gets",
-    "mapping_bytes",
-    "client_bytes",
-    "client_transfers",
-    "store_unavailable",
-)
-MAX_LABEL = 64
-POLICY_REFUSALS = frozenset({"repository", "tag", "digest"})
-NO_MAPPING = "-"
+
 LATENCY_BUCKETS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
@@ -65,44 +52,6 @@ _mark_process_dead: Callable[[int, str | None], None] = prom_multiprocess.mark_p
 _multiprocess_collector: Callable[[CollectorRegistry, str], object] = prom_multiprocess.MultiProcessCollector
 _multiprocess_value_class: Callable[[], type] = values.get_value_class
 _openmetrics_latest: Callable[[CollectorRegistry], bytes] = openmetrics.generate_latest
-
-
-# --- label folding ------------------------------------------------------------------
-
-
-def fold_mapping(mapping: str) -> str:
-    """A mapping label: `-` when there is none, at most 64 characters otherwise."""
-    return mapping[:MAX_LABEL] if mapping else NO_MAPPING
-
-
-def fold_method(method: str) -> str:
-    upper = method.upper()
-    return upper if upper in METHODS else "OTHER"
-
-
-def fold_route(route: str) -> str:
-    return route if route in ROUTES else "other"
-
-
-def fold_status(status: int | str) -> str:
-    """An HTTP status code as text (100-599), or `error` for anything else."""
-    if isinstance(status, int) and not isinstance(status, bool) and 100 <= status <= 599:
-        return str(status)
-    return "error"
-
-
-def fold_limit(limit: str) -> str:
-    return limit if limit in LIMITS else "other"
-
-
-def fold_grant(grant: str) -> str:
-    return grant if grant in GRANTS else "other"
-
-
-def fold_reason(reason: str) -> str:
-    """A refusal reason: a registry error code (any case) or a token error, else `other`."""
-    key = reason.strip().lower().replace("-", "_").replace(" ", "_")
-    return key if key in REFUSAL_REASONS else "other"
 
 
 # --- metrics ------------------------------------------------------------------------
@@ -257,9 +206,7 @@ class Metrics:
             "Operations of the limits' store (Redis) that failed or timed out.",
             registry=target,
         )
-        # The pull-through cache's metrics, in the same registry (imported here: cache_metrics uses fold_mapping).
-        from .cache_metrics import CacheMetrics
-
+        # The pull-through cache's metrics, in the same registry.
         self.cache = CacheMetrics(target)
 
     def request(self, *, mapping: str, method: str, route: str, status: int | str) -> None:

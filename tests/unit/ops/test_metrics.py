@@ -13,19 +13,18 @@ from hypothesis import given
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
-from regproxy.ops.metrics import (
+from regproxy.ops.labels import (
     GRANTS,
     METHODS,
-    MULTIPROC_ENV,
     REFUSAL_REASONS,
     ROUTES,
-    Metrics,
     fold_mapping,
     fold_method,
     fold_reason,
     fold_route,
     fold_status,
 )
+from regproxy.ops.metrics import MULTIPROC_ENV, Metrics
 
 ADDON_DIR = Path(__file__).resolve().parents[3] / "addon"
 SUBPROCESS_TIMEOUT = 60.0
