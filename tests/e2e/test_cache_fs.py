@@ -26,7 +26,6 @@ its own; the others share one for the module. Upstream requests are counted at t
 from __future__ import annotations
 
 import hashlib
-import itertools
 import random
 import re
 import statistics
@@ -43,6 +42,7 @@ from rig.failing_front import FailingFront
 from rig.https_upstream import HttpsRig
 from rig.keys import CAP
 from rig.procs import wait_until
+from rig.pullers import Puller
 
 pytestmark = pytest.mark.e2e
 
@@ -54,7 +54,6 @@ MANIFEST_TYPES = [
     "application/vnd.docker.distribution.manifest.list.v2+json",
 ]
 CACHE_FIELD = re.compile(r" (GET|HEAD) (\S+) mapping=\S+ status=(\d+) .* cache=(\w+) token=")
-_ns = itertools.count()
 CLIENTS = ["skopeo", "ctr", "docker"]
 
 
@@ -125,40 +124,6 @@ def skopeo_pull(rp: proxy.ProxyProc, ref: str, dest: Path, *, all: bool = True) 
     return clients.skopeo_copy(f"{rp.host}/{ref}", dest, all=all, tag="t")
 
 
-class Puller:
-    """Pulls through the proxy with one client (skopeo, ctr or docker), each from an empty client store:
-    `pull(rp, "c/app:tag")` or `pull(rp, "c/app@sha256:…")` gives the digest the client recorded, or None
-    when the pull failed (`last` holds what the client said)."""
-
-    def __init__(self, client: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-        self.client, self.tmp, self.last = client, tmp_path, ""
-        self.ctr: daemons.Containerd | None = request.getfixturevalue("containerd") if client == "ctr" else None
-        self.docker: daemons.Dockerd | None = request.getfixturevalue("dockerd") if client == "docker" else None
-
-    def pull(self, rp: proxy.ProxyProc, name: str) -> str | None:
-        ref = f"{rp.host}/{name}"
-        if self.ctr is not None:
-            ns = f"cache-{next(_ns)}"
-            try:
-                res = self.ctr.ctr("images", "pull", "--plain-http", ref, namespace=ns)
-                self.last = res.describe()
-                return self.ctr.image_digest(ns, ref) if res.returncode == 0 else None
-            finally:
-                self.ctr.remove_namespace(ns)
-        if self.docker is not None:
-            self.docker.clear_images()
-            res = self.docker.docker("pull", ref)
-            self.last = res.describe()
-            if res.returncode != 0:
-                return None
-            repo = ref.split("@")[0] if "@" in ref else ref.rsplit(":", 1)[0]
-            found = [d.split("@", 1)[1] for d in self.docker.repo_digests(ref) if d.startswith(f"{repo}@")]
-            return found[0] if found else None
-        copied = skopeo_pull(rp, name, self.tmp / f"skopeo-{next(_ns)}")
-        self.last = copied.describe()
-        return copied.digest if copied.ok else None
-
-
 def peak_rss_kb(rp: proxy.ProxyProc) -> int:
     status = Path(f"/proc/{rp.proc.pid}/status").read_text()
     return int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM:")))
@@ -211,7 +176,7 @@ def test_ten_pulls_of_a_tag_cost_one_get_per_manifest_and_blob(
     client: str,
 ) -> None:
     up, digests = shared
-    puller = Puller(client, request, tmp_path)
+    puller = Puller(client, request, tmp_path, "cache")
     rp = make_proxy(config(up, tmp_path / "store"))
     up.clear_access_log()
     for i in range(10):
@@ -244,7 +209,7 @@ def test_ten_pulls_of_a_tag_cost_one_get_per_manifest_and_blob(
 def test_with_the_upstream_killed_cached_tags_and_digests_still_pull(
     request: pytest.FixtureRequest, make_proxy: Any, tmp_path: Path, client: str
 ) -> None:
-    puller = Puller(client, request, tmp_path)
+    puller = Puller(client, request, tmp_path, "cache")
     up = start_own(tmp_path)
     try:
         layout = tmp_path / "layout"

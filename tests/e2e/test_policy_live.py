@@ -34,6 +34,7 @@ import yaml
 from rig import clients, daemons, images, matrix, proxy, registry
 from rig.https_upstream import HttpsRig
 from rig.procs import wait_until
+from rig.pullers import Puller
 from rig.swift import Swift
 
 pytestmark = pytest.mark.e2e
@@ -98,40 +99,6 @@ def config(up: registry.Upstream, policy: dict[str, Any], store: Path | None = N
     return cfg
 
 
-class Puller:
-    """One client pulling through the proxy from an empty store: the digest it recorded, or None (`last`:
-    what it said)."""
-
-    def __init__(self, client: str, request: pytest.FixtureRequest, tmp_path: Path) -> None:
-        self.client, self.tmp, self.last, self.n = client, tmp_path, "", 0
-        self.ctr: daemons.Containerd | None = request.getfixturevalue("containerd") if client == "ctr" else None
-        self.docker: daemons.Dockerd | None = request.getfixturevalue("dockerd") if client == "docker" else None
-
-    def pull(self, rp: proxy.ProxyProc, name: str) -> str | None:
-        self.n += 1
-        ref = f"{rp.host}/{name}"
-        if self.ctr is not None:
-            ns = f"policy-{self.n}"
-            try:
-                res = self.ctr.ctr("images", "pull", "--plain-http", ref, namespace=ns)
-                self.last = res.describe()
-                return self.ctr.image_digest(ns, ref) if res.returncode == 0 else None
-            finally:
-                self.ctr.remove_namespace(ns)
-        if self.docker is not None:
-            self.docker.clear_images()
-            res = self.docker.docker("pull", ref)
-            self.last = res.describe()
-            if res.returncode != 0:
-                return None
-            repo = ref.split("@")[0] if "@" in ref else ref.rsplit(":", 1)[0]
-            found = [d.split("@", 1)[1] for d in self.docker.repo_digests(ref) if d.startswith(f"{repo}@")]
-            return found[0] if found else None
-        copied = clients.skopeo_copy(ref, self.tmp / f"skopeo-{self.n}", all=True, tag="t")
-        self.last = copied.describe()
-        return copied.digest if copied.ok else None
-
-
 def upstream_paths(up: registry.Upstream) -> list[str]:
     return [r.path for r in up.access_records()]
 
@@ -180,7 +147,7 @@ def test_admitted_tags_pull_and_refused_ones_are_denied_without_an_upstream_requ
     request: pytest.FixtureRequest, content: Content, make_proxy: Any, tmp_path: Path, client: str
 ) -> None:
     up, digests = content.up, content.digests
-    puller = Puller(client, request, tmp_path)
+    puller = Puller(client, request, tmp_path, "policy")
     rp = make_proxy(config(up, POLICY))
     assert puller.pull(rp, "p/app:v1") == digests["v1"], puller.last
     assert puller.pull(rp, "p/app:multi") == digests["multi"], puller.last
@@ -252,7 +219,7 @@ def test_without_digests_resolved_a_digest_pull_of_a_refused_tag_works(
     request: pytest.FixtureRequest, content: Content, make_proxy: Any, tmp_path: Path, client: str
 ) -> None:
     """The documented gap: tag rules apply to tags; a digest of the repository is the repository's."""
-    puller = Puller(client, request, tmp_path)
+    puller = Puller(client, request, tmp_path, "policy")
     rp = make_proxy(config(content.up, POLICY))
     assert puller.pull(rp, "p/app:latest") is None, puller.last
     assert puller.pull(rp, f"p/app@{content.digests['latest']}") == content.digests["latest"], puller.last
@@ -263,7 +230,7 @@ def test_digests_resolved_closes_the_gap_and_admits_what_admitted_tags_resolve(
     request: pytest.FixtureRequest, content: Content, make_proxy: Any, tmp_path: Path, client: str
 ) -> None:
     up, digests = content.up, content.digests
-    puller = Puller(client, request, tmp_path)
+    puller = Puller(client, request, tmp_path, "policy")
     cfg = config(up, {**POLICY, "digests": "resolved"}, tmp_path / "store")
     rp = make_proxy(cfg)
     clear(up)

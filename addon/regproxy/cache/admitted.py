@@ -5,7 +5,7 @@ admitted manifest lists it: an index its manifests, an image manifest its config
 of an admitted image are admitted, and no others). A referrer's `subject` is never admitted by the
 referrer: a signature does not admit what it signs. Records live beside the tag records
 (`admitted/<link id>/sha256/<hex>`, cache/keys.py), so they survive a restart and replicas sharing a store
-share them.
+share them. `listed` reads what a manifest lists; `CacheService.admit` writes the records.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 
 from .keys import parse_digest
-from .service import CacheService
 
 MAX_LISTED = 10_000
 
@@ -40,8 +39,3 @@ def listed(body: bytes | None) -> list[str]:
         if hex_digest is not None:
             found[hex_digest] = None
     return list(found)[:MAX_LISTED]
-
-
-async def admit(service: CacheService, link: str, tag: str, hex_digest: str, body: bytes | None) -> None:
-    """Record a manifest admitted from `tag`, and what it lists (when its body is at hand)."""
-    await service.admit(link, [hex_digest, *listed(body)], tag)

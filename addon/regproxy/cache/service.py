@@ -36,6 +36,7 @@ logger = logging.getLogger("registryproxy")
 MAX_MANIFEST = 4 * 1024 * 1024  # the distribution spec's limit; larger manifests are not cached
 RETRY_OPEN = 30.0  # seconds before a store that failed to open is tried again
 MAX_ADMITTED_SEEN = 100_000  # admitted records remembered as written (oldest forgotten first)
+ADMIT_BATCH = 16  # admitted records written at once
 RELOAD_GRACE = 600.0  # seconds a replaced store keeps serving the transfers it began
 
 
@@ -170,19 +171,22 @@ class CacheService:
     # --- records ----------------------------------------------------------------
 
     async def admit(self, link: str, hex_digests: list[str], tag: str) -> None:
-        """Record digests admitted under `digests: resolved` (from `tag`); each written once a process."""
-        record = AdmittedRecord(tag, time.time())
-        for hex_digest in hex_digests:
-            key = keys.admitted_key(link, hex_digest)
-            if self._admitted_seen.get(key) == tag:
-                continue
-            try:
-                await self.store.put_small(key, record.dump())
-            except StoreError as e:
-                self._failed(e)
-                return
-            self._admitted_seen[key] = tag
-            if len(self._admitted_seen) > MAX_ADMITTED_SEEN:
+        """Record digests admitted under `digests: resolved` (from `tag`); each written once a process, a few
+        at a time (the request that resolves the manifest waits for them: one round trip per batch, not per
+        digest, on an S3 store)."""
+        data = AdmittedRecord(tag, time.time()).dump()
+        todo = [k for k in (keys.admitted_key(link, h) for h in hex_digests) if self._admitted_seen.get(k) != tag]
+        for start in range(0, len(todo), ADMIT_BATCH):
+            batch = todo[start : start + ADMIT_BATCH]
+            results = await asyncio.gather(*(self.store.put_small(k, data) for k in batch), return_exceptions=True)
+            for key, result in zip(batch, results, strict=True):
+                if isinstance(result, StoreError):
+                    self._failed(result)
+                    return
+                if isinstance(result, BaseException):
+                    raise result
+                self._admitted_seen[key] = tag
+            while len(self._admitted_seen) > MAX_ADMITTED_SEEN:
                 self._admitted_seen.pop(next(iter(self._admitted_seen)))
 
     async def put_tag(self, link: str, tag: str, record: TagRecord) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from ..limits.settings import LimitsError, parse_duration, parse_size
+from ..limits.settings import LimitsError, format_duration, parse_duration, parse_size
 
 
 class CacheSettingsError(ValueError):
@@ -139,15 +139,8 @@ def _duration(raw: dict[object, object], where: str, key: str, default: int, low
     except LimitsError as e:
         raise CacheSettingsError(str(e)) from None
     if not low <= seconds <= high:
-        raise CacheSettingsError(f"{where}: must be from {_span(low)} to {_span(high)}")
+        raise CacheSettingsError(f"{where}: must be from {format_duration(low)} to {format_duration(high)}")
     return seconds
-
-
-def _span(seconds: int) -> str:
-    for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds and seconds % n == 0:
-            return f"{seconds // n}{unit}"
-    return f"{seconds}s"
 
 
 def _s3_url(store: str) -> tuple[str, str]:

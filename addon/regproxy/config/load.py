@@ -31,6 +31,7 @@ from ..transport.egress import Egress, EgressError
 from ..transport.trust import Trust, TrustError, default_store
 from .mappings import parse_proxies
 from .model import (
+    DEFAULT_LINK_MAX_AGE,
     HOSTNAME_RE,
     Config,
     ConfigError,
@@ -62,7 +63,6 @@ TOP_KEYS = {
     "revoked_links",
     "link_max_age",
 }
-DEFAULT_LINK_MAX_AGE = 90 * 86400
 MAX_LINK_MAX_AGE = 3650 * 86400
 
 

@@ -22,6 +22,7 @@ from ..transport.trust import DefaultStore, Trust
 DOCKER_HUB_ALIASES = frozenset({"docker.io", "index.docker.io", "registry-1.docker.io"})
 DOCKER_HUB_API_HOST = "registry-1.docker.io"
 DOCKER_HUB_NS = "docker.io"  # how containerd names Docker Hub in `?ns=`
+DEFAULT_LINK_MAX_AGE = 90 * 86400  # `link_max_age`: the longest expiry `./run.sh link` mints (seconds)
 ROOT_KEY = "*"  # the mapping key of the root namespace: every name no other key matches
 
 HOSTNAME_RE = re.compile(
@@ -141,7 +142,7 @@ class Config:
     cache: CacheSettings | None = None
     # Share links (links/): the ids of revoked ones, and the longest expiry `./run.sh link` mints (seconds).
     revoked_links: frozenset[str] = frozenset()
-    link_max_age: int = 90 * 86400
+    link_max_age: int = DEFAULT_LINK_MAX_AGE
 
     @property
     def domains(self) -> frozenset[str]:

@@ -11,14 +11,14 @@ import re
 from collections.abc import Iterable
 
 from ..config import Mapping
-from ..links import LINK_LENGTH, MARKER
+from ..links import LINK_PATTERN, MARKER
 from ..protocol.names import looks_like_capability
 
 _PASETO = re.compile(r"v[1-4]\.(?:local|public)\.[A-Za-z0-9_\-]+(?:\.[A-Za-z0-9_\-]+)?")
 _JWT = re.compile(r"eyJ[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]+\.[A-Za-z0-9_\-]*")
 # A credential after its scheme word; not a challenge's `realm="…"` (possessive, so no backtracking).
 _CREDENTIAL = re.compile(r'(?i)\b(basic|bearer)(\s+)[A-Za-z0-9+/._\-~]++=*+(?!")')
-_LINK = re.compile(rf"(?i){MARKER}[a-z2-7]{{{LINK_LENGTH - len(MARKER)}}}")
+_LINK = re.compile(LINK_PATTERN, re.IGNORECASE)
 _FORM_SECRET = re.compile(r"(?i)\b(password|refresh_token|access_token|token)=[^&\s]*")
 _JSON_SECRET = re.compile(r'(?i)"(token|access_token|refresh_token|password)"\s*:\s*"[^"]*"')
 

@@ -311,18 +311,19 @@ def refusal_message(name: str, rules: Rules) -> str:
     """The limit for a client: its name and size, nothing about who else uses it."""
     rate: Rate | None = getattr(rules, name, None) if name != "client_transfers" else None
     if name == "client_requests" and rate is not None:
-        size = f"{rate.amount} per {_span(rate.window)}, bursts of {rules.burst}"
+        size = f"{rate.amount} per {format_duration(rate.window)}, bursts of {rules.burst}"
     elif rate is not None:
         amount = _bytes(rate.amount) if name.endswith("_bytes") else str(rate.amount)
-        size = f"{amount} per {_span(rate.window)}"
+        size = f"{amount} per {format_duration(rate.window)}"
     else:
         size = str(rules.client_transfers)
     return f"limit {name} reached ({size} {_WHAT.get(name, '')})".replace("  ", " ")
 
 
-def _span(seconds: int) -> str:
+def format_duration(seconds: int) -> str:
+    """A duration in its largest whole unit (`90d`, `36h`, `90m`, `45s`, `0s`), as parse_duration reads it."""
     for unit, n in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds % n == 0:
+        if seconds and seconds % n == 0:
             return f"{seconds // n}{unit}"
     return f"{seconds}s"
 

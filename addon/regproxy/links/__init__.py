@@ -6,19 +6,19 @@ reads `--expires 14d` and `link_max_age`. Pure: no mitmproxy import.
 """
 
 from .book import LinkBook, LinkUse
-from .codec import LINK_ID_RE, LINK_LENGTH, MARKER, Link, LinkKey, looks_like_link, mint, new_link_id
-from .durations import DurationError, format_duration, parse_duration
+from .codec import LINK_ID_RE, LINK_LENGTH, LINK_PATTERN, MARKER, Link, LinkKey, looks_like_link, mint, new_link_id
+from .durations import DurationError, parse_duration
 
 __all__ = [
     "LINK_ID_RE",
     "LINK_LENGTH",
+    "LINK_PATTERN",
     "MARKER",
     "DurationError",
     "Link",
     "LinkBook",
     "LinkKey",
     "LinkUse",
-    "format_duration",
     "looks_like_link",
     "mint",
     "new_link_id",

@@ -36,7 +36,9 @@ MAX_EXPIRY = 2 ** (8 * EXPIRY_BYTES) - 1
 HKDF_INFO = b"registryproxy share links v1"
 
 _B32 = "abcdefghijklmnopqrstuvwxyz234567"
-_LINK_RE = re.compile(rf"{MARKER}[{_B32}]{{{LINK_LENGTH - len(MARKER)}}}")
+# A link's shape, as a pattern (debug/redact.py finds links in text with it).
+LINK_PATTERN = rf"{MARKER}[{_B32}]{{{LINK_LENGTH - len(MARKER)}}}"
+_LINK_RE = re.compile(LINK_PATTERN)
 LINK_ID_RE = re.compile(rf"[{_B32}]{{{ID_BYTES * 8 // 5}}}")
 
 

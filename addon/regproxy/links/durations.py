@@ -1,5 +1,6 @@
 """Durations for `--expires` and `link_max_age`, spelled as every duration of the configuration is (`90d`,
-`12h`, `30m`, `45s`, or a YAML integer of seconds: limits/settings.py reads them), at least one second."""
+`12h`, `30m`, `45s`, or a YAML integer of seconds: limits/settings.py reads and writes them), at least one
+second."""
 
 from __future__ import annotations
 
@@ -23,11 +24,3 @@ def parse_duration(value: object, where: str) -> int:
     if seconds < 1:
         raise DurationError(f"{where}: must be at least 1s")
     return seconds
-
-
-def format_duration(seconds: int) -> str:
-    """The duration in its largest whole unit (`90d`, `36h`, `90m`, `45s`), as parse_duration reads it."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds and seconds % size == 0:
-            return f"{seconds // size}{unit}"
-    return f"{seconds}s"

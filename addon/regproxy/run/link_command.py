@@ -18,7 +18,8 @@ from urllib.parse import urlsplit
 from ..config import ROOT_KEY, ConfigError
 from ..config.load import LinkSettings, link_settings
 from ..config.model import show_key
-from ..links import DurationError, format_duration, mint, parse_duration
+from ..limits.settings import format_duration
+from ..links import DurationError, mint, parse_duration
 from ..links.book import utc
 from ..protocol.names import looks_like_capability
 

@@ -303,7 +303,7 @@ class Cache:
     async def _admit(st: FlowState, service: CacheService, link: str, hex_digest: str, body: bytes | None) -> None:
         """Under `digests: resolved` (policy's `st.admitted_via`): record the manifest and what it lists."""
         if st.admitted_via is not None and hex_digest:
-            await admitted.admit(service, link, st.admitted_via, hex_digest, body)
+            await service.admit(link, [hex_digest, *admitted.listed(body)], st.admitted_via)
 
     def _blob_done(self, outcome: str, sent: int) -> None:
         if outcome == "hit":

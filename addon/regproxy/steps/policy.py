@@ -10,7 +10,7 @@ its patterns. What it admits goes on:
 - under `digests: resolved` (which needs the cache) a digest reference (a manifest by digest, a blob, a
   referrers list, the digest a signature tag names) is admitted only when the cache store records it as
   resolved from a tag the policy still admits; for an admitted tag (or digest) `st.admitted_via` names
-  the tag, and the cache step records what it resolves or stores under it (cache/admitted.py).
+  the tag, and the cache step records what it resolves or stores under it (cache/admitted.py lists it).
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from regproxy.cache import keys
-from regproxy.cache.admitted import admit, listed
+from regproxy.cache.admitted import listed
 from regproxy.cache.keys import AdmittedRecord
 from regproxy.cache.service import CacheService
 from regproxy.cache.settings import parse_cache
@@ -35,7 +35,7 @@ def test_records_survive_a_new_service_on_the_same_store(tmp_path: Path) -> None
     async def run() -> tuple[AdmittedRecord | None, AdmittedRecord | None, AdmittedRecord | None]:
         first = await CacheService.open(settings, tmp_path, None)
         image = {"config": {"digest": f"sha256:{B}"}, "layers": [{"digest": f"sha256:{C}"}]}
-        await admit(first, "link1", "v1", A, json.dumps(image).encode())
+        await first.admit("link1", [A, *listed(json.dumps(image).encode())], "v1")
         await first.aclose()
         second = await CacheService.open(settings, tmp_path, None)
         try:

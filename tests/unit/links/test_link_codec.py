@@ -8,13 +8,13 @@ import string
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from regproxy.limits.settings import format_duration
 from regproxy.links import (
     LINK_ID_RE,
     LINK_LENGTH,
     MARKER,
     DurationError,
     LinkBook,
-    format_duration,
     looks_like_link,
     mint,
     parse_duration,
